@@ -1,0 +1,74 @@
+"""Build the torchaudio modules a bundle describes, without initialising weights that will be replaced.
+
+Models are built on the ``meta`` device and the bundle's (memory-mapped) tensors are assigned into them with
+a strict ``load_state_dict(..., assign=True)``: no random initialisation, no copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torchaudio.models import HuBERTPretrainModel, Wav2Vec2Model, wav2vec2_model
+from torchaudio.models.wav2vec2 import components
+
+from .config import BundleConfig
+from .wav2vec2_pretrain import Wav2Vec2PretrainModel
+
+ENCODER_PREFIX = "wav2vec2."
+
+
+def _encoder_factory_args(config: BundleConfig) -> dict:
+    args = dict(config.encoder_args)
+    args["extractor_conv_layer_config"] = [tuple(layer) for layer in args["extractor_conv_layer_config"]]
+    return args
+
+
+def build_encoder(config: BundleConfig) -> Wav2Vec2Model:
+    """``torchaudio.models.wav2vec2_model`` with the bundle's arguments (weights uninitialised, on meta)."""
+    with torch.device("meta"):
+        return wav2vec2_model(**_encoder_factory_args(config))
+
+
+def build_pretrain_model(config: BundleConfig) -> HuBERTPretrainModel | Wav2Vec2PretrainModel:
+    """The encoder with its pre-training heads (weights uninitialised, on meta)."""
+    if config.kind != "pretrain" or config.pretrain_args is None:
+        raise ValueError("only pre-training bundles have pre-training heads")
+    encoder_args = _encoder_factory_args(config)
+    encoder_args["aux_num_out"] = None
+    with torch.device("meta"):
+        if config.family == "hubert":
+            return _hubert_pretrain_model(wav2vec2_model(**encoder_args), encoder_args["encoder_embed_dim"],
+                                          **config.pretrain_args)
+        args = dict(config.pretrain_args)
+        return Wav2Vec2PretrainModel(wav2vec2_model(**encoder_args), num_updates=config.num_updates or 0, **args)
+
+
+def _hubert_pretrain_model(wav2vec2: Wav2Vec2Model, encoder_embed_dim: int, *, num_classes: int, final_dim: int,
+                           skip_masked: bool, skip_nomask: bool, feature_grad_mult: float | None,
+                           **masking: object) -> HuBERTPretrainModel:
+    """The module ``torchaudio.models.hubert_pretrain_model`` builds, minus its random re-initialisation
+    (which copies through the CPU and so cannot run on the meta device; the weights are replaced anyway)."""
+    mask_generator = components.MaskGenerator(encoder_embed_dim, **masking)
+    logit_generator = components.LogitGenerator(encoder_embed_dim, num_classes, final_dim, skip_masked, skip_nomask)
+    return HuBERTPretrainModel(wav2vec2, mask_generator, logit_generator, feature_grad_mult)
+
+
+def assign_weights(model: nn.Module, state: Mapping[str, Tensor]) -> nn.Module:
+    """Strictly load ``state`` into a meta-device ``model`` by assignment; report every key problem at once."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
+    if missing or unexpected or wrong:
+        problems = []
+        if missing:
+            problems.append(f"missing tensors: {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        if unexpected:
+            problems.append(f"unexpected tensors: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+        for k in wrong[:8]:
+            problems.append(f"{k} has shape {list(state[k].shape)}, the model expects {list(expected[k].shape)}")
+        raise ValueError("; ".join(problems))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

@@ -1,0 +1,85 @@
+"""``continue-pt inspect``: what a checkpoint, a bundle or a k-means file holds, as plain facts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from bundles.loading import load_bundle
+
+from .convert import plan_conversion, read_kmeans_file
+from .errors import ConversionError
+from .fairseq_checkpoint import read_fairseq_checkpoint
+
+
+def _heads(family: str, kind: str, names: set[str]) -> list[str]:
+    if kind != "pretrain":
+        return ["ctc output layer"] if any(n.startswith("aux.") for n in names) else []
+    wanted = {
+        "hubert": {"final_proj": "logit_generator.final_proj.weight",
+                   "label embeddings": "logit_generator.label_embeddings",
+                   "mask embedding": "mask_generator.mask_embedding"},
+        "wav2vec2": {"quantizer": "quantizer.codevectors", "project_q": "project_q.weight",
+                     "final_proj": "final_proj.weight", "mask embedding": "mask_embedding"},
+    }[family]
+    return [head for head, key in wanted.items() if key in names]
+
+
+def _summary(config: Any, names: set[str], num_params: int) -> dict[str, Any]:
+    enc = config.encoder_args
+    facts = {
+        "family": config.family,
+        "kind": config.kind,
+        "layers": enc["encoder_num_layers"],
+        "width": enc["encoder_embed_dim"],
+        "parameters": num_params,
+        "heads": _heads(config.family, config.kind, names),
+        "normalize_waveform": config.normalize_waveform,
+        "extractor_mode": enc["extractor_mode"],
+        "layer_norm_first": enc["encoder_layer_norm_first"],
+        "conv_bias": enc["extractor_conv_bias"],
+        "sample_rate": config.sample_rate,
+        "num_updates": config.num_updates,
+    }
+    if config.label_dictionary:
+        facts["num_clusters"] = config.label_dictionary["num_clusters"]
+    if config.kind == "ctc":
+        facts["vocabulary"] = enc.get("aux_num_out")
+    return facts
+
+
+def describe(path: str | Path) -> dict[str, Any]:
+    """Facts about ``path``: a bundle directory, a fairseq checkpoint, or a k-means file."""
+    path = Path(path)
+    if path.is_dir():
+        bundle = load_bundle(path)
+        state = bundle.state_dict()
+        facts = {"what": "bundle", **_summary(bundle.config, set(state), sum(t.numel() for t in state.values()))}
+        facts["source"] = bundle.config.provenance.get("source_file")
+        if bundle.has_kmeans:
+            km = bundle.get_kmeans()
+            facts["kmeans"] = {"num_clusters": km.num_clusters, "dim": km.dim, "layer": km.layer}
+        return facts
+    if not path.exists():
+        raise ConversionError(path, "no such file or directory", hint="Check the path")
+    if path.suffix in (".bin", ".km", ".joblib") or path.name.endswith("kmeans.safetensors") or \
+            path.suffix == ".safetensors":
+        km = read_kmeans_file(path)
+        return {"what": "k-means", "num_clusters": km.num_clusters, "dim": km.dim, "layer": km.layer,
+                **{k: v for k, v in km.metadata.items() if k not in ("format", "format_version")}}
+    with read_fairseq_checkpoint(path) as ckpt:
+        plan = plan_conversion(ckpt)
+        names = {t.name for t in plan.model_tensors}
+        params = sum(_numel(t.shape) for t in plan.model_tensors)
+        facts = {"what": f"fairseq checkpoint ({ckpt.era} era)", **_summary(plan.config, names, params)}
+        dropped = plan.key_map_result.dropped if plan.key_map_result else {}
+        if dropped:
+            facts["dropped"] = dropped
+        return facts
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n

@@ -1,0 +1,81 @@
+"""What a family record produces: a conversion plan (bundle config + tensors to write), or every problem found."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from bundles.config import BundleConfig
+from bundles.safetensors_stream import PendingTensor
+
+from ..fairseq_checkpoint import FairseqCheckpoint
+from .key_map import KeyMap, KeyMapResult
+
+
+@dataclass
+class ConversionPlan:
+    config: BundleConfig
+    model_tensors: list[PendingTensor]
+    fairseq_extras: list[PendingTensor] = field(default_factory=list)
+    key_map_result: KeyMapResult | None = None
+
+
+def direct_tensors(ckpt: FairseqCheckpoint, mapping: dict[str, str], skip: set[str] = frozenset()) -> list[PendingTensor]:
+    """One pending tensor per mapped key, read from the checkpoint unchanged when written."""
+    out = []
+    for source, target in mapping.items():
+        if source in skip:
+            continue
+        lazy = ckpt.state[source]
+        out.append(PendingTensor(target, lazy.shape, lazy.dtype, lazy.load))
+    return out
+
+
+def cfg_section(ckpt: FairseqCheckpoint, name: str) -> dict[str, Any]:
+    value = ckpt.cfg.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def classify_keys(ckpt: FairseqCheckpoint, key_map: KeyMap, problems: list[str]) -> KeyMapResult:
+    result = key_map.classify(ckpt.state)
+    problems.extend(result.problems())
+    return result
+
+
+def audio_settings(ckpt: FairseqCheckpoint, model_cfg: dict[str, Any]) -> tuple[int, bool, str]:
+    """(sample rate, normalise waveform?, where the normalisation flag was found).
+
+    Pre-training keeps ``normalize`` in the task; fine-tuned checkpoints also in the model config and in
+    ``w2v_args.task`` (fairseq asserts they agree). fairseq's default is False.
+    """
+    task = cfg_section(ckpt, "task")
+    w2v_task = (model_cfg.get("w2v_args") or {}).get("task") or {}
+    for where, section in (("task.normalize", task), ("model.normalize", model_cfg),
+                           ("model.w2v_args.task.normalize", w2v_task)):
+        if isinstance(section, dict) and isinstance(section.get("normalize"), bool):
+            normalize, source = section["normalize"], where
+            break
+    else:
+        normalize, source = False, "fairseq default (the checkpoint does not say)"
+    rate = task.get("sample_rate") or (w2v_task.get("sample_rate") if isinstance(w2v_task, dict) else None) or 16000
+    return int(rate), bool(normalize), source
+
+
+def provenance(ckpt: FairseqCheckpoint, normalize_source: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "source_file": ckpt.path.name,
+        "source_format": f"fairseq checkpoint ({ckpt.era} era)",
+        "normalize_from": normalize_source,
+        "fairseq_config": _json_safe(ckpt.cfg),
+        **extra,
+    }
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)

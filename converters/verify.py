@@ -1,0 +1,65 @@
+"""``continue-pt verify``: re-read a bundle and its source checkpoint and compare every tensor."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bundles.loading import load_bundle
+
+from .convert import plan_conversion
+from .fairseq_checkpoint import read_fairseq_checkpoint
+
+
+@dataclass
+class VerifyReport:
+    compared: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
+    """Every tensor the bundle should hold (re-derived from ``source``) must equal the bundle's, bit for bit."""
+    bundle = load_bundle(bundle_dir)
+    report = VerifyReport()
+    recorded = bundle.config.provenance.get("sha256")
+    if recorded and recorded != _sha256(Path(source)):
+        report.mismatches.append(f"the bundle was converted from a file with sha256 {recorded[:12]}..., "
+                                 f"not from {Path(source).name}")
+    stored = bundle.state_dict()
+    extras = bundle.fairseq_extras()
+    with read_fairseq_checkpoint(source) as ckpt:
+        plan = plan_conversion(ckpt)
+        for group, pending_list in (("model", plan.model_tensors), ("fairseq_extras", plan.fairseq_extras)):
+            have = stored if group == "model" else extras
+            for pending in pending_list:
+                report.compared += 1
+                if pending.name not in have:
+                    report.mismatches.append(f"{group}: {pending.name} is missing from the bundle")
+                    continue
+                expected = pending.produce()
+                actual = have[pending.name]
+                if actual.shape != expected.shape or actual.dtype != expected.dtype:
+                    report.mismatches.append(f"{group}: {pending.name} is {list(actual.shape)} {actual.dtype}, "
+                                             f"expected {list(expected.shape)} {expected.dtype}")
+                elif not torch.equal(actual, expected):
+                    diff = (actual.float() - expected.float()).abs().max().item()
+                    report.mismatches.append(f"{group}: {pending.name} differs (max abs difference {diff:.3g})")
+            expected_names = {p.name for p in pending_list}
+            for name in sorted(set(have) - expected_names):
+                report.mismatches.append(f"{group}: {name} is in the bundle but not derived from the source")
+    return report
