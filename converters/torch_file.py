@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Callable
 
 import torch
 
-from .safe_pickle import RestrictedUnpickler, TypeReference
+from .safe_pickle import RestrictedUnpickler, TypeReference, UnsafePickleError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -218,18 +218,20 @@ class TorchFile:
         return raw
 
     def _load_legacy(self, allowed: dict[str, Any]) -> Any:
-        def small(what: str) -> Any:
+        def small() -> Any:
             return RestrictedUnpickler(self._fh, allowed).load()
 
         try:
-            magic = small("magic number")
+            magic = small()
+        except UnsafePickleError:
+            raise
         except Exception as exc:
             raise TorchFileError("it is neither a torch zip archive nor a legacy torch.save stream") from exc
         if magic != _LEGACY_MAGIC:
             raise TorchFileError("it is a pickle, but not one written by torch.save")
-        if small("protocol") != _LEGACY_PROTOCOL:
+        if small() != _LEGACY_PROTOCOL:
             raise TorchFileError("it was written by a torch.save protocol this reader does not know")
-        sys_info = small("sys info")
+        sys_info = small()
         if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
             raise TorchFileError("it was saved on a big-endian machine, which this reader does not support")
         raw = RestrictedUnpickler(self._fh, allowed, persistent_load=self._persistent_load).load()

@@ -112,15 +112,18 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
     if problems:
         return None
     fdim = final_dim(model_cfg)
+    fgm = float(model_cfg.get("feature_grad_mult", 1.0))
     pretrain_args = {
         **masking_args(model_cfg),
         "skip_masked": bool(model_cfg.get("skip_masked", False)),
         "skip_nomask": bool(model_cfg.get("skip_nomask", False)),
         "num_classes": k,
         "final_dim": fdim,
-        "feature_grad_mult": float(model_cfg.get("feature_grad_mult", 1.0)),
+        # torchaudio takes None for "no scaling" and refuses 1.0; 0 (a frozen extractor) is left to training.
+        "feature_grad_mult": fgm if 0.0 < fgm < 1.0 else None,
     }
     objective = {
+        "feature_grad_mult": fgm,
         "logit_temp": float(model_cfg.get("logit_temp", 0.1)),
         "label_rate": model_cfg.get("label_rate") or cfg_section(ckpt, "task").get("label_rate"),
         "untie_final_proj": bool(model_cfg.get("untie_final_proj", False)),

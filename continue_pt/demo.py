@@ -1,0 +1,65 @@
+"""`continue-pt demo`: the main job end to end on a tiny built-in checkpoint, with nothing to download.
+
+The shipped checkpoint (``demo_assets/tiny_hubert.pt``) was written by fairseq's own HuBERT classes and saved
+as fairseq's trainer saves checkpoints; the k-means (``tiny_hubert_L1_km20.bin``) is a real scikit-learn
+MiniBatchKMeans written with joblib. ``tests/make_demo_assets.py`` regenerates both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from bundles.loading import load_bundle
+
+ASSETS = Path(__file__).resolve().parent / "demo_assets"
+CHECKPOINT = ASSETS / "tiny_hubert.pt"
+KMEANS = ASSETS / "tiny_hubert_L1_km20.bin"
+KMEANS_LAYER = 1
+
+
+def demo_audio(seconds: float, seed: int) -> torch.Tensor:
+    """Harmonic tones with a drifting pitch plus noise (the same generator the assets were fitted on)."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(int(16000 * seconds)) / 16000
+    f0 = 120 + 80 * torch.sin(2 * torch.pi * 0.5 * t + torch.rand(1, generator=g) * 6)
+    phase = 2 * torch.pi * torch.cumsum(f0, 0) / 16000
+    wav = sum(torch.sin(k * phase) / k for k in range(1, 6)) * (0.5 + 0.5 * torch.sin(2 * torch.pi * 2 * t))
+    return (wav + 0.05 * torch.randn(t.shape, generator=g)).unsqueeze(0)
+
+
+def run_demo(output_dir: Path, echo: Callable[[str], None] = print) -> Path:
+    """Convert the tiny checkpoint with its k-means, verify it, load it and label generated audio."""
+    from converters.convert import convert_checkpoint
+    from converters.describe import describe
+    from converters.verify import verify_bundle
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    bundle_dir = output_dir / "tiny_hubert_bundle"
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+    echo(f"1. convert {CHECKPOINT.name} + {KMEANS.name} (layer {KMEANS_LAYER}) -> {bundle_dir}")
+    convert_checkpoint(CHECKPOINT, bundle_dir, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
+    echo("2. inspect: " + json.dumps({k: v for k, v in describe(bundle_dir).items() if k != "source"}))
+    report = verify_bundle(bundle_dir, CHECKPOINT)
+    echo(f"3. verify: {report.compared} tensors compared, {len(report.mismatches)} mismatches")
+    if not report.ok:
+        raise RuntimeError("verification failed: " + "; ".join(report.mismatches))
+    bundle = load_bundle(bundle_dir)
+    model, km = bundle.get_model(), bundle.get_kmeans()
+    wav = demo_audio(2.0, seed=100)
+    with torch.no_grad():
+        layers, _ = model.extract_features(wav, num_layers=km.layer)
+    labels = km(layers[-1][0])
+    used = labels.unique().numel()
+    echo(f"4. labelled {labels.numel()} frames of held-out audio with the bundle's k-means: "
+         f"{used}/{km.num_clusters} clusters used; first frames {labels[:12].tolist()}")
+    pretrain = bundle.get_pretrain_model().eval()
+    echo(f"5. pre-training heads loaded: label embeddings {tuple(pretrain.logit_generator.label_embeddings.shape)}, "
+         f"final_proj {tuple(pretrain.logit_generator.final_proj.weight.shape)}")
+    echo(f"bundle: {bundle_dir}")
+    return bundle_dir

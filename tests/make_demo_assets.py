@@ -1,0 +1,70 @@
+"""Regenerate the tiny fairseq HuBERT checkpoint and k-means shipped for `continue-pt demo` (needs fairseq).
+
+    .venv/bin/python -m tests.make_demo_assets
+
+The checkpoint is written by fairseq's own model classes and saved as fairseq's trainer saves it (plain-dict
+``cfg``, ``task_state`` with the label Dictionary, ``optimizer_history``), with the cluster symbols shuffled in
+the dictionary as real label dictionaries can be. The k-means is a real scikit-learn MiniBatchKMeans fitted on
+the model's layer-1 features of generated audio and written with joblib, as fairseq's learn_kmeans.py does.
+"""
+
+from __future__ import annotations
+
+import random
+import joblib
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from sklearn.cluster import MiniBatchKMeans
+
+from continue_pt.demo import ASSETS, KMEANS_LAYER, demo_audio
+from fairseq.data import Dictionary
+from fairseq.models.hubert.hubert import HubertConfig, HubertModel
+from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
+
+NUM_CLUSTERS = 20
+
+MODEL = dict(
+    label_rate=50, extractor_mode="default", encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+    encoder_attention_heads=4, conv_feature_layers="[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2", conv_bias=False,
+    conv_pos=16, conv_pos_groups=4, final_dim=32, untie_final_proj=False, layer_norm_first=False,
+    feature_grad_mult=0.1, mask_prob=0.8, mask_length=10, logit_temp=0.1, dropout=0.1, attention_dropout=0.1,
+    activation_dropout=0.0, encoder_layerdrop=0.0, dropout_input=0.1, dropout_features=0.1,
+)
+TASK = dict(_name="hubert_pretraining", data="demo", labels=["km"], label_rate=50, sample_rate=16000,
+            normalize=False, max_sample_size=250000, min_sample_size=16000, random_crop=True, pad_audio=False)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    random.seed(0)
+    order = list(range(NUM_CLUSTERS))
+    random.shuffle(order)
+    dictionary = Dictionary()
+    for c in order:
+        dictionary.add_symbol(str(c))
+    model_cfg = HubertConfig(**MODEL)
+    task_cfg = HubertPretrainingConfig(labels=["km"], label_rate=50)
+    model = HubertModel(model_cfg, task_cfg, [dictionary]).eval()
+    cfg = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True) | {"_name": "hubert"},
+           "task": TASK,
+           "criterion": {"_name": "hubert", "pred_masked_weight": 1.0, "pred_nomask_weight": 0.0,
+                         "loss_weights": [10.0]}}
+    checkpoint = {"cfg": cfg, "model": model.state_dict(),
+                  "optimizer_history": [{"criterion_name": "HubertCriterion", "optimizer_name": "FairseqAdam",
+                                         "lr_scheduler_state": {"best": None}, "num_updates": 1000}],
+                  "task_state": {"dictionaries": [dictionary]}, "extra_state": {"epoch": 1}}
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, ASSETS / "tiny_hubert.pt")
+
+    with torch.no_grad():
+        feats = [model.extract_features(demo_audio(2.0, seed), mask=False, output_layer=KMEANS_LAYER)[0][0]
+                 for seed in range(8)]
+    feats = torch.cat(feats).numpy().astype(np.float32)
+    km = MiniBatchKMeans(n_clusters=NUM_CLUSTERS, batch_size=256, n_init=3, random_state=0).fit(feats)
+    joblib.dump(km, ASSETS / "tiny_hubert_L1_km20.bin")
+    print(f"wrote {ASSETS}")
+
+
+if __name__ == "__main__":
+    main()
