@@ -166,10 +166,11 @@ def test_markdown_table_has_one_row_per_card():
         assert row.count(" | ") == 7
 
 
-def test_docs_table_matches_catalogue():
-    doc = REPO_ROOT / "docs_catalogue_table.md"
-    assert doc.read_text(encoding="utf-8") == catalogue_markdown_table(), (
-        "docs_catalogue_table.md is stale: regenerate it with "
-        "python -c 'from bundles.catalogue import catalogue_markdown_table as t; print(t(), end=\"\")' "
-        "> docs_catalogue_table.md"
+def test_readme_table_matches_catalogue():
+    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
+    start, end = "<!-- catalogue-table -->\n", "<!-- /catalogue-table -->"
+    table = readme[readme.index(start) + len(start): readme.index(end)]
+    assert table == catalogue_markdown_table(), (
+        "the README's catalogue table is stale: replace it with the output of "
+        "python -c 'from bundles.catalogue import catalogue_markdown_table as t; print(t(), end=\"\")'"
     )
