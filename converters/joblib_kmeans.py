@@ -96,7 +96,7 @@ class _Dtype(_Resolvable):
         if isinstance(code, str) and code.startswith("O"):
             raise _Refused("it holds an array of Python objects (numpy dtype 'O'), which this kit refuses to "
                            "read: only numeric arrays are read as data")
-        if code not in _NUMERIC_DTYPES:
+        if not isinstance(code, str) or code not in _NUMERIC_DTYPES:
             raise _Refused(f"it holds numpy dtype {code!r}; a k-means file holds only plain numeric arrays")
         obj.resolved = np.dtype(code)
         return obj
@@ -145,7 +145,7 @@ class _PlainArray(_Resolvable):
     pickled_name = "numpy.ndarray"
 
     def __setstate__(self, state: Any) -> None:
-        # (version, shape, dtype, is_fortran, rawdata); numpy < 1.? wrote it without the version.
+        # (version, shape, dtype, is_fortran, rawdata); numpy also accepts the legacy layout without the version.
         if isinstance(state, tuple) and len(state) == 5:
             state = state[1:]
         if not (isinstance(state, tuple) and len(state) == 4):
@@ -270,8 +270,9 @@ class _BoundedReader:
     """Reads in chunks and counts: a hostile length field cannot make one huge allocation, and at most
     :data:`MAX_DATA_BYTES` are read in all."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, compressed: bool):
         self._stream = stream
+        self.compressed = compressed
         self.count = 0
         self.exhausted = False  # a read came back short: the data ended
 
@@ -426,6 +427,40 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_to_end(stream: _BoundedReader) -> None:
+    """Read what is left, so that a decompressor checks its end marker and checksum."""
+    while stream.read(_CHUNK):
+        pass
+
+
+def _explain(path: Path, exc: Exception, stream: _BoundedReader | None) -> ConversionError:
+    """The :class:`ConversionError` for a failure while reading ``path``."""
+    if isinstance(exc, UnsafePickleError):
+        return ConversionError(path, f"it is not a k-means file this kit can read safely: {exc}", hint=_HINT_SAFE)
+    if isinstance(exc, _Refused):
+        return ConversionError(path, f"it is not a k-means file this kit can read: {exc}", hint=_HINT_REDUMP)
+    if isinstance(exc, EOFError):
+        return ConversionError(path, f"it ends early: the file is truncated ({str(exc) or 'no more data'})",
+                               hint=_HINT_TRUNCATED)
+    if isinstance(exc, (OSError, zlib.error, lzma.LZMAError)):
+        return ConversionError(path, f"its compressed data is corrupt or unreadable ({exc})", hint=_HINT_TRUNCATED)
+    if stream is not None and stream.exhausted:  # a short read made the parser fail
+        return ConversionError(path, f"it ends early: the file is truncated or not a pickle "
+                                     f"({type(exc).__name__}: {exc!s:.100})", hint=_HINT_TRUNCATED)
+    if stream is not None and stream.compressed:
+        # Corrupt compressed data decompresses to garbage before the checksum at the end is reached: read on, and
+        # report the corruption rather than the garbage.
+        try:
+            _read_to_end(stream)
+        except Exception as later:  # noqa: BLE001
+            if isinstance(later, (OSError, zlib.error, lzma.LZMAError, EOFError)):
+                return _explain(path, later, None)
+    return ConversionError(path, f"it is not a joblib or pickle file of a k-means model (parsing failed: "
+                                 f"{type(exc).__name__}: {exc!s:.100})",
+                           hint="Pass the .bin written by fairseq's learn_kmeans.py (joblib.dump of a fitted "
+                                "sklearn MiniBatchKMeans)")
+
+
 def _unpickle(path: Path) -> Any:
     """The object in the joblib/pickle file ``path``, read through the allow-list."""
     try:
@@ -433,35 +468,17 @@ def _unpickle(path: Path) -> Any:
     except OSError as exc:
         raise ConversionError(path, f"it cannot be opened ({exc.strerror or exc})",
                               hint="Check the path and its permissions") from None
-    stream: _BoundedReader | None = None
-    try:
-        with raw:
-            stream = _BoundedReader(_decompressed(raw))
+    with raw:
+        stream: _BoundedReader | None = None
+        try:
+            data = _decompressed(raw)
+            stream = _BoundedReader(data, compressed=data is not raw)
             value = _KMeansUnpickler(stream).load()
-            # Read to the end so that a decompressor checks its end marker and checksum: a compressed file cut
-            # short after the pickle's STOP would otherwise pass unnoticed.
-            while stream.read(_CHUNK):
-                pass
+            # A compressed file cut short after the pickle's STOP would otherwise pass unnoticed.
+            _read_to_end(stream)
             return value
-    except UnsafePickleError as exc:
-        raise ConversionError(path, f"it is not a k-means file this kit can read safely: {exc}",
-                              hint=_HINT_SAFE) from None
-    except _Refused as exc:
-        raise ConversionError(path, f"it is not a k-means file this kit can read: {exc}", hint=_HINT_REDUMP) from None
-    except EOFError as exc:
-        raise ConversionError(path, f"it ends early: the file is truncated ({str(exc) or 'no more data'})",
-                              hint=_HINT_TRUNCATED) from None
-    except (OSError, zlib.error, lzma.LZMAError) as exc:
-        raise ConversionError(path, f"its compressed data is corrupt or unreadable ({exc})",
-                              hint=_HINT_TRUNCATED) from None
-    except Exception as exc:  # noqa: BLE001 - untrusted bytes can fail the parser in any way; none of it ran code
-        if stream is not None and stream.exhausted:  # a short read made the parser fail
-            raise ConversionError(path, f"it ends early: the file is truncated or not a pickle ({type(exc).__name__}: "
-                                        f"{exc!s:.100})", hint=_HINT_TRUNCATED) from None
-        raise ConversionError(path, f"it is not a joblib or pickle file of a k-means model (parsing failed: "
-                                    f"{type(exc).__name__}: {exc!s:.100})",
-                              hint="Pass the .bin written by fairseq's learn_kmeans.py (joblib.dump of a "
-                                   "fitted sklearn MiniBatchKMeans)") from None
+        except Exception as exc:  # noqa: BLE001 - untrusted bytes can fail the parser in any way; none of it ran code
+            raise _explain(path, exc, stream) from None
 
 
 def read_joblib_kmeans(path: str | Path) -> KMeansModel:
