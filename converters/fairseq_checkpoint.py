@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
-from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, stub_class
+from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, pickled_bytes, stub_class
 from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
 
 
@@ -40,12 +40,24 @@ _OMEGACONF_CLASSES = [
 _BUILTIN_TYPES = ["dict", "list", "tuple", "set", "int", "long", "float", "str", "unicode", "bytes", "bool",
                   "object", "NoneType"]
 
+def _size(*dims: Any) -> tuple:
+    return tuple(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else tuple(dims)
+
+
+# Training bookkeeping (``extra_state["metrics"]``, optimizer state) can hold numpy scalars and arrays. The
+# converter never uses them, so they become inert records: parsed, never built.
+_NUMPY_RECORDS = [f"{mod}.{name}" for mod in ("numpy.core.multiarray", "numpy._core.multiarray")
+                  for name in ("scalar", "_reconstruct")] + ["numpy.dtype", "numpy.ndarray"]
+
 FAIRSEQ_GLOBALS: dict[str, Any] = {
     **TORCH_GLOBALS,
     "argparse.Namespace": stub_class("argparse.Namespace"),
     "fairseq.data.dictionary.Dictionary": stub_class("fairseq.data.dictionary.Dictionary"),
     "fairseq.dataclass.constants.Choices": _enum_member,
     "collections.defaultdict": _defaultdict,
+    "torch.Size": _size,
+    "_codecs.encode": pickled_bytes,
+    **{name: stub_class(name) for name in _NUMPY_RECORDS},
     "typing.Any": TypeReference("typing.Any"),
     **{name: stub_class(name) for name in _OMEGACONF_CLASSES},
     # protocol 2 names builtins "__builtin__.*"; protocol 3+ "builtins.*". Only ever used as values here.

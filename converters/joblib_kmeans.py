@@ -33,7 +33,7 @@ import torch
 from bundles.kmeans import KMeansModel
 
 from .errors import ConversionError
-from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, stub_class
+from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, stub_class, pickled_bytes
 
 # Decompressed bytes read at most. A 10k x 4096 float64 k-means is 330 MB; a file holding more than this is
 # not a k-means file, and a small compressed file must not be able to fill the memory (a "zip bomb").
@@ -177,13 +177,6 @@ def _scalar(dtype: Any, data: Any = None) -> Any:
     return _array_from_bytes(data, _as_dtype(dtype), (), False)[()]
 
 
-def _codecs_encode(text: Any, encoding: Any = "utf-8") -> bytes:
-    """Protocols 0-2 pickle ``bytes`` as ``_codecs.encode(str, 'latin1')``."""
-    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
-        raise _Refused("it calls _codecs.encode other than the way pickle encodes bytes")
-    return text.encode("latin1")
-
-
 _OBJECT = TypeReference("builtins.object")
 
 
@@ -230,7 +223,7 @@ _ALLOWED: dict[str, Any] = {
     **{f"numpy.{core}.multiarray._reconstruct": _reconstruct for core in ("core", "_core")},
     **{f"numpy.{core}.multiarray.scalar": _scalar for core in ("core", "_core")},
     **{f"numpy.{core}.numeric._frombuffer": _frombuffer for core in ("core", "_core")},
-    "_codecs.encode": _codecs_encode,
+    "_codecs.encode": pickled_bytes,
     "copyreg._reconstructor": _reconstructor,
     "copy_reg._reconstructor": _reconstructor,
     "builtins.object": _OBJECT,

@@ -72,6 +72,14 @@ class TypeReference:
         raise UnsafePickleError(self.pickled_name + " (called)")
 
 
+def pickled_bytes(text: Any, encoding: Any = "utf-8") -> bytes:
+    """Stand-in for ``_codecs.encode``: protocols 0-2 pickle ``bytes`` as ``_codecs.encode(str, 'latin1')``;
+    any other use is refused."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise UnsafePickleError("_codecs.encode (with other arguments than pickle's own bytes encoding)")
+    return text.encode("latin1")
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """``pickle.Unpickler`` that resolves globals only from ``allowed``."""
 

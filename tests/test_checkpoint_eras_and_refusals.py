@@ -96,3 +96,16 @@ def test_converters_do_not_import_fairseq_or_sklearn():
             "('fairseq', 'sklearn', 'joblib', 'omegaconf', 'continue_pt')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_training_bookkeeping_with_numpy_values_does_not_block_conversion(tmp_path):
+    import numpy as np
+
+    ckpt = _demo_checkpoint()
+    ckpt["extra_state"]["metrics"] = {"train": [(0, "loss", "AverageMeter",
+                                                 {"val": np.float64(2.5), "sum": np.arange(3.0), "count": 4})]}
+    ckpt["last_optimizer_state"] = {"state": {0: {"exp_avg": torch.zeros(3), "shape": torch.Size([3, 4])}}}
+    path = tmp_path / "with_metrics.pt"
+    torch.save(ckpt, path)
+    bundle = load_bundle(convert_checkpoint(path, tmp_path / "b"))
+    assert bundle.num_updates == 1000
