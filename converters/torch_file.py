@@ -12,9 +12,8 @@ from __future__ import annotations
 import struct
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 import torch
 
@@ -43,18 +42,9 @@ class TorchFileError(ValueError):
     """The file is not a readable ``torch.save`` file."""
 
 
-@dataclass(frozen=True)
-class StorageRef:
-    """Where one storage's bytes lie in the file."""
-
-    key: str
-    dtype: torch.dtype
-    numel: int
-    file_offset: int  # absolute offset of the first byte; -1 until known (legacy files learn it after the pickle)
-
-
 class _StorageSlot:
-    """A storage as the pickle refers to it; its file offset is filled in once known."""
+    """A storage as the pickle refers to it. ``file_offset`` (of its first byte) is -1 until known: legacy
+    files tell where storages lie only after the pickle."""
 
     def __init__(self, key: str, dtype: torch.dtype, numel: int, byte_offset: int = 0):
         self.key, self.dtype, self.numel, self.byte_offset = key, dtype, numel, byte_offset
@@ -94,14 +84,12 @@ class LazyTensor:
 
     def load(self) -> torch.Tensor:
         """Read this tensor's bytes from the file into a fresh CPU tensor."""
-        itemsize = self.dtype.itemsize
         if self.numel == 0:
             return torch.empty(self.shape, dtype=self.dtype)
         if self._is_contiguous():
             flat = self._reader.read_elements(self._storage, self.storage_offset, self.numel)
             return flat.view(self.shape)
         whole = self._reader.read_elements(self._storage, 0, self._storage.numel)
-        del itemsize
         return whole.as_strided(self.shape, self.stride, self.storage_offset).clone()
 
     def __repr__(self) -> str:
@@ -139,6 +127,7 @@ class TorchFile:
         self._fh: BinaryIO = open(self.path, "rb")
         try:
             self._slots: dict[str, _StorageSlot] = {}
+            self._views: list[tuple[_StorageSlot, _StorageSlot]] = []  # (view, the storage it is part of)
             if zipfile.is_zipfile(self._fh):
                 raw = self._load_zip(allowed)
             else:
@@ -187,7 +176,7 @@ class TorchFile:
             _view_key, offset, view_numel = view
             slot = _StorageSlot(key, dtype, int(view_numel), byte_offset=int(offset) * dtype.itemsize)
             slot.file_offset = base.file_offset
-            self._views = getattr(self, "_views", []) + [(slot, base)]
+            self._views.append((slot, base))
             return slot
         return base
 
@@ -253,7 +242,7 @@ class TorchFile:
             position += 8 + numel * itemsize
             if position > end:
                 raise TorchFileError("the file ends inside its tensor data (is it truncated?)")
-        for view, base in getattr(self, "_views", []):
+        for view, base in self._views:
             view.file_offset = base.file_offset
         missing = [k for k, s in self._slots.items() if s.file_offset < 0]
         if missing:
@@ -287,10 +276,3 @@ class TorchFile:
             seen.add(id(obj))
             obj.state = self._resolve(obj.state, seen)
         return obj
-
-
-def open_torch_file(path: Path, allowed: dict[str, Any]) -> TorchFile:
-    return TorchFile(path, allowed)
-
-
-LoadFn = Callable[[], torch.Tensor]
