@@ -9,9 +9,15 @@ pre-training heads to be compared against.
 * :func:`save_checkpoint` writes a checkpoint of one era: ``"dict"`` (fairseq >= 2021: ``cfg`` is a plain dict),
   ``"dictconfig"`` (Oct 2020 - Mar 2021: ``cfg`` is a pickled omegaconf ``DictConfig``), ``"namespace"`` (up to
   Oct 2020: ``args`` is an ``argparse.Namespace``), ``"legacy"`` (``"dict"`` content in torch's pre-1.6 non-zip format).
-* :func:`model_from_state` rebuilds the fairseq model from a loaded checkpoint dict (strict ``load_state_dict``).
-* Reference outputs: :func:`fairseq_layer_outputs`, :func:`fairseq_hubert_logits`, :func:`fairseq_quantizer_outputs`,
-  :func:`fairseq_ctc_logits`.
+* :func:`model_from_state` rebuilds the fairseq model from a loaded checkpoint dict (strict ``load_state_dict``);
+  :func:`namespace_to_config` is fairseq's ``convert_namespace_to_omegaconf`` made to work for nested ``w2v_args``.
+* Reference outputs (raw audio in; fairseq's waveform normalisation is applied when ``task.normalize``):
+  :func:`fairseq_layer_outputs`, :func:`fairseq_hubert_logits`, :func:`fairseq_quantizer_outputs`,
+  :func:`fairseq_ctc_logits`; :func:`hubert_valid_frames` is fairseq HuBERT's (non-conv-formula) padded-frame count.
+
+Weights: every parameter and buffer is re-drawn from a seeded normal after construction (see ``_reinitialise``), so
+no tensor keeps a zero/default value and swapped keys show up in parity tests. ``encoder.pos_conv.0`` is saved as
+fairseq's ``weight_g`` / ``weight_v`` (``torch.nn.utils.weight_norm``), as the published files hold it.
 
 The model is built the way fairseq builds it when it loads a checkpoint: ``tasks.setup_task(cfg.task)``, the task
 state (dictionaries) merged in, then ``task.build_model(cfg.model)``. Only ``HubertCtc`` is built by hand:
@@ -27,7 +33,6 @@ import copy
 import io
 import json
 import math
-import warnings
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -50,7 +55,6 @@ from fairseq.models import MODEL_DATACLASS_REGISTRY
 from fairseq.models.hubert.hubert import HubertModel
 from fairseq.models.hubert.hubert_asr import HubertCtc, HubertEncoder
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model
-from fairseq.models.wav2vec.wav2vec2_asr import Wav2VecCtc
 from fairseq.optim import OPTIMIZER_DATACLASS_REGISTRY
 from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY
 from fairseq.tasks import TASK_DATACLASS_REGISTRY
@@ -59,20 +63,22 @@ __all__ = [
     "CONFIG_DIR",
     "CONFIG_NAMES",
     "ERAS",
-    "FairseqReference",
     "LETTERS",
+    "FairseqReference",
     "build_fairseq_model",
     "cluster_dictionary",
     "fairseq_ctc_logits",
     "fairseq_hubert_logits",
     "fairseq_layer_outputs",
     "fairseq_quantizer_outputs",
+    "hubert_valid_frames",
+    "letter_dictionary",
     "load_config",
     "model_from_state",
-    "letter_dictionary",
     "namespace_to_config",
     "prepare_waveform",
     "save_checkpoint",
+    "skip_weight_init",
 ]
 
 CONFIG_DIR: Path = Path(__file__).resolve().parents[1].parent / "shared" / "fairseq_configs"
@@ -97,7 +103,6 @@ LETTERS: tuple[str, ...] = tuple("|ETAONIHSRDLUMWCFGYPBVK'XJQZ")
 
 _FAKE_DATA = "/foo/bar"
 _INIT_STD = 0.1  # std of the random re-initialisation
-_NUM_LABEL_SETS = 1
 
 
 # --------------------------------------------------------------------------------------------- configurations
@@ -229,6 +234,8 @@ def _finetune_config(name: str, stored: Mapping[str, Any], num_layers: int) -> D
             optimizer={**w2v["optimizer"]},
             lr_scheduler={**w2v["lr_scheduler"]},
             optimization={**w2v["optimization"]},
+            # task.tpu interpolates common.tpu: keep the two equal, as one flat --tpu flag made them
+            common={"tpu": w2v["task"].get("tpu", False)},
         )
         ctc.setdefault("data", _FAKE_DATA)
         ctc["w2v_path"] = "/foo/bar/wav2vec_small.pt"
@@ -406,6 +413,20 @@ def build_fairseq_model(
     return FairseqReference(name, family, fine_tuned, model, _plain(cfg), task_state, dictionary)
 
 
+@contextlib.contextmanager
+def skip_weight_init() -> Iterator[None]:
+    """Make torch's ``nn.init`` functions and fairseq's ``init_bert_params`` no-ops while building a model whose
+    weights are loaded right afterwards with ``load_state_dict(strict=True)`` (every parameter and buffer is then
+    overwritten). Rebuilding a model gets several times faster; never use it for a model that is not loaded."""
+    names = ("uniform_", "normal_", "constant_", "ones_", "zeros_", "xavier_uniform_", "xavier_normal_",
+             "kaiming_uniform_", "kaiming_normal_", "trunc_normal_")  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        for name in names:
+            stack.enter_context(mock.patch.object(nn.init, name, lambda tensor, *args, **kwargs: tensor))
+        stack.enter_context(mock.patch("fairseq.models.wav2vec.wav2vec2.init_bert_params", lambda module: None))
+        yield
+
+
 def namespace_to_config(args: argparse.Namespace) -> DictConfig:
     """fairseq's ``convert_namespace_to_omegaconf``, also for fine-tuned args whose ``w2v_args`` is a Namespace.
 
@@ -439,7 +460,8 @@ def model_from_state(state: Mapping[str, Any], task_state: Mapping[str, Any] | N
     else:
         cfg = namespace_to_config(state["args"])
     saved_task_state = state.get("task_state") or task_state or {}
-    model = _build_from_config(cfg, saved_task_state, from_checkpoint=True)
+    with skip_weight_init():
+        model = _build_from_config(cfg, saved_task_state, from_checkpoint=True)
     model.load_state_dict(state["model"], strict=True)
     return model.eval()
 
@@ -492,7 +514,7 @@ def _checkpoint_dict(ref: FairseqReference, era: Era, num_updates: int) -> dict[
     optimizer_history = [
         {
             "criterion_name": _CRITERION_CLASS[ref.cfg.criterion._name],
-            "optimizer_name": "FairseqAdam",
+            "optimizer_name": "FP16Optimizer",  # cfg.common.fp16 wraps FairseqAdam
             "lr_scheduler_state": {"best": 2.4},
             "num_updates": num_updates,
         }
@@ -601,6 +623,12 @@ def fairseq_layer_outputs(ref: FairseqReference, waveform: Tensor, lengths: Tens
     last layer). fairseq pads the time axis to a multiple of 2 inside the encoder; its ``layer_results`` are
     already trimmed back. The waveform is raw audio: it is normalised here when the task config says so.
     Frames past an utterance's length are whatever fairseq computes there (compare valid frames only).
+
+    Padding (``lengths``): wav2vec 2.0 derives the frame mask from the conv output-length formula (as torchaudio
+    does), but ``HubertModel.forward_padding_mask`` cuts the sample mask into ``frames`` equal chunks of
+    ``T // frames`` samples and pads a frame only if its whole chunk is padding. For HuBERT this often leaves one
+    more valid frame than the conv formula (e.g. T=8000, length 5123: fairseq 16 frames, formula 15), and then
+    every valid frame differs through attention; see :func:`hubert_valid_frames`.
     """
     wav, padding_mask = prepare_waveform(ref, waveform, lengths)
     backbone = ref.backbone
@@ -609,6 +637,20 @@ def fairseq_layer_outputs(ref: FairseqReference, waveform: Tensor, lengths: Tens
         backbone.extract_features(wav, padding_mask=padding_mask, mask=False)
     (layer_results,) = captured
     return [x.transpose(0, 1).contiguous() for x, _, _ in layer_results]
+
+
+def hubert_valid_frames(ref: FairseqReference, num_samples: int, lengths: Tensor) -> Tensor:
+    """Valid frames per utterance as fairseq's ``HubertModel.forward_padding_mask`` counts them for a batch padded
+    to ``num_samples`` (torchaudio's conv-formula lengths can be one lower)."""
+    backbone = ref.backbone
+    if not isinstance(backbone, HubertModel):
+        raise TypeError("hubert_valid_frames needs a HuBERT model")
+    frames = num_samples
+    for block in backbone.feature_extractor.conv_layers:
+        conv = block[0]
+        frames = (frames - conv.kernel_size[0]) // conv.stride[0] + 1
+    padding = torch.arange(num_samples)[None, :] >= lengths[:, None]
+    return (~backbone.forward_padding_mask(torch.zeros(len(lengths), frames, 1), padding)).sum(-1)
 
 
 def fairseq_hubert_logits(
@@ -648,7 +690,8 @@ def fairseq_hubert_logits(
     model.eval()
     with torch.no_grad(), mock.patch("fairseq.models.hubert.hubert.compute_mask_indices", given_mask):
         out = model(wav, target_list=targets, padding_mask=padding_mask, mask=True)
-    (logits,) = out["logit_m_list"]  # [S, 1 + rows]: positive (row 0), then rows with row 0 at -inf
+    # [S, 1 + rows]: the positive (row 0, as every target is 0), then every row as a negative with row 0 at -inf
+    (logits,) = out["logit_m_list"]
     if logits is None:
         raise ValueError("skip_masked is set: fairseq computes no masked logits")
     return torch.cat([logits[:, :1], logits[:, 2:]], dim=1)
