@@ -1,0 +1,66 @@
+"""HuBERT targets made online: a frozen teacher runs to its k-means layer and the nearest centroid labels each frame.
+
+Nothing is written to disk: labels are computed per batch on the batch's device. The teacher sees exactly the
+frames the student sees (same waveform crop, same convolutional front end), so the labels are aligned at the
+feature rate (50 Hz for 16 kHz audio) including the last frame, as fairseq's dumped labels are.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from bundles.kmeans import KMeansModel
+from bundles.loading import Bundle
+from bundles.waveform import NormalizingWav2Vec2Model, normalize_waveforms
+
+IGNORE_LABEL = -100  # padded frames (torch's cross_entropy ignore_index)
+
+
+class OnlineTargets(nn.Module):
+    """Labels ``[batch, frames]`` for raw waveforms from ``teacher`` (a torchaudio ``Wav2Vec2Model``) and ``kmeans``.
+
+    Args:
+        teacher: the encoder whose layer ``kmeans.layer`` (1-based) output is clustered; frozen here.
+        kmeans: centroids fitted on that layer's output.
+        normalize_waveform: whether the teacher expects normalised waveforms (its bundle says).
+    """
+
+    def __init__(self, teacher: nn.Module, kmeans: KMeansModel, normalize_waveform: bool):
+        super().__init__()
+        if kmeans.layer is None:
+            raise ValueError("the k-means model does not say which layer it clusters")
+        num_layers = len(teacher.encoder.transformer.layers)
+        if not 1 <= kmeans.layer <= num_layers:
+            raise ValueError(f"k-means layer {kmeans.layer} is outside the teacher's 1..{num_layers}")
+        width = teacher.encoder.transformer.layers[0].attention.embed_dim
+        if kmeans.dim != width:
+            raise ValueError(f"k-means centroids have {kmeans.dim} dimensions, the teacher's layers {width}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        # Only the layers up to the k-means layer ever run; keeping the rest would cost memory for nothing.
+        del self.teacher.encoder.transformer.layers[kmeans.layer:]
+        self.kmeans = kmeans
+        self.normalize_waveform = normalize_waveform
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, kmeans: KMeansModel | None = None) -> "OnlineTargets":
+        """The bundle's encoder as teacher, with ``kmeans`` or else the bundle's own k-means."""
+        model = bundle.get_model()
+        teacher = model.model if isinstance(model, NormalizingWav2Vec2Model) else model
+        return cls(teacher, kmeans if kmeans is not None else bundle.get_kmeans(), bundle.normalize_waveform)
+
+    def train(self, mode: bool = True) -> "OnlineTargets":
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains: no dropout, no layer drop
+        return self
+
+    @torch.inference_mode()
+    def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
+        if self.normalize_waveform:
+            waveforms = normalize_waveforms(waveforms, lengths)
+        layers, frame_lengths = self.teacher.extract_features(waveforms, lengths, num_layers=self.kmeans.layer)
+        labels = self.kmeans(layers[-1])  # the k-means keeps a copy of its centroids on each device it sees
+        if frame_lengths is not None:
+            positions = torch.arange(labels.shape[1], device=labels.device)
+            labels = labels.masked_fill(positions[None, :] >= frame_lengths[:, None], IGNORE_LABEL)
+        return labels
