@@ -6,10 +6,12 @@ a strict ``load_state_dict(..., assign=True)``: no random initialisation, no cop
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils import parametrizations
 from torchaudio.models import HuBERTPretrainModel, Wav2Vec2Model, wav2vec2_model
 from torchaudio.models.wav2vec2 import components
 
@@ -25,9 +27,34 @@ def _encoder_factory_args(config: BundleConfig) -> dict:
     return args
 
 
+@contextmanager
+def _on_meta_device() -> Iterator[None]:
+    """Build modules on the meta device, with weight_norm computing only the shapes of its initial g and v.
+
+    torchaudio's positional convolution uses ``parametrizations.weight_norm``, whose ``right_inverse`` calls
+    ``torch.norm_except_dim``; on the meta device that imports ``torch._dynamo`` and sympy the first time
+    (about 1 s, measured in bench/RESULTS.md). The values are replaced by assignment anyway.
+    """
+    original = parametrizations._WeightNorm.right_inverse
+
+    def right_inverse(self: parametrizations._WeightNorm, weight: Tensor) -> tuple[Tensor, Tensor]:
+        if weight.device.type != "meta" or not 0 <= self.dim < weight.dim():
+            return original(self, weight)
+        g_shape = [1] * weight.dim()
+        g_shape[self.dim] = weight.shape[self.dim]
+        return weight.new_empty(g_shape), weight
+
+    parametrizations._WeightNorm.right_inverse = right_inverse
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        parametrizations._WeightNorm.right_inverse = original
+
+
 def build_encoder(config: BundleConfig) -> Wav2Vec2Model:
     """``torchaudio.models.wav2vec2_model`` with the bundle's arguments (weights uninitialised, on meta)."""
-    with torch.device("meta"):
+    with _on_meta_device():
         return wav2vec2_model(**_encoder_factory_args(config))
 
 
@@ -37,7 +64,7 @@ def build_pretrain_model(config: BundleConfig) -> HuBERTPretrainModel | Wav2Vec2
         raise ValueError("only pre-training bundles have pre-training heads")
     encoder_args = _encoder_factory_args(config)
     encoder_args["aux_num_out"] = None
-    with torch.device("meta"):
+    with _on_meta_device():
         if config.family == "hubert":
             return _hubert_pretrain_model(wav2vec2_model(**encoder_args), encoder_args["encoder_embed_dim"],
                                           **config.pretrain_args)

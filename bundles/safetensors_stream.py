@@ -9,6 +9,7 @@ format (8-byte little-endian header length, JSON header, packed data) and reads 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -31,6 +32,9 @@ class PendingTensor:
     shape: tuple[int, ...]
     dtype: torch.dtype
     produce: Callable[[], torch.Tensor]
+    source_span: tuple[Path, int] | None = None
+    """(file, byte offset) when the tensor's bytes lie verbatim in a file: they are then copied in the kernel
+    (``os.copy_file_range``, as ``cp`` does) instead of being read into memory and written back."""
 
     @property
     def nbytes(self) -> int:
@@ -55,17 +59,56 @@ def write_safetensors_streaming(path: Path, tensors: Iterable[PendingTensor], me
         offset += t.nbytes
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(encoded)))
-        fh.write(encoded)
-        for t in pending:
-            value = t.produce()
-            if tuple(value.shape) != t.shape or value.dtype != t.dtype:
-                raise ValueError(f"tensor {t.name}: produced {list(value.shape)} {value.dtype}, "
-                                 f"announced {list(t.shape)} {t.dtype}")
-            value = value.detach().to("cpu").contiguous()
-            if value.numel():
-                fh.write(value.view(-1).view(torch.uint8).numpy().data)
-            if on_tensor is not None:
-                on_tensor(t)
-            del value
+    sources: dict[Path, int] = {}
+    try:
+        with open(path, "wb", buffering=0) as fh:
+            _write_all(fh, struct.pack("<Q", len(encoded)) + encoded)
+            for t in pending:
+                if not (t.source_span and _copy_span(t.source_span, t.nbytes, fh.fileno(), sources)):
+                    _write_all(fh, _tensor_bytes(t))
+                if on_tensor is not None:
+                    on_tensor(t)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+
+
+def _tensor_bytes(t: PendingTensor) -> memoryview:
+    value = t.produce()
+    if tuple(value.shape) != t.shape or value.dtype != t.dtype:
+        raise ValueError(f"tensor {t.name}: produced {list(value.shape)} {value.dtype}, "
+                         f"announced {list(t.shape)} {t.dtype}")
+    value = value.detach().to("cpu").contiguous()
+    if not value.numel():
+        return memoryview(b"")
+    return memoryview(value.view(-1).view(torch.uint8).numpy()).cast("B")
+
+
+def _write_all(fh, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    while view.nbytes:
+        written = fh.write(view)
+        view = view[written:]
+
+
+def _copy_span(span: tuple[Path, int], nbytes: int, dst_fd: int, sources: dict[Path, int]) -> bool:
+    """Copy ``nbytes`` from ``span`` to the current position of ``dst_fd`` in the kernel. False when the
+    kernel or file system cannot (the caller then reads and writes the bytes itself)."""
+    if not hasattr(os, "copy_file_range") or nbytes == 0:
+        return False
+    src, offset = span
+    if src not in sources:
+        sources[src] = os.open(src, os.O_RDONLY)
+    start = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    done = 0
+    try:
+        while done < nbytes:
+            copied = os.copy_file_range(sources[src], dst_fd, nbytes - done, offset + done)
+            if copied == 0:
+                raise ValueError(f"{src} ends inside a tensor's data (is it truncated?)")
+            done += copied
+    except OSError:
+        os.lseek(dst_fd, start, os.SEEK_SET)
+        os.ftruncate(dst_fd, start)
+        return False
+    return True

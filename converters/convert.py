@@ -148,6 +148,8 @@ def convert_checkpoint(
                                 overwrite=overwrite, on_tensor=on_tensor, before_config=finish_config)
         except BundleError as exc:
             raise ConversionError(exc.path, exc.problems, hint=exc.hint) from None
+        except ValueError as exc:  # the source's tensor data is damaged (found while streaming it)
+            raise ConversionError(src, str(exc), hint="Is the checkpoint complete? Download it again") from None
         except OSError as exc:
             raise ConversionError(out_dir, f"could not be written ({exc.strerror or exc})",
                                   hint="Check free disk space and permissions") from None

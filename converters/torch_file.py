@@ -82,6 +82,13 @@ class LazyTensor:
             expected *= size
         return True
 
+    def file_span(self) -> tuple[Path, int] | None:
+        """(file, byte offset) of this tensor's bytes when they lie contiguously in the file, else None."""
+        if not self._is_contiguous() or self._storage.file_offset < 0:
+            return None
+        offset = self._storage.file_offset + self._storage.byte_offset + self.storage_offset * self.dtype.itemsize
+        return self._reader.path, offset
+
     def load(self) -> torch.Tensor:
         """Read this tensor's bytes from the file into a fresh CPU tensor."""
         if self.numel == 0:

@@ -27,7 +27,7 @@ def direct_tensors(ckpt: FairseqCheckpoint, mapping: dict[str, str], skip: set[s
         if source in skip:
             continue
         lazy = ckpt.state[source]
-        out.append(PendingTensor(target, lazy.shape, lazy.dtype, lazy.load))
+        out.append(PendingTensor(target, lazy.shape, lazy.dtype, lazy.load, source_span=lazy.file_span()))
     return out
 
 
