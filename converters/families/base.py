@@ -9,6 +9,7 @@ from bundles.config import BundleConfig
 from bundles.safetensors_stream import PendingTensor
 
 from ..fairseq_checkpoint import FairseqCheckpoint
+from .encoder import encoder_args, fine_tuning_model_cfg
 from .key_map import KeyMap, KeyMapResult
 
 
@@ -29,6 +30,44 @@ def direct_tensors(ckpt: FairseqCheckpoint, mapping: dict[str, str], skip: set[s
         lazy = ckpt.state[source]
         out.append(PendingTensor(target, lazy.shape, lazy.dtype, lazy.load, source_span=lazy.file_span()))
     return out
+
+
+@dataclass
+class EncoderPlan:
+    """What pre-trained and fine-tuned checkpoints of both families share."""
+
+    model_cfg: dict[str, Any]  # the model options (for CTC checkpoints: the pre-training ones, with fairseq's overrides)
+    encoder_args: dict[str, Any]
+    sample_rate: int
+    normalize: bool
+    provenance: dict[str, Any]
+    key_map_result: KeyMapResult
+
+
+def plan_encoder(ckpt: FairseqCheckpoint, kind: str, key_map: KeyMap, problems: list[str]) -> EncoderPlan:
+    model_cfg = cfg_section(ckpt, "model")
+    if kind == "ctc":
+        model_cfg = fine_tuning_model_cfg(model_cfg, problems)
+    enc = encoder_args(model_cfg, problems)
+    rate, normalize, normalize_source = audio_settings(ckpt, cfg_section(ckpt, "model"))
+    result = classify_keys(ckpt, key_map, problems)
+    return EncoderPlan(model_cfg, enc, rate, normalize, provenance(ckpt, normalize_source), result)
+
+
+def plan_ctc(ckpt: FairseqCheckpoint, family: str, common: EncoderPlan, problems: list[str]) -> ConversionPlan | None:
+    """A fine-tuned checkpoint: the encoder plus fairseq's output projection as torchaudio's ``aux`` layer."""
+    proj = ckpt.state.get("w2v_encoder.proj.weight")
+    if proj is None:
+        problems.append("the fine-tuned checkpoint has no output layer 'w2v_encoder.proj'")
+    else:
+        common.encoder_args["aux_num_out"] = int(proj.shape[0])
+    if problems:
+        return None
+    config = BundleConfig(family=family, kind="ctc", encoder_args=common.encoder_args, pretrain_args=None,
+                          sample_rate=common.sample_rate, normalize_waveform=common.normalize,
+                          num_updates=ckpt.num_updates, provenance=common.provenance)
+    return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped),
+                          key_map_result=common.key_map_result)
 
 
 def cfg_section(ckpt: FairseqCheckpoint, name: str) -> dict[str, Any]:

@@ -9,8 +9,8 @@ from bundles.factory import ENCODER_PREFIX
 from bundles.safetensors_stream import PendingTensor
 
 from ..fairseq_checkpoint import FairseqCheckpoint, LabelDictionary
-from .base import ConversionPlan, audio_settings, cfg_section, classify_keys, direct_tensors, provenance
-from .encoder import ENCODER_RULES, encoder_args, final_dim, fine_tuning_model_cfg, masking_args
+from .base import ConversionPlan, cfg_section, direct_tensors, plan_ctc, plan_encoder
+from .encoder import ENCODER_RULES, final_dim, masking_args
 from .key_map import KeyMap, prefixed
 
 NAME = "hubert"
@@ -70,25 +70,11 @@ def _default_dictionary(num_rows: int) -> LabelDictionary:
 
 
 def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionPlan | None:
-    model_cfg = cfg_section(ckpt, "model")
-    if kind == "ctc":
-        model_cfg = fine_tuning_model_cfg(model_cfg, problems)
-    enc = encoder_args(model_cfg, problems)
-    rate, normalize, normalize_source = audio_settings(ckpt, cfg_section(ckpt, "model"))
     key_map = PRETRAIN_KEY_MAP if kind == "pretrain" else CTC_KEY_MAP
-    result = classify_keys(ckpt, key_map, problems)
-    prov = provenance(ckpt, normalize_source)
+    common = plan_encoder(ckpt, kind, key_map, problems)
     if kind == "ctc":
-        proj = ckpt.state.get("w2v_encoder.proj.weight")
-        if proj is None:
-            problems.append("the fine-tuned checkpoint has no output layer 'w2v_encoder.proj'")
-        else:
-            enc["aux_num_out"] = int(proj.shape[0])
-        if problems:
-            return None
-        config = BundleConfig(family=NAME, kind="ctc", encoder_args=enc, pretrain_args=None, sample_rate=rate,
-                              normalize_waveform=normalize, num_updates=ckpt.num_updates, provenance=prov)
-        return ConversionPlan(config, direct_tensors(ckpt, result.mapped), key_map_result=result)
+        return plan_ctc(ckpt, NAME, common, problems)
+    model_cfg, enc, result = common.model_cfg, common.encoder_args, common.key_map_result
 
     labels = cfg_section(ckpt, "task").get("labels")
     if isinstance(labels, list) and len(labels) > 1:
@@ -139,8 +125,8 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
         "assumed_default_order": assumed,
     }
     config = BundleConfig(family=NAME, kind="pretrain", encoder_args=enc, pretrain_args=pretrain_args,
-                          objective=objective, sample_rate=rate, normalize_waveform=normalize,
-                          label_dictionary=label_dictionary, num_updates=ckpt.num_updates, provenance=prov)
+                          objective=objective, sample_rate=common.sample_rate, normalize_waveform=common.normalize,
+                          label_dictionary=label_dictionary, num_updates=ckpt.num_updates, provenance=common.provenance)
 
     def cluster_rows() -> torch.Tensor:
         return embs.load()[rows].contiguous()
