@@ -1,0 +1,405 @@
+"""HuBERT's masked-prediction objective as plain functions (no Lightning), equal to fairseq's ``HubertModel``
+forward + ``HubertCriterion``.
+
+One optimizer step = micro-batches ``i`` (gradient accumulation, data-parallel ranks)::
+
+    out_i   = hubert_forward(model, waveforms_i, lengths_i, labels_i, mask_i, ...)  # logits, penalty
+    terms_i = hubert_loss_terms(out_i)                                               # CE sums, counts, accuracy
+    totals  = StepTotals over every micro-batch of the step (all ranks)              # known before any backward
+    loss_i  = normalized_loss(terms_i, totals, weights, mode)                        # backward this
+
+and the gradients summed over ``i`` are the step's gradient (the caller undoes Lightning's ``1/N`` accumulation
+scaling and DDP's averaging). The masks are drawn on the data side (:mod:`continue_pt.masking`), so ``totals``
+can be counted from them (:meth:`StepTotals.of_masks`) before the first backward.
+
+How this differs from the modules' own ``forward``:
+
+* Labels: fairseq's ``forward_targets`` trims the conv features to the label length (at a label rate equal to
+  the frame rate, the published setting) and ``forward_padding_mask`` then splits the *sample* padding mask
+  into that many equal chunks: a frame is padding only when its whole chunk is. That can leave a frame more
+  than torchaudio's conv-length formula, and it depends on the label length. :func:`hubert_frame_padding_mask`
+  does the same, and so does :func:`hubert_forward`.
+* Logits: fairseq's ``compute_nce`` scores each frame against ``[positive, every row]`` with the positive's
+  own row set to ``-inf`` and takes class 0; that is cross-entropy over the plain row logits with the target
+  row as class (``tests/test_hubert_objective.py`` proves it, value and gradient). fairseq's softmax includes
+  the label rows of the dictionary's special symbols (``<s> <pad> </s> <unk>``); a bundle keeps them in
+  ``bundle.fairseq_extras()["label_embeddings_non_cluster"]`` and ``extra_label_embeddings`` appends them as
+  classes that are never targets. Cosines are computed as normalised matrix products in fp32 (memory
+  ``[frames, classes]`` rather than fairseq's ``[classes, frames, dim]``), equal to fairseq's to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchaudio.models import HuBERTPretrainModel
+from torchaudio.models.wav2vec2.components import GradMultiply
+
+__all__ = [
+    "LOSS_MODES",
+    "HubertLossTerms",
+    "HubertOutputs",
+    "LossMode",
+    "LossWeights",
+    "StepTotals",
+    "conv_output_frames",
+    "hubert_forward",
+    "hubert_frame_padding_mask",
+    "hubert_loss_terms",
+    "label_logits",
+    "normalized_loss",
+]
+
+LossMode = Literal["fairseq", "torchaudio", "per-term"]
+LOSS_MODES: tuple[LossMode, ...] = ("fairseq", "torchaudio", "per-term")
+
+
+# ------------------------------------------------------------------------------------------------ frames
+
+
+def conv_output_frames(conv_layers: Sequence[Sequence[int]], num_samples: int) -> int:
+    """Frames the feature extractor makes of ``num_samples`` samples; ``conv_layers`` as
+    ``(channels, kernel, stride)`` (a bundle's ``encoder_args["extractor_conv_layer_config"]``)."""
+    frames = int(num_samples)
+    for _, kernel, stride in conv_layers:
+        frames = (frames - int(kernel)) // int(stride) + 1
+    return max(frames, 0)
+
+
+def hubert_frame_padding_mask(lengths: Tensor, num_samples: int, num_frames: int) -> Tensor:
+    """fairseq's ``HubertModel.forward_padding_mask`` from sample lengths: ``[batch, num_frames]``, True = padding.
+
+    fairseq cuts the (end-padded) sample mask of a batch of ``num_samples`` into ``num_frames`` chunks of
+    ``num_samples // num_frames`` samples (dropping the remainder) and pads a frame only if its whole chunk is
+    padding, i.e. frame ``t`` is padding iff ``t * (num_samples // num_frames) >= length``. ``num_frames`` is
+    the frame count after the labels trimmed it (see :func:`hubert_forward`).
+    """
+    if num_frames <= 0 or num_samples < num_frames:
+        raise ValueError(f"cannot split {num_samples} samples into {num_frames} frames")
+    chunk = num_samples // num_frames
+    starts = torch.arange(num_frames, device=lengths.device) * chunk
+    return starts[None, :] >= lengths.reshape(-1, 1)
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@dataclass
+class HubertOutputs:
+    """What the model predicts for one micro-batch.
+
+    Attributes:
+        logits_masked: ``[num_masked, K + E]`` cosine / ``logit_temp`` of each masked, unpadded frame (batch-major
+            order) against every class: column ``c`` is cluster ``c``, the last ``E`` columns are the extra
+            (never-target) rows. None with ``skip_masked``.
+        targets_masked: ``[num_masked]`` cluster ids (None with ``skip_masked``).
+        logits_unmasked, targets_unmasked: the same for unmasked, unpadded frames (None with ``skip_nomask``).
+        feature_penalty: scalar, fp32 (float64 for a float64 model): mean of the squared conv features over
+            ``[batch, frames, channels]`` (padded frames included), fairseq's ``features_pen``. Its gradient into
+            the extractor is scaled by ``feature_grad_mult`` too.
+        num_feature_frames: ``batch * frames``, the frames ``feature_penalty`` averages over.
+    """
+
+    logits_masked: Tensor | None
+    targets_masked: Tensor | None
+    logits_unmasked: Tensor | None
+    targets_unmasked: Tensor | None
+    feature_penalty: Tensor
+    num_feature_frames: int
+
+
+def _at_least_fp32(t: Tensor) -> Tensor:
+    """fairseq's ``.float()`` for half/bfloat16, without lowering float64."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def label_logits(projected: Tensor, label_embeddings: Tensor, logit_temp: float) -> Tensor:
+    """``cos(projected[s], label_embeddings[j]) / logit_temp`` as ``[S, classes]``, in fp32 or better (also under
+    autocast), with ``torch.cosine_similarity``'s ``eps`` = 1e-8 on each norm."""
+    with torch.autocast(device_type=projected.device.type, enabled=False):
+        x = F.normalize(_at_least_fp32(projected), dim=-1, eps=1e-8)
+        e = F.normalize(_at_least_fp32(label_embeddings).to(x.dtype), dim=-1, eps=1e-8)
+        return (x @ e.t()) / logit_temp
+
+
+def hubert_forward(
+    model: HuBERTPretrainModel,
+    waveforms: Tensor,
+    lengths: Tensor | None,
+    labels: Tensor,
+    mask: Tensor,
+    *,
+    extra_label_embeddings: Tensor | None = None,
+    logit_temp: float = 0.1,
+    feature_grad_mult: float | None = None,
+    channel_mask: Tensor | None = None,
+    skip_masked: bool | None = None,
+    skip_nomask: bool | None = None,
+) -> HubertOutputs:
+    """Run torchaudio's HuBERT modules as fairseq's ``HubertModel.forward`` runs its own, with a given mask.
+
+    Steps (fairseq's): conv features (gradient scaled by ``feature_grad_mult``; no gradient if it is 0) ->
+    trimmed to the label length -> ``feature_penalty`` -> layer norm, projection, input dropout, padded frames
+    zeroed -> masked (unpadded) frames replaced by the mask embedding -> masked channels zeroed -> transformer
+    (padded frames masked in attention) -> ``final_proj`` of masked / unmasked unpadded frames -> cosine logits
+    against ``label_embeddings`` (+ ``extra_label_embeddings``). The model's own mask generator is not used.
+
+    Args:
+        model: e.g. ``bundle.get_pretrain_model()`` (train mode for dropout and layer drop, as fairseq trains).
+        waveforms: ``[batch, samples]``, already normalised if the model expects it
+            (``bundle.normalize_waveform``), zeros after each length.
+        lengths: valid samples per utterance ``[batch]``, or None when nothing is padded.
+        labels: ``[batch, label_frames]`` cluster ids at the frame rate. Features are trimmed to
+            ``min(conv frames, label_frames)`` frames (fairseq's ``forward_targets`` at label rate = frame rate;
+            labels past the conv frames are ignored). Values at padded frames are never read.
+        mask: ``[batch, frames]`` bool time mask for those frames (True = masked), e.g. from
+            :func:`continue_pt.masking.hubert_time_mask`; padded frames are never treated as masked.
+        extra_label_embeddings: ``[E, final_dim]`` rows appended to the softmax as classes that are never
+            targets (fairseq's special-symbol rows, for exact fairseq parity); None for a ``K``-way softmax.
+        logit_temp: fairseq's ``logit_temp`` (``bundle.config.objective["logit_temp"]``).
+        feature_grad_mult: gradient scale of the conv feature extractor (fairseq's: 1.0 none, 0 freezes it).
+            None: the model's ``feature_grad_mult`` (where None means 1.0). A bundle keeps fairseq's value,
+            including 0, in ``bundle.config.objective["feature_grad_mult"]``.
+        channel_mask: ``[batch, encoder_embed_dim]`` bool, channels zeroed in every frame
+            (:func:`continue_pt.masking.hubert_channel_mask`); None for none (the published setting).
+        skip_masked, skip_nomask: compute no masked / unmasked logits. Default: the model's logit generator's.
+
+    Raises:
+        ValueError: for inconsistent shapes, and for an unpadded frame whose label is not a cluster id
+            (e.g. an ignore label).
+    """
+    wav2vec2 = model.wav2vec2
+    if waveforms.dim() != 2:
+        raise ValueError(f"waveforms must be [batch, samples], got {tuple(waveforms.shape)}")
+    batch, num_samples = waveforms.shape
+    if labels.dim() != 2 or labels.shape[0] != batch:
+        raise ValueError(f"labels must be [batch={batch}, frames], got {tuple(labels.shape)}")
+    if lengths is not None and tuple(lengths.shape) != (batch,):
+        raise ValueError(f"lengths must be [batch={batch}], got {tuple(lengths.shape)}")
+    if feature_grad_mult is None:
+        feature_grad_mult = model.feature_grad_mult
+    grad_mult = 1.0 if feature_grad_mult is None else float(feature_grad_mult)
+    skip_masked = model.logit_generator.skip_masked if skip_masked is None else skip_masked
+    skip_nomask = model.logit_generator.skip_nomask if skip_nomask is None else skip_nomask
+
+    # fairseq's forward_features
+    if grad_mult > 0:
+        features, _ = wav2vec2.feature_extractor(waveforms, None)
+        if grad_mult != 1.0:
+            features = GradMultiply.apply(features, grad_mult)
+    else:
+        with torch.no_grad():
+            features, _ = wav2vec2.feature_extractor(waveforms, None)
+
+    # fairseq's forward_targets (label rate = frame rate)
+    num_frames = min(features.shape[1], labels.shape[1])
+    features = features[:, :num_frames]
+    labels = labels[:, :num_frames]
+    if tuple(mask.shape) != (batch, num_frames):
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [batch={batch}, frames={num_frames}] "
+                         f"(min of {features.shape[1]} conv frames and {labels.shape[1]} label frames)")
+    feature_penalty = _at_least_fp32(features).pow(2).mean()
+
+    if lengths is None:
+        valid = torch.ones(batch, num_frames, dtype=torch.bool, device=features.device)
+        frame_lengths = None
+    else:
+        valid = ~hubert_frame_padding_mask(lengths.to(features.device), num_samples, num_frames)
+        frame_lengths = valid.sum(dim=1)
+    x, attention_mask = wav2vec2.encoder._preprocess(features, frame_lengths)
+
+    num_clusters = model.logit_generator.label_embeddings.shape[0]
+    outside = ((labels < 0) | (labels >= num_clusters)) & valid.to(labels.device)
+    if bool(outside.any()):  # one sync; the boolean indexing below syncs anyway
+        b, t = (int(v) for v in outside.nonzero()[0])
+        raise ValueError(f"label {int(labels[b, t])} at frame {t} of utterance {b} is not a cluster id "
+                         f"(0..{num_clusters - 1}); every unpadded frame needs one. fairseq's frame padding "
+                         f"(hubert_frame_padding_mask) can count one frame more than the conv-length formula")
+
+    mask = mask.to(device=x.device, dtype=torch.bool)
+    masked = mask & valid
+    unmasked = ~mask & valid
+    x = torch.where(masked[..., None], model.mask_generator.mask_embedding.to(x.dtype), x)
+    if channel_mask is not None:
+        if tuple(channel_mask.shape) != (batch, x.shape[-1]):
+            raise ValueError(f"channel_mask has shape {tuple(channel_mask.shape)}, expected {(batch, x.shape[-1])}")
+        x = x.masked_fill(channel_mask.to(device=x.device, dtype=torch.bool)[:, None, :], 0.0)
+    x = wav2vec2.encoder.transformer(x, attention_mask=attention_mask)
+
+    logit_generator = model.logit_generator
+    embeddings = logit_generator.label_embeddings
+    if extra_label_embeddings is not None:
+        if extra_label_embeddings.dim() != 2 or extra_label_embeddings.shape[1] != embeddings.shape[1]:
+            raise ValueError(f"extra_label_embeddings must be [E, {embeddings.shape[1]}], "
+                             f"got {tuple(extra_label_embeddings.shape)}")
+        embeddings = torch.cat([embeddings, extra_label_embeddings.to(embeddings.dtype)], dim=0)
+
+    def predict(frames: Tensor) -> tuple[Tensor, Tensor]:
+        projected = logit_generator.final_proj(x[frames])
+        return label_logits(projected, embeddings, logit_temp), labels[frames]
+
+    logits_m, targets_m = (None, None) if skip_masked else predict(masked)
+    logits_u, targets_u = (None, None) if skip_nomask else predict(unmasked)
+    return HubertOutputs(logits_m, targets_m, logits_u, targets_u, feature_penalty, batch * num_frames)
+
+
+# ------------------------------------------------------------------------------------------------ loss terms
+
+
+@dataclass
+class HubertLossTerms:
+    """The additive pieces of one micro-batch's loss.
+
+    Attributes:
+        masked_ce_sum, unmasked_ce_sum: summed cross-entropy over masked / unmasked frames (fp32 scalars;
+            None where the logits were skipped).
+        feature_penalty: the micro-batch's mean squared conv feature (fp32 scalar).
+        num_masked, num_unmasked: frames that were predicted (0 where skipped).
+        num_feature_frames: frames ``feature_penalty`` averages over.
+        masked_correct, unmasked_correct: frames whose target scores at least as high as every other class
+            (detached long scalars). That is fairseq's ``compute_correct`` (argmax of ``[positive, rows...]`` is
+            the positive, which wins ties); its "all logits equal" exclusion never fires in HuBERT, as the
+            positive's duplicate column is ``-inf``.
+    """
+
+    masked_ce_sum: Tensor | None
+    unmasked_ce_sum: Tensor | None
+    feature_penalty: Tensor
+    num_masked: int
+    num_unmasked: int
+    num_feature_frames: int
+    masked_correct: Tensor
+    unmasked_correct: Tensor
+
+
+def _ce_and_correct(logits: Tensor | None, targets: Tensor | None, like: Tensor) -> tuple[Tensor | None, Tensor, int]:
+    if logits is None or targets is None:
+        return None, torch.zeros((), dtype=torch.long, device=like.device), 0
+    targets = targets.long()
+    ce = F.cross_entropy(_at_least_fp32(logits), targets, reduction="sum")
+    with torch.no_grad():
+        if logits.shape[0] == 0:
+            correct = torch.zeros((), dtype=torch.long, device=logits.device)
+        else:
+            target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+            correct = (target_logit >= logits.max(dim=1).values).sum()
+    return ce, correct, int(logits.shape[0])
+
+
+def hubert_loss_terms(out: HubertOutputs) -> HubertLossTerms:
+    """Cross-entropy sums, counts and accuracy counts of one micro-batch (see :class:`HubertLossTerms`)."""
+    ce_m, correct_m, n_m = _ce_and_correct(out.logits_masked, out.targets_masked, out.feature_penalty)
+    ce_u, correct_u, n_u = _ce_and_correct(out.logits_unmasked, out.targets_unmasked, out.feature_penalty)
+    return HubertLossTerms(ce_m, ce_u, out.feature_penalty, n_m, n_u, out.num_feature_frames, correct_m, correct_u)
+
+
+# ------------------------------------------------------------------------------------------------ normalisation
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """fairseq's ``pred_masked_weight``, ``pred_nomask_weight`` and ``loss_weights[0]`` (features_pen)."""
+
+    masked: float = 1.0
+    unmasked: float = 0.0
+    feature_penalty: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.masked < 0 or self.unmasked < 0:
+            raise ValueError(f"loss weights of masked ({self.masked}) and unmasked ({self.unmasked}) frames "
+                             "must be >= 0")
+
+
+@dataclass(frozen=True)
+class StepTotals:
+    """Counts summed over every micro-batch of one optimizer step, on every rank."""
+
+    num_masked: int
+    num_unmasked: int
+    num_feature_frames: int
+
+    @classmethod
+    def of(cls, terms: Iterable[HubertLossTerms]) -> "StepTotals":
+        """Totals of the given micro-batches' terms."""
+        terms = list(terms)
+        return cls(sum(t.num_masked for t in terms), sum(t.num_unmasked for t in terms),
+                   sum(t.num_feature_frames for t in terms))
+
+    @classmethod
+    def of_masks(cls, mask: Tensor, frame_padding_mask: Tensor | None = None) -> "StepTotals":
+        """One micro-batch's counts from its time mask ``[batch, frames]`` and fairseq's frame padding, before
+        the forward pass (equal to :meth:`of` of its terms unless masked or unmasked logits are skipped)."""
+        mask = mask.bool()
+        valid = torch.ones_like(mask) if frame_padding_mask is None else ~frame_padding_mask.bool()
+        return cls(int((mask & valid).sum()), int((~mask & valid).sum()), int(mask.numel()))
+
+    def __add__(self, other: "StepTotals") -> "StepTotals":
+        return StepTotals(self.num_masked + other.num_masked, self.num_unmasked + other.num_unmasked,
+                          self.num_feature_frames + other.num_feature_frames)
+
+
+def _required(ce: Tensor | None, weight: float, what: str) -> Tensor | None:
+    if weight == 0:
+        return None
+    if ce is None:
+        raise ValueError(f"the {what} loss weight is {weight} but the {what} logits were skipped "
+                         f"(skip_{'masked' if what == 'masked' else 'nomask'})")
+    return ce
+
+
+def normalized_loss(
+    terms: HubertLossTerms,
+    totals: StepTotals,
+    weights: LossWeights = LossWeights(),
+    mode: LossMode = "fairseq",
+) -> Tensor:
+    """This micro-batch's share of the step's loss: summed over the step's micro-batches (with ``totals`` of
+    them all), the gradients are those of the whole step. Terms with weight 0 or a zero total contribute 0.
+
+    Modes (``n_m``, ``n_u``, ``F``: masked, unmasked, penalty frames; ``_i`` this micro-batch, plain: totals):
+
+    * ``"fairseq"`` (fairseq's ``HubertCriterion`` + trainer): ``S_i = n_m_i [w_m > 0] + n_u_i [w_u > 0]``,
+      ``loss_i = (w_m CE_m_i + w_u CE_u_i + w_p * pen_i * S_i) / max(S, 1)``. Note the penalty is weighted by
+      each micro-batch's sample size, as fairseq weights it across GPUs and accumulated batches; so it equals
+      the one-batch loss only when the micro-batches' ``S_i / F_i`` agree (e.g. equal lengths, fairseq's
+      same-count masks).
+    * ``"torchaudio"`` (torchaudio's ``examples/hubert`` loss): as fairseq, with ``S_i = n_m_i`` always.
+    * ``"per-term"`` (pytorch/audio#2947): ``w_m CE_m_i / n_m + w_u CE_u_i / n_u + w_p * pen_i * F_i / F``:
+      each term a mean over its own frames of the step, the penalty a mean over all feature frames.
+    """
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
+    ce_m = _required(terms.masked_ce_sum, weights.masked, "masked")
+    ce_u = _required(terms.unmasked_ce_sum, weights.unmasked, "unmasked")
+    pieces: list[Tensor] = []
+    if mode == "per-term":
+        if ce_m is not None and totals.num_masked > 0:
+            pieces.append(ce_m * (weights.masked / totals.num_masked))
+        if ce_u is not None and totals.num_unmasked > 0:
+            pieces.append(ce_u * (weights.unmasked / totals.num_unmasked))
+        if weights.feature_penalty != 0 and totals.num_feature_frames > 0:
+            share = terms.num_feature_frames / totals.num_feature_frames
+            pieces.append(terms.feature_penalty * (weights.feature_penalty * share))
+    else:
+        if mode == "fairseq":  # fairseq counts a kind of frame in sample_size only if its weight is > 0
+            use_m, use_u = weights.masked > 0, weights.unmasked > 0
+            size_i = terms.num_masked * use_m + terms.num_unmasked * use_u
+            size = totals.num_masked * use_m + totals.num_unmasked * use_u
+        else:
+            size_i, size = terms.num_masked, totals.num_masked
+        if size > 0:
+            if ce_m is not None:
+                pieces.append(ce_m * (weights.masked / size))
+            if ce_u is not None:
+                pieces.append(ce_u * (weights.unmasked / size))
+            if weights.feature_penalty != 0:
+                pieces.append(terms.feature_penalty * (weights.feature_penalty * size_i / size))
+    if not pieces:  # nothing to learn from: a zero that keeps the graph (every parameter gets a zero gradient)
+        graph = [t for t in (terms.masked_ce_sum, terms.unmasked_ce_sum, terms.feature_penalty) if t is not None]
+        return sum((t * 0.0 for t in graph), torch.zeros((), device=terms.feature_penalty.device))
+    return torch.stack(pieces).sum()
