@@ -1,0 +1,120 @@
+"""A Lightning checkpoint of :class:`~continue_pt.lightning_module.HubertContinuedPretraining` -> a bundle.
+
+The checkpoint holds everything needed (the student's weights, fairseq's extra label rows, the bundle config it
+started from, the steps trained, the k-means of the targets), so nothing else is read. It is read with
+``torch.load(weights_only=True)``: no pickled code runs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bundles.config import BundleConfig
+from bundles.errors import BundleError
+from bundles.kmeans import KMeansModel
+from bundles.safetensors_stream import PendingTensor
+from bundles.writing import write_bundle
+from continue_pt.lightning_module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+
+STUDENT_PREFIX = "student."
+EXTRA_ROWS_KEY = "extra_label_embeddings"
+_NOT_OURS_HINT = "Pass a .ckpt written by `continue-pt pretrain` (output_dir/checkpoints/*.ckpt)"
+
+
+def read_training_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict, read with ``weights_only=True``; BundleError if it is not one of ours."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise BundleError(path, "no such checkpoint file" if not path.exists() else "is not a file",
+                          hint=_NOT_OURS_HINT)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(path, f"is not a readable Lightning checkpoint ({first})", hint=_NOT_OURS_HINT) from None
+    extra = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    if not isinstance(extra, dict) or extra.get("format") != CHECKPOINT_FORMAT or "state_dict" not in checkpoint:
+        raise BundleError(path, "is not a continue-pt training checkpoint (it has no continue-pt section)",
+                          hint=_NOT_OURS_HINT)
+    return checkpoint
+
+
+def student_tensors(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The student's state dict (names as ``get_pretrain_model()`` has them) and the extra label rows."""
+    state = checkpoint["state_dict"]
+    model = {k[len(STUDENT_PREFIX):]: v for k, v in state.items() if k.startswith(STUDENT_PREFIX)}
+    return model, state.get(EXTRA_ROWS_KEY)
+
+
+def _label_dictionary(num_classes: int, previous: dict[str, Any] | None) -> dict[str, Any]:
+    if previous and previous.get("num_clusters") == num_classes:
+        return previous
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]
+    return {"num_clusters": num_classes, "source_symbols": specials + [str(c) for c in range(num_classes)],
+            "cluster_rows": [len(specials) + c for c in range(num_classes)], "non_cluster_symbols": specials,
+            "missing_clusters": [], "assumed_default_order": False}
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False,
+                      train_data: str | None = None) -> Path:
+    """Write the student of a training checkpoint as a bundle in ``out_dir``; returns ``out_dir``.
+
+    ``num_updates`` becomes the starting bundle's plus the steps trained; ``provenance["training"]`` says what
+    it was trained from, on what data, for how many steps, with which loss normalisation and when."""
+    path = Path(ckpt_path)
+    checkpoint = read_training_checkpoint(path)
+    extra = checkpoint[CHECKPOINT_KEY]
+    try:
+        config = BundleConfig.from_dict(path, json.loads(extra["bundle_config"]))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise BundleError(path, f"its stored bundle config is unreadable ({exc})", hint=_NOT_OURS_HINT) from None
+    model_state, extra_rows = student_tensors(checkpoint)
+    if not model_state:
+        raise BundleError(path, "holds no student weights", hint=_NOT_OURS_HINT)
+    options = json.loads(extra.get("options", "{}"))
+    steps = int(extra.get("steps", 0))
+
+    num_classes = int(extra.get("num_classes", model_state["logit_generator.label_embeddings"].shape[0]))
+    previous_classes = (config.pretrain_args or {}).get("num_classes")
+    config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
+    config.label_dictionary = _label_dictionary(num_classes, config.label_dictionary if num_classes == previous_classes
+                                                else None)
+    start_updates = config.num_updates or 0
+    config.num_updates = start_updates + steps
+    history = list(config.provenance.get("training", [])) if isinstance(config.provenance.get("training"), list) \
+        else ([config.provenance["training"]] if "training" in config.provenance else [])
+    record = {
+        "from_bundle": options.get("bundle"),
+        "from_num_updates": start_updates,
+        "checkpoint": path.name,
+        "steps": steps,
+        "data": train_data if train_data is not None else options.get("train_data"),
+        "targets": ("offline frame labels" if options.get("offline_labels") else
+                    f"online: teacher {options.get('teacher') or options.get('bundle')}, "
+                    f"k-means {options.get('kmeans') or 'of the teacher bundle'}"),
+        "label_head_reinitialised": bool(options.get("reinit_label_head")),
+        "loss_normalization": extra.get("loss_norm"),
+        "peak_lr": options.get("lr"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    config.provenance = {**config.provenance, "training": history + [record]}
+
+    tensors = [PendingTensor(name, tuple(t.shape), t.dtype, (lambda t=t: t.contiguous()))
+               for name, t in model_state.items()]
+    extras = []
+    if extra_rows is not None:
+        extras.append(PendingTensor("label_embeddings_non_cluster", tuple(extra_rows.shape), extra_rows.dtype,
+                                    lambda: extra_rows.contiguous()))
+    kmeans = None
+    stored = extra.get("kmeans")
+    if isinstance(stored, dict) and isinstance(stored.get("centroids"), Tensor):
+        kmeans = KMeansModel(stored["centroids"], stored.get("layer"), dict(stored.get("metadata") or {}))
+    return write_bundle(out_dir, config, tensors, extras, kmeans=kmeans, overwrite=overwrite)

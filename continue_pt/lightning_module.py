@@ -1,0 +1,438 @@
+"""``HubertContinuedPretraining``: a thin LightningModule around a bundle's HuBERT pre-training model.
+
+The objective itself lives in plain functions (:mod:`continue_pt.hubert_objective`, :mod:`continue_pt.masking`);
+this module only wires them to Lightning: it draws the masks, makes the targets, returns the loss, normalises the
+gradients as fairseq's trainer does, logs, and puts what :func:`continue_pt.export.export_checkpoint` needs into
+the checkpoint. Optimisation is automatic: precision, gradient accumulation, clipping and DDP come from the
+``Trainer``.
+
+Loss normalisation, exact under gradient accumulation and DDP (modes ``"fairseq"`` and ``"torchaudio"``):
+``training_step`` returns the micro-batch's *un-normalised* loss ``w_m CE_m + w_u CE_u + w_p pen S_i`` times
+``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP averages
+gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss *summed* over every
+micro-batch of every rank. ``on_before_optimizer_step`` then all-reduces the step's sample size ``S`` (summed
+over micro-batches and ranks) and divides every gradient by it: fairseq's ``multiply_grads(1 / sample_size)``.
+Lightning calls it after the fp16 scaler's ``unscale_`` and before gradient clipping
+(``Precision._after_closure`` / ``MixedPrecision.optimizer_step`` in Lightning 2.6), so clipping sees the
+normalised gradient, as in fairseq.
+
+Mode ``"per-term"`` (each term divided by its own count over the step) needs the step's masked and unmasked
+totals before the first backward; they are known only when the step is one micro-batch per rank (the counts are
+all-reduced in ``training_step``). With ``accumulate_grad_batches > 1`` :meth:`setup` raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor, nn
+
+from bundles.kmeans import KMeansModel, load_kmeans
+from bundles.loading import load_bundle
+from continue_pt.hubert_objective import (
+    LOSS_MODES,
+    LossWeights,
+    StepTotals,
+    conv_output_frames,
+    hubert_forward,
+    hubert_frame_padding_mask,
+    hubert_loss_terms,
+    normalized_loss,
+)
+from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
+from continue_pt.targets import OnlineTargets
+
+CHECKPOINT_KEY = "continue_pt"
+"""Key of the dict this module adds to a Lightning checkpoint (read by :mod:`continue_pt.export`)."""
+CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
+
+DEFAULT_PEAK_LR = 5e-5
+"""Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
+published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
+the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
+learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
+
+
+@dataclass
+class ModuleOptions:
+    """What the module is built from; only primitives, so ``torch.load(weights_only=True)`` reads the
+    hyper-parameters Lightning stores in every checkpoint."""
+
+    bundle: str
+    """The bundle directory of the student (``continue-pt convert`` output)."""
+    teacher: str | None = None
+    """Bundle directory of the teacher making online targets; None: the student's bundle (frozen copy)."""
+    kmeans: str | None = None
+    """A ``km.safetensors`` file for online targets; None: the teacher bundle's k-means."""
+    offline_labels: bool = False
+    """Take the targets from ``batch["labels"]`` (fairseq ``.km`` frame labels) instead of a teacher."""
+    reinit_label_head: bool = False
+    """Re-initialise ``label_embeddings`` (K rows for the k-means' K clusters, + fairseq's special rows) and
+    ``final_proj`` as torchaudio/fairseq initialise them (for a new label set)."""
+    head_only_steps: int = 0
+    """During the first N steps only the label head (``final_proj``, label embeddings) is updated."""
+    num_classes: int | None = None
+    """K for offline labels with ``reinit_label_head`` (else from the k-means)."""
+    loss_norm: str = "fairseq"
+    """``"fairseq"`` (divide by masked (+ unmasked if weighted) frames of the whole step), ``"torchaudio"``
+    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; only without gradient accumulation)."""
+    masked_weight: float | None = None
+    unmasked_weight: float | None = None
+    feature_penalty_weight: float | None = None
+    """Loss weights; None: the bundle's ``objective.criterion`` (fairseq's pred_masked_weight,
+    pred_nomask_weight, loss_weights[0])."""
+    masking: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the bundle's masking options (``HubertMasking`` field names, e.g. ``mask_prob``)."""
+    feature_grad_mult: float | None = None
+    """Gradient scale of the conv feature extractor (0 freezes it); None: the bundle's objective value."""
+    freeze_feature_extractor_steps: int = 0
+    """The conv feature extractor gets no gradient during the first N steps."""
+    logit_temp: float | None = None
+    lr: float = DEFAULT_PEAK_LR
+    warmup_steps: int = 1000
+    schedule: str = "linear"
+    """Decay after warm-up, to 0 at ``max_steps``: ``"linear"`` (fairseq's polynomial_decay, power 1) or
+    ``"cosine"``."""
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    seed: int = 0
+    """Masks and dropout of each micro-batch are drawn from ``(seed, step, micro-batch, rank)``: a resumed run
+    draws exactly what the uninterrupted run drew."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.loss_norm not in LOSS_MODES:
+            raise ValueError(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule is {self.schedule!r}; expected 'linear' or 'cosine'")
+        unknown = sorted(set(self.masking) - {f.name for f in fields(HubertMasking)})
+        if unknown:
+            raise ValueError(f"unknown masking options {unknown}")
+
+    def to_hparams(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        return data
+
+
+def _seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2 ** 63))
+
+
+class HubertContinuedPretraining(pl.LightningModule):
+    """Continue HuBERT's masked-prediction pre-training of a bundle. See the module docstring.
+
+    Args:
+        options: :class:`ModuleOptions` or the dict of its fields (what Lightning gives back from a checkpoint).
+        kmeans: a :class:`~bundles.kmeans.KMeansModel` to label with, overriding ``options.kmeans``.
+    """
+
+    def __init__(self, options: ModuleOptions | dict[str, Any], kmeans: KMeansModel | None = None):
+        super().__init__()
+        if isinstance(options, dict):
+            options = ModuleOptions(**options)
+        self.options = options
+        self.save_hyperparameters({"options": options.to_hparams()})
+
+        bundle = load_bundle(options.bundle)
+        if bundle.family != "hubert":
+            raise ValueError(f"{bundle.path}: a {bundle.family} bundle; this module continues HuBERT pre-training")
+        self.bundle_config = bundle.config
+        self.student = bundle.get_pretrain_model()
+        extras = bundle.fairseq_extras().get("label_embeddings_non_cluster")
+        self.extra_label_embeddings = nn.Parameter(extras.clone()) if extras is not None else None
+
+        # targets
+        self.kmeans: KMeansModel | None = None
+        self.targets: OnlineTargets | None = None
+        if not options.offline_labels:
+            teacher = load_bundle(options.teacher) if options.teacher else bundle
+            if kmeans is None and options.kmeans:
+                kmeans = load_kmeans(options.kmeans)
+            self.targets = OnlineTargets.from_bundle(teacher, kmeans)
+            self.kmeans = self.targets.kmeans
+        num_classes = self.student.logit_generator.label_embeddings.shape[0]
+        new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.num_classes or num_classes)
+        if options.reinit_label_head:
+            self._reinit_label_head(new_k)
+        elif new_k != num_classes:
+            raise ValueError(f"the k-means has {new_k} clusters but the label head of {bundle.path} has "
+                             f"{num_classes} rows; pass reinit_label_head=True (--reinit-label-head) to train a new "
+                             "label head for the new label set")
+
+        # objective
+        objective = bundle.config.objective or {}
+        criterion = objective.get("criterion") or {}
+        pen = (criterion.get("loss_weights") or [10.0])[0]
+        self.weights = LossWeights(
+            masked=options.masked_weight if options.masked_weight is not None
+            else float(criterion.get("pred_masked_weight", 1.0)),
+            unmasked=options.unmasked_weight if options.unmasked_weight is not None
+            else float(criterion.get("pred_nomask_weight", 0.0)),
+            feature_penalty=options.feature_penalty_weight if options.feature_penalty_weight is not None
+            else float(pen))
+        self.masking = HubertMasking.from_options({**(bundle.config.pretrain_args or {}), **options.masking})
+        fgm = options.feature_grad_mult
+        if fgm is None:
+            fgm = objective.get("feature_grad_mult", self.student.feature_grad_mult)
+        self.feature_grad_mult = 1.0 if fgm is None else float(fgm)
+        self.logit_temp = options.logit_temp if options.logit_temp is not None else float(
+            objective.get("logit_temp", 0.1))
+        self.sample_rate = bundle.sample_rate
+
+        # per optimizer step (reset in on_before_optimizer_step)
+        self._micro_index = 0
+        self._step_stats: Tensor | None = None
+        self._step_started = time.perf_counter()
+        self._reinit_pending = False
+
+    # ------------------------------------------------------------------------------------------- set-up
+
+    def _reinit_label_head(self, num_classes: int) -> None:
+        """fairseq/torchaudio init: label embeddings uniform in [0, 1), ``final_proj`` nn.Linear's default."""
+        generator = self.student.logit_generator
+        final_dim = generator.label_embeddings.shape[1]
+        generator.label_embeddings = nn.Parameter(torch.empty(num_classes, final_dim).uniform_())
+        generator.final_proj.reset_parameters()
+        if self.extra_label_embeddings is not None:
+            self.extra_label_embeddings = nn.Parameter(torch.empty_like(self.extra_label_embeddings).uniform_())
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.student.logit_generator.label_embeddings.shape[0])
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.options.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1:
+            raise ValueError("per-term needs the step's masked and unmasked frame totals before the first backward; "
+                             "with gradient accumulation they are not known until the step's last micro-batch. "
+                             "Use accumulate 1 (more audio per batch or more devices) or loss_norm 'fairseq'")
+
+    def train(self, mode: bool = True) -> "HubertContinuedPretraining":
+        super().train(mode)
+        if self.targets is not None:
+            self.targets.train(mode)  # keeps the teacher in eval mode
+        return self
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def draw_masks(self, batch: dict[str, Any], shape: tuple[int, int], frame_padding: Tensor | None,
+                   rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
+        """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws."""
+        time_mask = hubert_time_mask(shape, frame_padding, self.masking, rng=rng)
+        channel = hubert_channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
+                                      .attention.embed_dim, self.masking, rng=rng)
+        device = batch["waveforms"].device
+        return (torch.from_numpy(time_mask).to(device),
+                torch.from_numpy(channel).to(device) if channel is not None else None)
+
+    def _labels(self, batch: dict[str, Any]) -> Tensor:
+        if self.targets is not None:
+            return self.targets(batch["waveforms"], batch.get("lengths"))
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the batch has no 'labels' and no teacher makes online targets")
+        return labels
+
+    def _forward_terms(self, batch: dict[str, Any], rng: np.random.Generator, feature_grad_mult: float):
+        waveforms, lengths = batch["waveforms"], batch.get("lengths")
+        labels = self._labels(batch)
+        conv_frames = conv_output_frames(self.bundle_config.encoder_args["extractor_conv_layer_config"],
+                                         waveforms.shape[1])
+        num_frames = min(conv_frames, labels.shape[1])
+        frame_padding = None
+        if lengths is not None and bool((lengths < waveforms.shape[1]).any()):
+            frame_padding = hubert_frame_padding_mask(lengths, waveforms.shape[1], num_frames)
+        mask, channel_mask = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
+        out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
+                             mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
+                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask)
+        return hubert_loss_terms(out)
+
+    def _sample_size(self, terms) -> int:
+        if self.options.loss_norm == "torchaudio":
+            return terms.num_masked
+        return terms.num_masked * (self.weights.masked > 0) + terms.num_unmasked * (self.weights.unmasked > 0)
+
+    def _unnormalized_loss(self, terms) -> Tensor:
+        w = self.weights
+        loss = terms.feature_penalty * (w.feature_penalty * self._sample_size(terms))
+        if w.masked != 0 and terms.masked_ce_sum is not None:
+            loss = loss + terms.masked_ce_sum * w.masked
+        if w.unmasked != 0 and terms.unmasked_ce_sum is not None:
+            loss = loss + terms.unmasked_ce_sum * w.unmasked
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        world_size, rank = self._world()
+        step = self.global_step
+        micro = self._micro_index
+        self._micro_index += 1
+        # dropout and layer drop draw from the global torch RNG: seed it per micro-batch for an exact resume
+        torch.manual_seed(_seed_of(self.options.seed, 1, step, micro, rank))
+        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        fgm = self.feature_grad_mult
+        if step < self.options.freeze_feature_extractor_steps:
+            fgm = 0.0
+        terms = self._forward_terms(batch, rng, fgm)
+        accumulate = self.trainer.accumulate_grad_batches
+        if self.options.loss_norm == "per-term":
+            counts = torch.tensor([terms.num_masked, terms.num_unmasked, terms.num_feature_frames],
+                                  dtype=torch.float64, device=self.device)
+            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
+            totals = StepTotals(*(int(c) for c in counts.tolist()))
+            loss = normalized_loss(terms, totals, self.weights, "per-term")
+            size = 1.0 / max(world_size, 1)  # each rank adds 1/W: the step's divisor is 1
+            logged = loss.detach() / max(world_size, 1)  # summed over ranks below: the step's loss
+            to_backward = loss * world_size
+        else:
+            unnormalized = self._unnormalized_loss(terms)
+            size = float(self._sample_size(terms))
+            logged = unnormalized.detach()
+            to_backward = unnormalized * (accumulate * world_size)
+        self._add_stats(terms, logged, size, batch)
+        return to_backward
+
+    def _add_stats(self, terms, loss: Tensor, size: float, batch: dict[str, Any]) -> None:
+        def value(t: Tensor | None) -> Tensor:
+            return t.detach().double() if t is not None else torch.zeros((), dtype=torch.float64, device=self.device)
+
+        lengths = batch.get("lengths")
+        samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
+        stats = torch.stack([
+            loss.double(), torch.tensor(size, dtype=torch.float64, device=self.device),
+            value(terms.masked_correct), torch.tensor(float(terms.num_masked), dtype=torch.float64, device=self.device),
+            value(terms.unmasked_correct),
+            torch.tensor(float(terms.num_unmasked), dtype=torch.float64, device=self.device),
+            value(terms.masked_ce_sum), value(terms.unmasked_ce_sum),
+            value(terms.feature_penalty) * terms.num_feature_frames,
+            torch.tensor(float(terms.num_feature_frames), dtype=torch.float64, device=self.device),
+            torch.tensor(samples / self.sample_rate, dtype=torch.float64, device=self.device),
+        ])
+        self._step_stats = stats if self._step_stats is None else self._step_stats + stats
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide every gradient by the step's sample size over all micro-batches and ranks (fairseq's
+        ``multiply_grads``), then log the step. Runs after fp16 unscaling and before clipping."""
+        stats = self._step_stats
+        self._step_stats = None
+        self._micro_index = 0
+        if stats is None:
+            return
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = stats.tolist()
+        divisor = size if size > 0 else 1.0
+        if self.options.loss_norm == "per-term":
+            divisor = 1.0
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.div_(divisor)
+        if self.global_step < self.options.head_only_steps:
+            head = {id(p) for p in self.head_parameters()}
+            for p in self.parameters():
+                if id(p) not in head:
+                    p.grad = None  # AdamW skips parameters without gradient: no update, no weight decay
+
+        now = time.perf_counter()
+        elapsed, self._step_started = now - self._step_started, now
+        metrics = {
+            "train/loss": loss_sum / divisor,
+            "train/accuracy_masked": correct_m / n_m if n_m else float("nan"),
+            "train/accuracy_unmasked": correct_u / n_u if n_u else float("nan"),
+            "train/ce_masked": ce_m / n_m if n_m else float("nan"),
+            "train/ce_unmasked": ce_u / n_u if n_u else float("nan"),
+            "train/feature_penalty": pen_sum / frames if frames else float("nan"),
+            "train/sample_size": size,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else float("nan"),
+        }
+        norms = grad_norm(self, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            metrics["train/grad_norm"] = float(norms["grad_2.0_norm_total"])
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        params = list(self.student.logit_generator.parameters())
+        if self.extra_label_embeddings is not None:
+            params.append(self.extra_label_embeddings)
+        return params
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, rank = self._world()
+        rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
+        terms = self._forward_terms(batch, rng, self.feature_grad_mult)
+        size = max(self._sample_size(terms), 1)
+        loss = self._unnormalized_loss(terms).detach() / size
+        n_m = max(terms.num_masked, 1)
+        self.log("val/loss", loss, batch_size=size, sync_dist=True)
+        self.log("val/accuracy_masked", terms.masked_correct.double() / n_m, batch_size=n_m, sync_dist=True)
+
+    # ------------------------------------------------------------------------------------------- optimiser
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fairseq's HuBERT recipe: betas (0.9, 0.98), eps 1e-6, weight decay 0.01), linear warm-up to
+        ``lr`` then linear (or cosine) decay to 0 at the trainer's ``max_steps``, stepped every update."""
+        o = self.options
+        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("set the Trainer's max_steps: the learning-rate schedule decays to 0 at max_steps")
+        schedule = _lr_factor(o.warmup_steps, total, o.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what export needs (bundle config, steps, the k-means of the targets); leave out the frozen
+        teacher (it is rebuilt from its bundle)."""
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if k.startswith("targets.")]:
+            del state[key]
+        extra: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "bundle_config": self.bundle_config.to_json(),
+            "steps": int(self.global_step),
+            "num_classes": self.num_classes,
+            "loss_norm": self.options.loss_norm,
+            "options": json.dumps(self.options.to_hparams()),
+        }
+        if self.kmeans is not None:
+            extra["kmeans"] = {"centroids": self.kmeans.centroids.detach().cpu().clone(),
+                               "layer": self.kmeans.layer, "metadata": dict(self.kmeans.metadata)}
+        checkpoint[CHECKPOINT_KEY] = extra
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None and self.targets is not None:
+            for key, value in self.targets.state_dict().items():
+                state.setdefault(f"targets.{key}", value)
+
+
+def _lr_factor(warmup: int, total: int, schedule: str):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup  # fairseq's polynomial_decay: lr * num_updates / warmup (from update 1)
+        remaining = max(total - warmup, 1)
+        progress = min(max(step - warmup, 0) / remaining, 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor

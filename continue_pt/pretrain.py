@@ -1,0 +1,225 @@
+"""``run_pretraining``: continue pre-training a HuBERT bundle on your audio, then export the result as a bundle.
+
+``init_from`` (a bundle: weights only, fresh optimiser) and ``resume`` (a training checkpoint: full state) are
+mutually exclusive, as in litgpt. Every problem with the options is reported at once, before anything starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from bundles.errors import BundleError, FileProblem
+from bundles.kmeans import load_kmeans
+from bundles.loading import load_bundle
+from continue_pt.data import AudioDataModule
+from continue_pt.export import export_checkpoint, read_training_checkpoint
+from continue_pt.hubert_objective import LOSS_MODES
+from continue_pt.lightning_module import DEFAULT_PEAK_LR, HubertContinuedPretraining, ModuleOptions
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainOptionsError(FileProblem, ValueError):
+    """The options cannot work; ``problems`` lists every reason."""
+
+
+@dataclass
+class PretrainOptions:
+    """Options of ``continue-pt pretrain`` (one field per flag)."""
+
+    train_data: str
+    """A directory of audio files or a fairseq manifest (.tsv)."""
+    output_dir: str
+    """Gets ``metrics.csv`` (CSVLogger), ``checkpoints/`` and the exported ``bundle/``."""
+    init_from: str | None = None
+    """Bundle to start from (weights only; a fresh optimiser). Exclusive with ``resume``."""
+    resume: str | None = None
+    """A training checkpoint (``checkpoints/last.ckpt``) to continue, with optimiser, schedule and data position."""
+    val_data: str | None = None
+    max_steps: int = 10_000
+    lr: float = DEFAULT_PEAK_LR
+    warmup_steps: int = 1000
+    schedule: str = "linear"
+    max_batch_seconds: float = 87.5
+    max_sample_size: int = 250_000
+    min_seconds: float = 2.0
+    accumulate: int = 1
+    precision: str | None = None
+    """None: "bf16-mixed" on CUDA, "32-true" on CPU. "16-mixed" is allowed with a warning (fp16 goes NaN)."""
+    devices: int | str = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    loss_norm: str = "fairseq"
+    teacher: str | None = None
+    kmeans: str | None = None
+    """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""
+    labels: str | None = None
+    """fairseq frame labels for ``train_data`` (a .km file) instead of online targets; needs ``label_dict``."""
+    label_dict: str | None = None
+    val_labels: str | None = None
+    reinit_label_head: bool = False
+    head_only_steps: int = 0
+    freeze_feature_extractor_steps: int = 0
+    feature_grad_mult: float | None = None
+    masking: dict[str, Any] = field(default_factory=dict)
+    gradient_clip_val: float | None = 10.0
+    num_workers: int = 4
+    val_check_interval: int | None = None
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    overwrite: bool = False
+    deterministic: bool | str = "warn"
+
+    def resolved_precision(self) -> str:
+        if self.precision is not None:
+            return self.precision
+        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+        return "bf16-mixed" if on_gpu else "32-true"
+
+    def validate(self) -> None:
+        """Raise one :class:`PretrainOptionsError` listing every problem."""
+        problems: list[str] = []
+        if (self.init_from is None) == (self.resume is None):
+            problems.append("give exactly one of init_from (a bundle: weights only, fresh optimiser) and resume "
+                            "(a training checkpoint: full state)" if self.init_from is not None
+                            else "give init_from (a bundle) or resume (a training checkpoint)")
+        bundle = None
+        if self.init_from is not None:
+            try:
+                bundle = load_bundle(self.init_from)
+            except BundleError as exc:
+                problems.append(str(exc))
+            if bundle is not None:
+                if bundle.kind == "ctc":
+                    problems.append(f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; "
+                                    "continue from the pre-trained checkpoint it was fine-tuned from (e.g. "
+                                    "hubert_large_ll60k for hubert_large_ll60k_ft_ls960), or fine-tune it instead")
+                elif bundle.family != "hubert":
+                    problems.append(f"{self.init_from} is a {bundle.family} bundle; only HuBERT continuation is "
+                                    "implemented")
+        if self.resume is not None:
+            try:
+                read_training_checkpoint(self.resume)
+            except BundleError as exc:
+                problems.append(str(exc))
+        for name in ("train_data", "val_data", "teacher", "kmeans", "labels", "label_dict", "val_labels"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                problems.append(f"{name}: {value} does not exist")
+        if (self.labels is None) != (self.label_dict is None):
+            problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
+        if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
+            problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
+        if self.loss_norm not in LOSS_MODES:
+            problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
+        if self.loss_norm == "per-term" and self.accumulate > 1:
+            problems.append("per-term needs the step's frame totals before the first backward, which gradient "
+                            "accumulation hides; use accumulate 1 or loss_norm 'fairseq'")
+        for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0:
+            problems.append("warmup_steps must be >= 0 and lr > 0")
+        if self.head_only_steps and not self.reinit_label_head:
+            problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
+        if self.resolved_precision() in ("16-mixed", "16", "16-true"):
+            warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
+                          "fairseq#3750); bf16-mixed is the maintainers' advice", stacklevel=2)
+        # K mismatch between the k-means and the label head
+        if bundle is not None and bundle.kind == "pretrain" and bundle.family == "hubert" \
+                and not self.reinit_label_head and self.labels is None:
+            k_head = (bundle.config.pretrain_args or {}).get("num_classes")
+            k_means = None
+            try:
+                if self.kmeans is not None and Path(self.kmeans).exists():
+                    k_means = load_kmeans(self.kmeans).num_clusters
+                elif self.teacher is None:
+                    k_means = bundle.get_kmeans().num_clusters if bundle.has_kmeans else None
+                    if not bundle.has_kmeans:
+                        problems.append(f"{self.init_from} holds no k-means: pass kmeans (a .safetensors k-means) "
+                                        "or labels")
+            except BundleError as exc:
+                problems.append(str(exc))
+            if k_means is not None and k_head is not None and k_means != k_head:
+                problems.append(f"the k-means has {k_means} clusters but the label head of {self.init_from} has "
+                                f"{k_head}: these are different label sets; pass --reinit-label-head to train a "
+                                "new label head (with --head-only-steps N to warm it up first)")
+        out = Path(self.output_dir)
+        if self.resume is None and (out / "bundle").exists() and not self.overwrite:
+            problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
+        if problems:
+            raise PretrainOptionsError(self.output_dir, problems, hint="Nothing was started")
+
+    def module_options(self) -> ModuleOptions:
+        return ModuleOptions(
+            bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
+            offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
+            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm, masking=dict(self.masking),
+            feature_grad_mult=self.feature_grad_mult,
+            freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
+            warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    bundle_dir: Path
+    checkpoint_dir: Path
+    metrics_csv: Path
+
+
+def build_module(options: PretrainOptions) -> HubertContinuedPretraining:
+    if options.resume is not None:
+        checkpoint = read_training_checkpoint(options.resume)
+        hparams = checkpoint.get("hyper_parameters", {}).get("options")
+        if not isinstance(hparams, dict):
+            raise BundleError(options.resume, "has no module options", hint="Was it written by continue-pt?")
+        return HubertContinuedPretraining(hparams)
+    return HubertContinuedPretraining(options.module_options())
+
+
+def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
+    """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's."""
+    options.validate()
+    out = Path(options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(options.seed, workers=True, verbose=False)
+    module = build_module(options)
+    datamodule = AudioDataModule(
+        options.train_data, options.val_data, sample_rate=module.sample_rate,
+        normalize=module.bundle_config.normalize_waveform, max_batch_seconds=options.max_batch_seconds,
+        max_sample_size=options.max_sample_size, min_seconds=options.min_seconds,
+        train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
+        label_rate=float((module.bundle_config.objective or {}).get("label_rate", 50.0)),
+        num_workers=options.num_workers, seed=options.seed)
+    checkpoint_dir = out / "checkpoints"
+    checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
+                                    every_n_train_steps=options.checkpoint_every, save_top_k=-1)
+    csv_logger = CSVLogger(out, name="", version="")
+    trainer = pl.Trainer(
+        accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
+        precision=options.resolved_precision(), max_steps=options.max_steps,
+        accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
+        use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
+        log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
+        check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
+        deterministic=options.deterministic, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=out)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+    final = checkpoint_dir / "final.ckpt"
+    trainer.save_checkpoint(final)
+    bundle_dir = out / "bundle"
+    if trainer.is_global_zero:
+        export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,
+                          train_data=str(options.train_data))
+    return RunResult(out, bundle_dir, checkpoint_dir, out / "metrics.csv")

@@ -1,0 +1,325 @@
+"""Continued pre-training with Lightning on the tiny demo bundle and generated audio (CPU)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bundles import load_bundle
+from bundles.kmeans import KMeansModel, save_kmeans
+from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
+from continue_pt.export import export_checkpoint
+from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+from continue_pt.masking import hubert_time_mask
+from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+
+SECONDS = 2.0
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    from converters.convert import convert_checkpoint
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    convert_checkpoint(CHECKPOINT, out, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
+    return out
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audio")
+    for i in range(8):
+        sf.write(out / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
+    return out
+
+
+def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> PretrainOptions:
+    values = dict(train_data=str(audio_dir), output_dir=str(out), init_from=str(bundle_dir), max_steps=6,
+                  accumulate=2, max_batch_seconds=2 * SECONDS, min_seconds=1.0, num_workers=0, warmup_steps=2,
+                  checkpoint_every=3, log_every=1)
+    values.update(overrides)
+    return PretrainOptions(**values)
+
+
+def _read_metrics(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+@pytest.fixture(scope="module")
+def short_run(bundle_dir, audio_dir, tmp_path_factory):
+    return run_pretraining(_options(bundle_dir, audio_dir, tmp_path_factory.mktemp("run") / "out"))
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_short_run_exports_a_loadable_bundle(short_run, bundle_dir):
+    bundle = load_bundle(short_run.bundle_dir)
+    assert bundle.num_updates == 1000 + 6
+    training = bundle.config.provenance["training"][-1]
+    assert training["steps"] == 6 and training["loss_normalization"] == "fairseq"
+    assert bundle.has_kmeans and bundle.get_kmeans().layer == KMEANS_LAYER
+    bundle.get_model()
+    bundle.get_pretrain_model()
+    rows = _read_metrics(short_run.metrics_csv)
+    assert len(rows) == 6
+    for column in ("train/loss", "train/accuracy_masked", "train/ce_masked", "train/feature_penalty", "train/lr",
+                   "train/grad_norm", "train/audio_seconds_per_second"):
+        assert column in rows[0]
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows)
+    # the trained weights differ from the starting ones
+    before = load_bundle(bundle_dir).state_dict()
+    after = bundle.state_dict()
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_checkpoints_load_with_weights_only(short_run):
+    for ckpt in sorted(short_run.checkpoint_dir.glob("*.ckpt")):
+        checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert "continue_pt" in checkpoint
+        assert not any(k.startswith("targets.") for k in checkpoint["state_dict"])
+
+
+def test_export_equals_the_live_student(short_run, tmp_path):
+    ckpt = short_run.checkpoint_dir / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = HubertContinuedPretraining(checkpoint["hyper_parameters"]["options"])
+    module.on_load_checkpoint(checkpoint)
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    exported = load_bundle(out).get_model()
+    live = module.student.wav2vec2.eval()
+    wav = demo_audio(1.5, seed=99)
+    with torch.no_grad():
+        a, _ = live.extract_features(wav)
+        b, _ = exported.extract_features(wav)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    rows = module.extra_label_embeddings.detach()
+    assert torch.equal(load_bundle(out).fairseq_extras()["label_embeddings_non_cluster"], rows)
+
+
+def test_export_refuses_other_files(tmp_path, short_run):
+    from bundles.errors import BundleError
+
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, other)
+    with pytest.raises(BundleError, match="other.ckpt.*not a continue-pt training checkpoint"):
+        export_checkpoint(other, tmp_path / "x")
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(BundleError, match="junk.ckpt"):
+        export_checkpoint(junk, tmp_path / "y")
+
+
+# ------------------------------------------------------------------------------------------------ exact resume
+
+
+class _StopAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resume_is_exact(bundle_dir, audio_dir, tmp_path):
+    full = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "full"))
+    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part"), callbacks=[_StopAt(3)])
+    assert len(_read_metrics(first.metrics_csv)) == 3
+    resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None,
+                                       resume=str(first.checkpoint_dir / "step-step=3.ckpt")))
+    losses_full = [float(r["train/loss"]) for r in _read_metrics(full.metrics_csv)]
+    losses_resumed = [float(r["train/loss"]) for r in _read_metrics(resumed.metrics_csv)]
+    assert len(losses_full) == 6
+    assert losses_resumed[-3:] == losses_full[3:]
+    a, b = load_bundle(full.bundle_dir), load_bundle(resumed.bundle_dir)
+    assert b.num_updates == 1006
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# ------------------------------------------------------------------------------------------------ option errors
+
+
+def test_init_from_and_resume_together_is_refused(bundle_dir, audio_dir, tmp_path):
+    options = _options(bundle_dir, audio_dir, tmp_path / "o", resume=str(tmp_path / "missing.ckpt"),
+                       val_data=str(tmp_path / "no_val"))
+    with pytest.raises(PretrainOptionsError) as info:
+        run_pretraining(options)
+    text = str(info.value)
+    assert "give exactly one of init_from" in text
+    assert "no_val does not exist" in text  # every problem at once
+    assert not (tmp_path / "o").exists()
+
+
+def test_kmeans_of_another_size_needs_reinit_label_head(bundle_dir, audio_dir, tmp_path):
+    km = tmp_path / "km7.safetensors"
+    save_kmeans(KMeansModel(torch.randn(7, 64), layer=1), km)
+    with pytest.raises(PretrainOptionsError, match="7 clusters but the label head .* has 20.*--reinit-label-head"):
+        _options(bundle_dir, audio_dir, tmp_path / "o", kmeans=str(km)).validate()
+    # with --reinit-label-head it trains and exports a 7-class head
+    result = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "o", kmeans=str(km), max_steps=2,
+                                      reinit_label_head=True, head_only_steps=1))
+    bundle = load_bundle(result.bundle_dir)
+    assert bundle.config.pretrain_args["num_classes"] == 7
+    assert bundle.config.label_dictionary["num_clusters"] == 7
+    assert bundle.get_pretrain_model().logit_generator.label_embeddings.shape[0] == 7
+    assert bundle.get_kmeans().num_clusters == 7
+
+
+def test_ctc_bundle_and_per_term_with_accumulation_are_refused(bundle_dir, audio_dir, tmp_path):
+    with pytest.raises(PretrainOptionsError, match="per-term needs"):
+        _options(bundle_dir, audio_dir, tmp_path / "o", loss_norm="per-term", accumulate=2).validate()
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+
+
+class _Recorder(HubertContinuedPretraining):
+    """Masks per utterance from a fixed table (independent of micro-batching); gradients recorded after the
+    module's normalisation."""
+
+    mask_table: torch.Tensor
+
+    def draw_masks(self, batch, shape, frame_padding, rng):
+        return self.mask_table[batch["indices"]][:, :shape[1]].clone(), None
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.recorded = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+def _no_dropout(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = 0.0
+
+
+def _step_gradients(bundle_dir: Path, batches: list[dict], accumulate: int, mode: str, mask_table):
+    pl.seed_everything(0, verbose=False)
+    module = _Recorder(ModuleOptions(bundle=str(bundle_dir), loss_norm=mode, unmasked_weight=0.5,
+                                     warmup_steps=0))
+    module.mask_table = mask_table
+    _no_dropout(module)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    return module.recorded
+
+
+@pytest.mark.parametrize("mode", ["fairseq", "torchaudio"])
+def test_accumulated_gradients_equal_one_big_batch(bundle_dir, mode):
+    waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
+    lengths = torch.full((4,), waves.shape[1])
+    frames = 49
+    # one mask draw for all 4 utterances: same count per row, so each micro-batch's S_i / F_i is the same
+    mask_table = torch.from_numpy(hubert_time_mask((4, frames), None, load_bundle(bundle_dir).config.pretrain_args
+                                                   and _masking(bundle_dir), rng=np.random.default_rng(3)))
+
+    def batch(rows):
+        rows = torch.tensor(rows)
+        return {"waveforms": waves[rows], "lengths": lengths[rows], "labels": None, "indices": rows}
+
+    accumulated = _step_gradients(bundle_dir, [batch([0, 1]), batch([2, 3])], 2, mode, mask_table)
+    whole = _step_gradients(bundle_dir, [batch([0, 1, 2, 3])], 1, mode, mask_table)
+    assert set(accumulated) == set(whole)
+    for name in whole:
+        torch.testing.assert_close(accumulated[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(g.abs().sum() > 0 for g in whole.values())
+
+
+def _masking(bundle_dir):
+    from continue_pt.masking import HubertMasking
+
+    return HubertMasking.from_options(load_bundle(bundle_dir).config.pretrain_args)
+
+
+# ------------------------------------------------------------------------------------------------ DDP on CPU
+
+_DDP_SCRIPT = '''
+import sys
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, sys.argv[4])
+from tests.test_pretrain import _Recorder, _no_dropout, _ddp_batches
+from continue_pt.lightning_module import ModuleOptions
+
+
+class PerRank(pl.LightningDataModule):
+    def __init__(self, per_rank):
+        super().__init__()
+        self.per_rank = per_rank
+
+    def train_dataloader(self):
+        rank = self.trainer.global_rank if self.per_rank else 0
+        return DataLoader([self.batches[rank]], batch_size=None)
+
+
+bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+pl.seed_everything(0, verbose=False)
+module = _Recorder(ModuleOptions(bundle=bundle_dir, loss_norm="fairseq", unmasked_weight=0.5, warmup_steps=0))
+table, halves, whole = _ddp_batches(bundle_dir)
+module.mask_table = table
+_no_dropout(module)
+data = PerRank(devices > 1)
+data.batches = halves if devices > 1 else [whole]
+trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+trainer.fit(module, datamodule=data)
+if trainer.is_global_zero:
+    torch.save({"grads": module.recorded, "loss": float(trainer.callback_metrics["train/loss"])}, out)
+'''
+
+
+def _ddp_batches(bundle_dir):
+    waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
+    lengths = torch.full((4,), waves.shape[1])
+    table = torch.from_numpy(hubert_time_mask((4, 49), None, _masking(bundle_dir), rng=np.random.default_rng(3)))
+
+    def batch(rows):
+        rows = torch.tensor(rows)
+        return {"waveforms": waves[rows], "lengths": lengths[rows], "labels": None, "indices": rows}
+
+    return table, [batch([0, 1]), batch([2, 3])], batch([0, 1, 2, 3])
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_SCRIPT)
+    root = str(Path(__file__).resolve().parent.parent)
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"grads{devices}.pt"
+        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = torch.load(out, weights_only=True)
+    assert results[1]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
+    one, two = results[1]["grads"], results[2]["grads"]
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
