@@ -114,6 +114,147 @@ def catalogue(as_json: bool) -> None:
         click.echo("  ".join(f"{str(v):<{w}}" for v, w in zip(row, widths)) + "  " + row[4])
 
 
+# -- continued pre-training ----------------------------------------------------------------------------------
+
+_PRETRAIN_FLAGS = [
+    click.option("--config", "config_file", type=click.Path(path_type=Path),
+                 help="YAML file whose keys are this command's options (dashes or underscores); flags override it."),
+    click.option("--init-from", help="Bundle to start from: weights only, fresh optimiser. Exclusive with --resume."),
+    click.option("--resume", help="Training checkpoint (OUTPUT/checkpoints/last.ckpt) to continue with its full state."),
+    click.option("--train-data", help="Directory of audio files (wav/flac/ogg) or a fairseq manifest (.tsv)."),
+    click.option("--val-data", help="Held-out audio (default: 2 % of --train-data, chosen by file name)."),
+    click.option("--output-dir", help="Receives metrics.csv, checkpoints/, bundle/, curves.png and summary.json."),
+    click.option("--max-steps", type=int, help="Optimizer steps to train."),
+    click.option("--teacher", help="Bundle whose layer features give the targets (default: the starting bundle)."),
+    click.option("--kmeans", help="k-means for the targets: km.safetensors or fairseq/sklearn joblib .bin."),
+    click.option("--kmeans-layer", type=click.IntRange(min=1), help="Layer (1-based) a joblib .bin k-means clusters."),
+    click.option("--labels", help="Offline targets: fairseq .km label file (one line per manifest entry)."),
+    click.option("--label-dict", help="fairseq dict.km.txt for --labels."),
+    click.option("--reinit-label-head", is_flag=True, default=None,
+                 help="Re-initialise the label embeddings and final_proj (needed when the targets are a new label set)."),
+    click.option("--head-only-steps", type=int, help="With --reinit-label-head: train only the new head first."),
+    click.option("--lr", type=float, help="Peak learning rate (default 5e-5: lower than from-scratch recipes)."),
+    click.option("--warmup-steps", type=int, help="Linear warm-up steps."),
+    click.option("--max-batch-seconds", type=float, help="Audio seconds per micro-batch (per device)."),
+    click.option("--accumulate", type=int, help="Micro-batches accumulated per optimizer step."),
+    click.option("--precision", help="bf16-mixed (default on GPU), 32-true (default on CPU), 16-mixed (warns)."),
+    click.option("--devices", help="Devices (Lightning syntax: 1, 4, 'auto')."),
+    click.option("--loss-norm", type=click.Choice(["fairseq", "torchaudio", "per-term"]),
+                 help="Loss normalisation (default fairseq: sum / total sample size over the step)."),
+    click.option("--seed", type=int, help="Seed of data order, crops and masks."),
+    click.option("--num-workers", type=int, help="Data loader worker processes."),
+    click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
+]
+
+
+def _with_pretrain_flags(func):
+    for option in reversed(_PRETRAIN_FLAGS):
+        func = option(func)
+    return func
+
+
+def _pretrain_options(ctx: click.Context, config_file: Path | None, flags: dict[str, Any]):
+    """PretrainOptions from the YAML file and the flags given; every problem found is reported at once."""
+    from dataclasses import fields
+
+    import yaml
+
+    from continue_pt.pretrain import PretrainOptions, PretrainOptionsError
+
+    problems: list[str] = []
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise FileProblem(config_file, f"not a readable YAML file ({exc})", hint="Fix or remove --config") from None
+        if not isinstance(loaded, dict):
+            raise FileProblem(config_file, "does not hold a mapping of options", hint="Write `option: value` lines")
+        values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
+    for name, value in flags.items():
+        if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT and value is not None:
+            values[name] = value
+    known = {f.name for f in fields(PretrainOptions)} | {"kmeans_layer"}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        problems.append(f"unknown options {unknown}")
+    for name in ("train_data", "output_dir"):
+        if not values.get(name):
+            problems.append(f"--{name.replace('_', '-')} is required")
+    kmeans_layer = values.pop("kmeans_layer", None)
+    if values.get("kmeans") and kmeans_layer is None and not str(values["kmeans"]).endswith(".safetensors"):
+        problems.append("a joblib k-means needs --kmeans-layer (the layer, 1-based, whose features it clusters)")
+    if problems:  # report the options' own problems too, not just these
+        try:
+            placeholders = {"train_data": "", "output_dir": ""}
+            PretrainOptions(**{**placeholders, **{k: v for k, v in values.items() if k in known}}).validate()
+        except PretrainOptionsError as exc:
+            problems += exc.problems
+        except TypeError:
+            pass
+        raise PretrainOptionsError(config_file or "continue-pt pretrain", problems, hint="Nothing was started")
+    if values.get("kmeans") and kmeans_layer is not None:
+        values["kmeans"] = str(_kmeans_as_safetensors(Path(values["kmeans"]), kmeans_layer, Path(values["output_dir"])))
+    for name in {f.name for f in fields(PretrainOptions)} & set(values):
+        if name == "devices" and isinstance(values[name], str) and values[name].isdigit():
+            values[name] = int(values[name])
+    return PretrainOptions(**{k: v for k, v in values.items() if k in known})
+
+
+def _kmeans_as_safetensors(path: Path, layer: int, output_dir: Path) -> Path:
+    """Read a joblib/safetensors k-means safely (converters) and keep it with the run as km.safetensors."""
+    from bundles.kmeans import save_kmeans
+    from converters.convert import read_kmeans_file
+
+    km = read_kmeans_file(path, layer)
+    km.metadata.setdefault("source_file", path.name)
+    target = output_dir / "targets" / f"{path.stem}.L{layer}.safetensors"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    save_kmeans(km, target)
+    return target
+
+
+@cli.command()
+@_with_pretrain_flags
+@click.pass_context
+def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
+    """Continue pre-training a HuBERT bundle on your own audio; export the result as a bundle.
+
+    \b
+    continue-pt pretrain --init-from hubert_base/ --train-data my_audio/ --output-dir run1/ --max-steps 20000
+    continue-pt pretrain --resume run1/checkpoints/last.ckpt --train-data my_audio/ --output-dir run1/ --max-steps 40000
+    """
+    from continue_pt.curves import write_curves
+    from continue_pt.pretrain import run_pretraining
+
+    options = _pretrain_options(ctx, config_file, flags)
+    result = run_pretraining(options)
+    png, summary = write_curves(result.output_dir)
+    click.echo(f"bundle: {result.bundle_dir}\ncheckpoints: {result.checkpoint_dir}\ncurves: {png}\nsummary: {summary}")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
+              help="Bundle directory to create (atomically).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def export(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
+    """Turn a training CHECKPOINT (.ckpt) into a bundle that load_bundle loads."""
+    from continue_pt.export import export_checkpoint
+
+    click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+def plot(run_dir: Path) -> None:
+    """Write curves.png and summary.json for a training run (its --output-dir)."""
+    from continue_pt.curves import write_curves
+
+    png, summary = write_curves(run_dir)
+    click.echo(f"curves: {png}\nsummary: {summary}")
+
+
 @cli.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Where the demo writes its bundle and outputs.")

@@ -61,5 +61,45 @@ def run_demo(output_dir: Path, echo: Callable[[str], None] = print) -> Path:
     pretrain = bundle.get_pretrain_model().eval()
     echo(f"5. pre-training heads loaded: label embeddings {tuple(pretrain.logit_generator.label_embeddings.shape)}, "
          f"final_proj {tuple(pretrain.logit_generator.final_proj.weight.shape)}")
-    echo(f"bundle: {bundle_dir}")
-    return bundle_dir
+    run = continue_pretraining(bundle_dir, output_dir, echo)
+    echo(f"converted bundle: {bundle_dir}\ncontinued bundle: {run.bundle_dir}\n"
+         f"curves: {run.output_dir / 'curves.png'}\nsummary: {run.output_dir / 'summary.json'}")
+    return run.bundle_dir
+
+
+def write_demo_corpus(audio_dir: Path, num_files: int = 24, seconds: float = 3.0) -> Path:
+    """Generated 16 kHz wav files standing in for the user's own audio."""
+    import soundfile
+
+    audio_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(num_files):
+        soundfile.write(audio_dir / f"utt{i:03d}.wav", demo_audio(seconds, seed=1000 + i)[0].numpy(), 16000)
+    return audio_dir
+
+
+def continue_pretraining(bundle_dir: Path, output_dir: Path, echo: Callable[[str], None] = print):
+    """A few dozen steps of continued pre-training with online targets, export, reload, curves."""
+    from continue_pt.curves import write_curves
+    from continue_pt.pretrain import PretrainOptions, run_pretraining
+
+    audio_dir = write_demo_corpus(output_dir / "audio")
+    options = PretrainOptions(init_from=str(bundle_dir), train_data=str(audio_dir), output_dir=str(output_dir / "run"),
+                              max_steps=30, warmup_steps=5, lr=5e-4, max_batch_seconds=12.0, num_workers=0,
+                              checkpoint_every=10, log_every=1, progress_bar=False, overwrite=True, seed=0)
+    echo(f"6. continue pre-training for {options.max_steps} steps on {audio_dir} (online targets: teacher layer "
+         f"{KMEANS_LAYER} + the bundle's k-means)")
+    run = run_pretraining(options)
+    write_curves(run.output_dir)
+    summary = json.loads((run.output_dir / "summary.json").read_text())
+    metrics = summary["metrics"]
+    loss = next((v for k, v in metrics.items() if k.endswith("loss") and "val" not in k), None)
+    acc = next((v for k, v in metrics.items() if "acc" in k and "masked" in k and "un" not in k), None)
+    if loss:
+        echo(f"   loss {loss['first']:.3f} -> {loss['last']:.3f}")
+    if acc:
+        echo(f"   masked accuracy {acc['first']:.3f} -> {acc['last']:.3f}")
+    continued = load_bundle(run.bundle_dir)
+    with torch.no_grad():
+        continued.get_model()(demo_audio(1.0, seed=7))
+    echo(f"7. exported bundle loads (num_updates {continued.num_updates}); get_model() runs")
+    return run

@@ -27,7 +27,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl

@@ -7,6 +7,8 @@ mutually exclusive, as in litgpt. Every problem with the options is reported at 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,11 @@ from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
 from continue_pt.hubert_objective import LOSS_MODES
-from continue_pt.lightning_module import DEFAULT_PEAK_LR, HubertContinuedPretraining, ModuleOptions
+from continue_pt.lightning_module import (
+    DEFAULT_PEAK_LR,
+    HubertContinuedPretraining,
+    ModuleOptions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +85,7 @@ class PretrainOptions:
     log_every: int = 50
     overwrite: bool = False
     deterministic: bool | str = "warn"
+    progress_bar: bool = True
 
     def resolved_precision(self) -> str:
         if self.precision is not None:
@@ -188,6 +195,19 @@ def build_module(options: PretrainOptions) -> HubertContinuedPretraining:
     return HubertContinuedPretraining(options.module_options())
 
 
+def _point_last_at(final: Path) -> None:
+    """Make ``checkpoints/last.ckpt`` the final state too (ModelCheckpoint only refreshes it every N steps), so
+    ``--resume checkpoints/last.ckpt`` always continues from where the run ended."""
+    last = final.with_name("last.ckpt")
+    tmp = final.with_name(".last.ckpt.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(final, tmp)
+    except OSError:
+        shutil.copyfile(final, tmp)
+    os.replace(tmp, last)
+
+
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
     """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's."""
     options.validate()
@@ -213,11 +233,14 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-        deterministic=options.deterministic, enable_progress_bar=False, enable_model_summary=False,
+        deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
         default_root_dir=out)
     trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     final = checkpoint_dir / "final.ckpt"
-    trainer.save_checkpoint(final)
+    # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
+    trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
+    if trainer.is_global_zero:
+        _point_last_at(final)
     bundle_dir = out / "bundle"
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,

@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from bundles import BundleError, load_bundle
-from bundles.config import BundleConfig
 from bundles.safetensors_stream import PendingTensor, write_safetensors_streaming
 from bundles.waveform import normalize_waveforms
 from bundles.wav2vec2_pretrain import GumbelVectorQuantizer

@@ -1,0 +1,266 @@
+"""Read, crop and batch utterances as fairseq's HuBERT dataset does, with a resumable length-bucketed sampler.
+
+``AudioDataset`` reads (resamples, optionally normalises) one file; ``collate_audio`` crops a batch to its
+shortest utterance like fairseq's ``HubertDataset.collater`` (``pad_audio=False, random_crop=True``), labels
+included; ``BucketBatchSampler`` groups utterances of similar length under an audio budget per batch and can
+resume in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+from torch.utils.data import Dataset, Sampler
+
+from continue_pt.audio import AudioError, read_audio
+
+logger = logging.getLogger(__name__)
+
+
+from continue_pt.corpus import AudioItem
+
+
+class AudioDataset(Dataset):
+    """``dataset[i]`` = ``{"index": i, "waveform": 1-D float32, "labels": int64 frames or None}``, or None.
+
+    The file is read at ``sample_rate`` (resampled if needed) and, when ``normalize``, normalised over the whole
+    utterance before any cropping (fairseq: ``F.layer_norm(wav, wav.shape)``). A file that cannot be read any
+    more (deleted or corrupted after the scan) gives None: one warning line names it, ``failures`` counts it (in
+    shared memory, so reads in data-loader workers count too) and the collater drops it.
+    """
+
+    def __init__(self, items: Sequence[AudioItem], sample_rate: int, normalize: bool,
+                 labels: Sequence[Tensor] | None = None):
+        if labels is not None and len(labels) != len(items):
+            raise ValueError(f"{len(labels)} label sequences for {len(items)} audio items")
+        self.items = list(items)
+        self.sample_rate = sample_rate
+        self.normalize = normalize
+        self.labels = labels
+        self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    @property
+    def failures(self) -> int:
+        return int(self._failures.item())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | None:
+        item = self.items[index]
+        try:
+            waveform = read_audio(item.path, self.sample_rate)
+        except AudioError as error:
+            self._failures += 1
+            logger.warning("%s; left out of its batch (%d read failures so far)", error, self.failures)
+            return None
+        if self.normalize:
+            with torch.no_grad():
+                waveform = F.layer_norm(waveform, waveform.shape)
+        labels = self.labels[index] if self.labels is not None else None
+        return {"index": index, "waveform": waveform, "labels": labels}
+
+
+def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int, label_rate: float,
+                  sample_rate: int, rng: np.random.Generator) -> dict[str, Tensor | None] | None:
+    """Crop a batch to its shortest utterance (at most ``max_sample_size``) at random offsets, labels along.
+
+    fairseq's ``HubertDataset.collater`` with ``pad_audio=False, random_crop=True``: no padding and no file is
+    dropped. The label window starts at frame ``int(round(start * label_rate / sample_rate))`` and is
+    ``int(round(size * label_rate / sample_rate))`` frames long, shortened to what every utterance still has.
+    Returns ``waveforms [B, T]``, ``lengths [B]`` (all T), ``labels [B, frames]`` or None, ``indices [B]``,
+    ``starts [B]`` (crop offsets in samples); None when every sample failed to load.
+    """
+    samples = [s for s in samples if s is not None]
+    if not samples:
+        return None
+    waveforms = [s["waveform"] for s in samples]
+    audio_size = min(min(len(w) for w in waveforms), max_sample_size)
+    starts = []
+    for waveform in waveforms:
+        diff = len(waveform) - audio_size
+        starts.append(int(rng.integers(0, diff + 1)) if diff > 0 else 0)
+    batch_waveforms = torch.stack([w[s:s + audio_size] for w, s in zip(waveforms, starts)])
+
+    labels = [s["labels"] for s in samples]
+    if all(t is None for t in labels):
+        batch_labels = None
+    elif any(t is None for t in labels):
+        raise ValueError("some samples of the batch have labels and some do not")
+    else:
+        samples_to_frames = label_rate / sample_rate
+        frame_starts = [int(round(s * samples_to_frames)) for s in starts]
+        frame_size = int(round(audio_size * samples_to_frames))
+        frame_size = max(0, min(frame_size, *(len(t) - s for t, s in zip(labels, frame_starts))))
+        batch_labels = torch.stack([t[s:s + frame_size].long() for t, s in zip(labels, frame_starts)])
+
+    return {
+        "waveforms": batch_waveforms,
+        "lengths": torch.full((len(samples),), audio_size, dtype=torch.long),
+        "labels": batch_labels,
+        "indices": torch.tensor([s["index"] for s in samples], dtype=torch.long),
+        "starts": torch.tensor(starts, dtype=torch.long),
+    }
+
+
+class BatchCollater:
+    """``collate_audio`` with crop offsets drawn from ``(seed, epoch, the batch's indices)``.
+
+    Deterministic per batch, so a resumed run crops the same batches the same way; in data-loader worker
+    processes as in the main one. The epoch is read from ``sampler`` (None: always epoch 0, for validation).
+    """
+
+    def __init__(self, max_sample_size: int, label_rate: float, sample_rate: int, seed: int,
+                 sampler: BucketBatchSampler | None = None):
+        self.max_sample_size = max_sample_size
+        self.label_rate = label_rate
+        self.sample_rate = sample_rate
+        self.seed = seed
+        self.sampler = sampler
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None] | None:
+        epoch = self.sampler.epoch if self.sampler is not None else 0
+        indices = [s["index"] for s in samples if s is not None]
+        rng = np.random.default_rng([self.seed, epoch, *indices])
+        return collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, rng)
+
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of utterances of similar length, each holding at most ``max_batch_seconds`` of audio.
+
+    A batch's cost is ``len(batch) * min(longest, max_sample_size)`` samples (it is cropped to its shortest, so it
+    holds at most that) and stays ≤ ``max_batch_seconds * sample_rate``; a single utterance over the budget still
+    forms a batch of one (cropped to ``max_sample_size``). Lengths are rounded up to ``bucket_seconds``; within each
+    rounded length the order is drawn anew each epoch (fairseq's ``ordered_indices``: sort by capped length, random
+    tie-break) and the batches are shuffled. The batch *boundaries* depend only on the rounded lengths, so every
+    epoch has the same number of batches (Lightning counts them once). Deterministic for ``(seed, epoch)``.
+
+    Distributed: each of ``num_replicas`` ranks takes every ``num_replicas``-th batch; the epoch is padded by
+    repeating its first batches so every rank gets as many (or trimmed, with ``drop_last``), as
+    ``DistributedSampler`` does. Use ``Trainer(use_distributed_sampler=False)``.
+
+    ``state_dict()`` holds the epoch, the seed and how many batches of the epoch were already yielded; after
+    ``load_state_dict()`` the next iteration continues with the next batch, in the same order.
+    """
+
+    def __init__(self, num_samples: Sequence[int], max_batch_seconds: float, sample_rate: int,
+                 max_sample_size: int, shuffle: bool, seed: int, drop_last: bool = False, *,
+                 num_replicas: int = 1, rank: int = 0, bucket_seconds: float = 0.25):
+        budget = int(max_batch_seconds * sample_rate)
+        if budget < 1:
+            raise ValueError(f"max_batch_seconds must be positive, got {max_batch_seconds}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not in range for {num_replicas} replicas")
+        self.sample_rate = sample_rate
+        self.max_sample_size = int(max_sample_size)
+        self.budget = budget
+        self.shuffle = shuffle
+        self.seed = int(seed)
+        self.drop_last = drop_last
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+        # Lightning calls ``set_epoch`` on ``loader.sampler`` and ``loader.batch_sampler.sampler`` at each epoch
+        # start, never on a batch sampler itself (lightning.fabric.utilities.data._set_sampler_epoch, 2.6)
+        self.sampler = _EpochSetter(self)
+        self._resume_at = 0  # batches of self.epoch to skip at the next iteration (set by load_state_dict)
+        self._yielded = 0  # batches of self.epoch yielded so far
+
+        capped = np.minimum(np.asarray(num_samples, dtype=np.int64), self.max_sample_size)
+        quantum = max(1, int(round(bucket_seconds * sample_rate)))
+        self.keys = np.maximum(np.minimum(-(-capped // quantum) * quantum, self.max_sample_size), 1)  # ≥ crop
+        self._bounds = self._batch_bounds(np.sort(self.keys)[::-1])
+        digest = hashlib.sha1(self.keys.tobytes())
+        digest.update(repr((self.budget, self.max_sample_size, num_replicas, drop_last)).encode())
+        self.fingerprint = digest.hexdigest()
+
+    def _batch_bounds(self, descending_keys: np.ndarray) -> list[tuple[int, int]]:
+        bounds, start = [], 0
+        while start < len(descending_keys):
+            size = max(1, self.budget // int(descending_keys[start]))  # the first key is the batch's longest
+            end = min(start + size, len(descending_keys))
+            bounds.append((start, end))
+            start = end
+        return bounds
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resume_at = 0
+            self._yielded = 0
+        self.epoch = epoch
+
+    def epoch_batches(self, epoch: int) -> list[np.ndarray]:
+        """This rank's batches of ``epoch``, in order."""
+        n = len(self.keys)
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = np.lexsort((rng.permutation(n), -self.keys))
+        else:
+            order = np.lexsort((np.arange(n), -self.keys))
+        batches = [order[a:b] for a, b in self._bounds]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1:
+            if self.drop_last:
+                batches = batches[:len(batches) - len(batches) % self.num_replicas]
+            elif batches and len(batches) % self.num_replicas:
+                padding = self.num_replicas - len(batches) % self.num_replicas
+                batches = batches + [batches[i % len(batches)] for i in range(padding)]
+            batches = batches[self.rank::self.num_replicas]
+        return batches
+
+    def __len__(self) -> int:
+        total = len(self._bounds)
+        if self.num_replicas == 1:
+            return total
+        if self.drop_last:
+            return total // self.num_replicas
+        return math.ceil(total / self.num_replicas)
+
+    def __iter__(self):
+        batches = self.epoch_batches(self.epoch)
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        for batch in batches[start:]:
+            self._yielded += 1
+            yield batch.tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "seed": self.seed, "batches_done": self._yielded,
+                "num_batches": len(self), "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state``: the next iteration starts at batch ``batches_done`` of ``epoch``."""
+        if state.get("fingerprint") != self.fingerprint:
+            logger.warning("the training data or batching settings changed since the checkpoint: resuming epoch %d "
+                           "after %d batches, but the batch order differs from the interrupted run's",
+                           state["epoch"], state["batches_done"])
+        if int(state["seed"]) != self.seed:
+            logger.warning("using the checkpoint's data seed %d instead of %d to continue its batch order",
+                           state["seed"], self.seed)
+            self.seed = int(state["seed"])
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self):  # the checkpoint was taken at the end of an epoch
+            epoch, done = epoch + 1, 0
+        self.epoch = epoch
+        self._resume_at = done
+        self._yielded = done
+
+
+class _EpochSetter:
+    """What Lightning finds at ``batch_sampler.sampler``: forwards ``set_epoch`` to the batch sampler."""
+
+    def __init__(self, owner: BucketBatchSampler):
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)

@@ -1,0 +1,190 @@
+"""Find the training audio: a directory of audio files or a fairseq manifest (``.tsv``).
+
+``scan_audio`` sets aside every file that cannot be used, with a one-line reason, instead of failing.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from bundles.errors import FileProblem
+from continue_pt.audio import AudioError, audio_info, resampled_length
+
+logger = logging.getLogger(__name__)
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg; searched recursively) or a fairseq manifest "
+               "(.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
+MAX_LISTED_PROBLEMS = 20
+_ZIP_SLICE = re.compile(r"\.zip:\d+:\d+$")
+
+
+
+
+@dataclass(frozen=True)
+class AudioItem:
+    """One usable audio file.
+
+    ``num_samples`` is its length at the *target* sample rate (after resampling). ``name`` is its path relative to
+    the scanned directory or as the manifest lists it (stable across machines: the validation split hashes it).
+    ``manifest_entry`` is its 0-based entry number in a manifest (= its line in a ``.km`` label file), else None.
+    """
+
+    path: Path
+    num_samples: int
+    name: str = ""
+    manifest_entry: int | None = None
+
+
+@dataclass
+class ScanResult:
+    """The usable files, in order, and the files set aside as ``(path, "category: detail")``."""
+
+    items: list[AudioItem]
+    skipped: list[tuple[Path, str]]
+    source: Path | None = None
+    manifest_entries: int | None = None  # number of file lines in a manifest (what a .km file must match)
+
+    def summary(self) -> str:
+        """One line, e.g. ``skipped 3 of 120 files: 2 unreadable, 1 shorter than 2.0 s``."""
+        total = len(self.items) + len(self.skipped)
+        if not self.skipped:
+            return f"skipped 0 of {total} files"
+        counts = Counter(reason.split(":", 1)[0] for _, reason in self.skipped)
+        parts = ", ".join(f"{n} {category}" for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+        return f"skipped {len(self.skipped)} of {total} files: {parts}"
+
+
+def scan_audio(source: str | Path, sample_rate: int, min_seconds: float = 2.0, *, read_headers: bool = True,
+               num_threads: int = 16) -> ScanResult:
+    """List the usable audio of ``source``: a directory (recursive) or a fairseq manifest (``.tsv``).
+
+    Every file's header is read (not its samples) to learn its length and sample rate; files that are missing,
+    unreadable, empty or shorter than ``min_seconds`` are set aside in ``skipped`` with a one-line reason and the
+    scan goes on. For a manifest, ``read_headers=False`` trusts the listed frame counts (fairseq's behaviour: no
+    file is opened, only checked to exist; the files must then be at ``sample_rate``). Raises
+    :class:`FileProblem` only when ``source`` itself is unusable.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise FileProblem(source, "does not exist", SOURCE_HINT)
+    if source.is_dir():
+        return _scan_directory(source, sample_rate, min_seconds, num_threads)
+    if source.suffix.lower() == ".tsv":
+        return _scan_manifest(source, sample_rate, min_seconds, read_headers, num_threads)
+    raise FileProblem(source, "is neither a directory nor a fairseq manifest (.tsv)", SOURCE_HINT)
+
+
+def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_threads: int) -> ScanResult:
+    paths = sorted((p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()),
+                   key=lambda p: p.relative_to(source).as_posix())
+    if not paths:
+        raise FileProblem(source, f"holds no audio files ({', '.join(AUDIO_EXTENSIONS)}), in it or below it",
+                          SOURCE_HINT)
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        probes = list(pool.map(lambda p: _probe(p, sample_rate, min_seconds), paths))
+    result = ScanResult([], [], source=source)
+    for path, (num_samples, reason) in zip(paths, probes):
+        if reason:
+            result.skipped.append((path, reason))
+        else:
+            result.items.append(AudioItem(path, num_samples, path.relative_to(source).as_posix()))
+    return result
+
+
+def _scan_manifest(source: Path, sample_rate: int, min_seconds: float, read_headers: bool,
+                   num_threads: int) -> ScanResult:
+    """fairseq's manifest (``examples/wav2vec/wav2vec_manifest.py``): root, then ``name<TAB>frames`` lines."""
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(source, f"cannot be read as a text manifest ({error})", SOURCE_HINT) from error
+    if not lines or not lines[0].strip():
+        raise FileProblem(source, "is empty: line 1 should name the root directory of the listed files",
+                          SOURCE_HINT)
+    root = _manifest_root(source, lines[0].strip())
+    entries, problems = [], []
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.strip().split("\t")
+        if len(fields) != 2 or not fields[1].isdigit():
+            problems.append(f"line {number}: expected 'relative_path<TAB>num_frames', found {line!r}")
+            continue
+        entries.append((fields[0], int(fields[1])))
+    if problems:
+        raise FileProblem(source, _capped(problems),
+                          "fix or remove these lines (a .km label file must stay line-aligned with the manifest)")
+    if not entries:
+        raise FileProblem(source, "lists no audio files (only the root directory line)", SOURCE_HINT)
+
+    def check(entry: tuple[str, int]) -> tuple[int, str]:
+        name, frames = entry
+        if _ZIP_SLICE.search(name):
+            return 0, "unsupported: fairseq zip slices (file.zip:offset:length) are not read; unpack the audio"
+        path = root / name
+        if not read_headers:
+            if not path.is_file():
+                return 0, "missing: listed in the manifest but not found"
+            if frames == 0:
+                return 0, "empty: the manifest lists 0 frames"
+            return _length_check(frames, min_seconds, sample_rate)
+        num_samples, reason = _probe(path, sample_rate, min_seconds, listed_frames=frames)
+        return num_samples, reason
+
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        probes = list(pool.map(check, entries))
+    result = ScanResult([], [], source=source, manifest_entries=len(entries))
+    for entry, ((name, _), (num_samples, reason)) in enumerate(zip(entries, probes)):
+        path = root / name
+        if reason:
+            result.skipped.append((path, reason))
+        else:
+            result.items.append(AudioItem(path, num_samples, name, entry))
+    return result
+
+
+def _manifest_root(source: Path, root_line: str) -> Path:
+    """fairseq joins the root to the working directory when relative; we also try the manifest's directory."""
+    root = Path(root_line).expanduser()
+    candidates = [root] if root.is_absolute() else [Path.cwd() / root, source.parent / root]
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileProblem(source, f"line 1 names the root directory {root_line!r}, which does not exist",
+                      "The first line of a fairseq manifest is the directory the listed paths are relative to")
+
+
+def _probe(path: Path, sample_rate: int, min_seconds: float, listed_frames: int | None = None) -> tuple[int, str]:
+    """``(num_samples at sample_rate, "")`` for a usable file, else ``(0, "category: detail")``."""
+    if not path.exists():
+        return 0, "missing: no such file" if listed_frames is None else "missing: listed in the manifest but not found"
+    try:
+        frames, file_rate, _ = audio_info(path)
+    except AudioError as error:
+        return 0, f"unreadable: {error.problems[0]}"
+    if frames == 0:
+        return 0, "empty: 0 frames"
+    if listed_frames is not None and listed_frames != frames:
+        return 0, (f"stale manifest entry: the manifest lists {listed_frames} frames, the file has {frames} "
+                   "(labels written for the listed audio would be misaligned)")
+    return _length_check(resampled_length(frames, file_rate, sample_rate), min_seconds, sample_rate)
+
+
+def _length_check(num_samples: int, min_seconds: float, sample_rate: int) -> tuple[int, str]:
+    if num_samples < min_seconds * sample_rate:
+        return 0, f"shorter than {_seconds(min_seconds)} s: {num_samples / sample_rate:.2f} s"
+    return num_samples, ""
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
+
+
+def _capped(problems: list[str]) -> list[str]:
+    if len(problems) <= MAX_LISTED_PROBLEMS:
+        return problems
+    return problems[:MAX_LISTED_PROBLEMS] + [f"... and {len(problems) - MAX_LISTED_PROBLEMS} more"]

@@ -1,0 +1,161 @@
+"""fairseq's offline HuBERT targets: ``.km`` label files read through ``dict.km.txt`` as cluster ids."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bundles.errors import FileProblem
+
+logger = logging.getLogger(__name__)
+
+
+from continue_pt.corpus import AudioItem, _capped
+
+
+class FrameLabels(Sequence):
+    """Frame labels (cluster ids) of a list of items: ``labels[i]`` is item i's 1-D int64 tensor.
+
+    Stored as one flat int16/int32 array with offsets (2 bytes a label for K ≤ 32768: 960 h at 50 Hz is 346 MB
+    instead of 1.4 GB, and data-loader workers share it instead of pickling a million small tensors).
+    """
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat = flat
+        self.offsets = offsets
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]]) -> FrameLabels:
+        arrays = [np.asarray(s) for s in sequences]
+        offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays], dtype=np.int64)]).astype(np.int64)
+        top = max((int(a.max()) for a in arrays if a.size), default=0)
+        dtype = np.int16 if top < 2 ** 15 else np.int32
+        flat = np.concatenate(arrays, dtype=dtype, casting="same_kind") if arrays else np.zeros(0, dtype)
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        return torch.from_numpy(self.flat[self.offsets[index]:self.offsets[index + 1]].astype(np.int64))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def select(self, indices: Sequence[int]) -> FrameLabels:
+        """The labels of the given items, in that order."""
+        return FrameLabels.from_sequences([self.flat[self.offsets[i]:self.offsets[i + 1]] for i in indices])
+
+
+def read_label_dictionary(dict_path: str | Path) -> dict[str, int]:
+    """fairseq's ``dict.km.txt`` (``symbol count`` lines) as ``{symbol: cluster id}``.
+
+    fairseq maps a label symbol to its *row* in the dictionary (4 specials first, then the file's order, so row =
+    c + 4 only when the file lists 0..K-1 in order). Our models use the cluster id itself (symbol ``"c"`` is cluster
+    c: torchaudio's ``HuBERTPretrainModel`` and our bundles index label embeddings by cluster id), so every symbol
+    must be a cluster id written as a plain non-negative integer.
+    """
+    dict_path = Path(dict_path)
+    try:
+        lines = dict_path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(dict_path, f"cannot be read as a label dictionary ({error})",
+                          "Give fairseq's dict.km.txt: one 'symbol count' line per cluster") from error
+    symbols: dict[str, int] = {}
+    problems = []
+    for number, line in enumerate(lines, start=1):
+        fields = line.rstrip().split(" ")
+        if fields and fields[-1] == "#fairseq:overwrite":
+            fields = fields[:-1]
+        if len(fields) != 2 or not fields[1].lstrip("-").isdigit():
+            problems.append(f"line {number}: expected 'symbol count', found {line!r}")
+            continue
+        symbol = fields[0]
+        if not symbol.isdigit() or str(int(symbol)) != symbol:
+            problems.append(f"line {number}: symbol {symbol!r} is not a cluster id (a non-negative integer)")
+        elif symbol in symbols:
+            problems.append(f"line {number}: symbol {symbol!r} is listed twice")
+        else:
+            symbols[symbol] = int(symbol)
+    if not symbols and not problems:
+        problems.append("lists no symbols")
+    if problems:
+        raise FileProblem(dict_path, _capped(problems), "Give fairseq's dict.km.txt: one 'symbol count' line per "
+                                                        "cluster id")
+    return symbols
+
+
+def read_label_file(km_path: str | Path, dict_path: str | Path, items: Sequence[AudioItem], *, label_rate: float,
+                    sample_rate: int, manifest_entries: int | None = None,
+                    tolerance_seconds: float = 0.1) -> FrameLabels:
+    """The frame labels of ``items`` from fairseq's ``.km`` file, as cluster ids (see :func:`read_label_dictionary`).
+
+    The ``.km`` file has one line of space-separated symbols per manifest entry, in manifest order (items carry
+    their entry number, so skipped files are simply not read). A symbol missing from the dictionary is refused
+    with its line (fairseq silently maps it to ``<unk>``). Label and audio durations must agree within
+    ``tolerance_seconds`` (fairseq's ``verify_label_lengths``, which only warns; a larger gap means a wrong
+    ``label_rate`` or a ``.km`` written for other audio). Every problem is reported at once.
+    """
+    km_path = Path(km_path)
+    lookup = read_label_dictionary(dict_path)
+    if any(item.manifest_entry is None for item in items):
+        raise FileProblem(km_path, "frame labels need the audio listed in a fairseq manifest (.tsv)",
+                          "Scan the manifest the .km file was written for, not a directory")
+    wanted: dict[int, list[int]] = {}
+    for position, item in enumerate(items):
+        wanted.setdefault(item.manifest_entry, []).append(position)
+    sequences: list[Any] = [None] * len(items)
+    problems = []
+    num_lines = 0
+    try:
+        with km_path.open(encoding="utf-8") as stream:
+            for line_index, line in enumerate(stream):
+                num_lines += 1
+                positions = wanted.get(line_index)
+                if positions is None:
+                    continue
+                tokens = line.split()
+                try:
+                    ids = np.fromiter((lookup[t] for t in tokens), dtype=np.int32, count=len(tokens))
+                except KeyError as missing:
+                    problems.append(f"line {line_index + 1}: symbol {missing.args[0]!r} is not in "
+                                    f"{Path(dict_path).name}")
+                    ids = np.zeros(0, np.int32)
+                for position in positions:
+                    sequences[position] = ids
+    except (OSError, UnicodeDecodeError) as error:
+        raise FileProblem(km_path, f"cannot be read as a label file ({error})",
+                          "Give fairseq's .km file: one line of space-separated labels per manifest line") from error
+    if manifest_entries is not None and num_lines != manifest_entries:
+        problems.append(f"has {num_lines} lines but the manifest lists {manifest_entries} files (one line per "
+                        "manifest file, in order, is needed)")
+    elif wanted and max(wanted) >= num_lines:
+        problems.append(f"has {num_lines} lines but the manifest lists at least {max(wanted) + 1} files")
+    if problems:
+        raise FileProblem(km_path, _capped(problems),
+                          "Write the .km file for this manifest (fairseq's dump_km_label.py)")
+    mismatched = []
+    for item, ids in zip(items, sequences):
+        audio_seconds = item.num_samples / sample_rate
+        label_seconds = len(ids) / label_rate
+        if abs(audio_seconds - label_seconds) > tolerance_seconds:
+            mismatched.append(f"line {item.manifest_entry + 1}: {len(ids)} labels at {label_rate:g} Hz = "
+                              f"{label_seconds:.2f} s, but {item.name} is {audio_seconds:.2f} s")
+    if mismatched:
+        raise FileProblem(km_path, _capped(mismatched),
+                          f"Label and audio durations differ by more than {tolerance_seconds:g} s. Check label_rate "
+                          f"(now {label_rate:g} Hz; HuBERT feature labels are 50 Hz, MFCC labels 100 Hz) and that "
+                          "the .km file was written for this manifest, line by line")
+    return FrameLabels.from_sequences(sequences)
