@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
+from bundles.waveform import normalize_waveforms
 from continue_pt.hubert_objective import (
     LOSS_MODES,
     LossWeights,
@@ -160,6 +161,13 @@ class HubertContinuedPretraining(pl.LightningModule):
                 kmeans = load_kmeans(options.kmeans)
             self.targets = OnlineTargets.from_bundle(teacher, kmeans)
             self.kmeans = self.targets.kmeans
+        # The data pipeline normalises each utterance before cropping, as fairseq does, when the student expects
+        # it. A teacher that expects raw audio (e.g. a BASE teacher for a LARGE student) must see it raw, so then
+        # the data stay raw and the student's input is normalised here, per crop.
+        student_normalizes = bundle.normalize_waveform
+        teacher_normalizes = self.targets.normalize_waveform if self.targets is not None else student_normalizes
+        self.data_normalizes = student_normalizes and teacher_normalizes
+        self.normalize_student_input = student_normalizes and not self.data_normalizes
         num_classes = self.student.logit_generator.label_embeddings.shape[0]
         new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.num_classes or num_classes)
         if options.reinit_label_head:
@@ -250,6 +258,8 @@ class HubertContinuedPretraining(pl.LightningModule):
 
     def _forward_terms(self, batch: dict[str, Any], rng: np.random.Generator, feature_grad_mult: float):
         waveforms, lengths = batch["waveforms"], batch.get("lengths")
+        if self.normalize_student_input:
+            waveforms = normalize_waveforms(waveforms, lengths)
         labels = self._labels(batch)
         conv_frames = conv_output_frames(self.bundle_config.encoder_args["extractor_conv_layer_config"],
                                          waveforms.shape[1])

@@ -217,7 +217,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     module = build_module(options)
     datamodule = AudioDataModule(
         options.train_data, options.val_data, sample_rate=module.sample_rate,
-        normalize=module.bundle_config.normalize_waveform, max_batch_seconds=options.max_batch_seconds,
+        normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
         max_sample_size=options.max_sample_size, min_seconds=options.min_seconds,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
         label_rate=float((module.bundle_config.objective or {}).get("label_rate", 50.0)),
