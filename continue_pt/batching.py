@@ -69,6 +69,27 @@ class AudioDataset(Dataset):
         return {"index": index, "waveform": waveform, "labels": labels}
 
 
+def crop_window(lengths: Sequence[int], max_sample_size: int, rng: np.random.Generator) -> tuple[int, list[int]]:
+    """The crop :func:`collate_audio` takes of utterances of ``lengths`` samples: ``(audio_size, starts)``, the
+    common length (the shortest, at most ``max_sample_size``) and each utterance's random offset."""
+    audio_size = min(min(int(n) for n in lengths), max_sample_size)
+    starts = []
+    for length in lengths:
+        diff = int(length) - audio_size
+        starts.append(int(rng.integers(0, diff + 1)) if diff > 0 else 0)
+    return audio_size, starts
+
+
+def label_window(starts: Sequence[int], audio_size: int, label_lengths: Sequence[int], label_rate: float,
+                 sample_rate: int) -> tuple[list[int], int]:
+    """The label frames that go with a crop: ``(frame_starts, frame_size)`` (see :func:`collate_audio`)."""
+    samples_to_frames = label_rate / sample_rate
+    frame_starts = [int(round(s * samples_to_frames)) for s in starts]
+    frame_size = int(round(audio_size * samples_to_frames))
+    frame_size = max(0, min(frame_size, *(int(n) - s for n, s in zip(label_lengths, frame_starts))))
+    return frame_starts, frame_size
+
+
 def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int, label_rate: float,
                   sample_rate: int, rng: np.random.Generator) -> dict[str, Tensor | None] | None:
     """Crop a batch to its shortest utterance (at most ``max_sample_size``) at random offsets, labels along.
@@ -83,11 +104,7 @@ def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int
     if not samples:
         return None
     waveforms = [s["waveform"] for s in samples]
-    audio_size = min(min(len(w) for w in waveforms), max_sample_size)
-    starts = []
-    for waveform in waveforms:
-        diff = len(waveform) - audio_size
-        starts.append(int(rng.integers(0, diff + 1)) if diff > 0 else 0)
+    audio_size, starts = crop_window([len(w) for w in waveforms], max_sample_size, rng)
     batch_waveforms = torch.stack([w[s:s + audio_size] for w, s in zip(waveforms, starts)])
 
     labels = [s["labels"] for s in samples]
@@ -96,10 +113,8 @@ def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int
     elif any(t is None for t in labels):
         raise ValueError("some samples of the batch have labels and some do not")
     else:
-        samples_to_frames = label_rate / sample_rate
-        frame_starts = [int(round(s * samples_to_frames)) for s in starts]
-        frame_size = int(round(audio_size * samples_to_frames))
-        frame_size = max(0, min(frame_size, *(len(t) - s for t, s in zip(labels, frame_starts))))
+        frame_starts, frame_size = label_window(starts, audio_size, [len(t) for t in labels], label_rate,
+                                                sample_rate)
         batch_labels = torch.stack([t[s:s + frame_size].long() for t, s in zip(labels, frame_starts)])
 
     return {
@@ -126,11 +141,26 @@ class BatchCollater:
         self.seed = seed
         self.sampler = sampler
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None] | None:
+    def _rng(self, indices: Sequence[int]) -> np.random.Generator:
         epoch = self.sampler.epoch if self.sampler is not None else 0
+        return np.random.default_rng([self.seed, epoch, *(int(i) for i in indices)])
+
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None] | None:
         indices = [s["index"] for s in samples if s is not None]
-        rng = np.random.default_rng([self.seed, epoch, *indices])
-        return collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, rng)
+        return collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, self._rng(indices))
+
+    def plan(self, indices: Sequence[int], lengths: Sequence[int],
+             label_lengths: Sequence[int] | None = None) -> dict[str, Any]:
+        """The shape of the batch ``__call__`` will make of ``indices`` (utterances of ``lengths`` samples and
+        ``label_lengths`` label frames), without reading any audio: ``{"indices": [B] long tensor, "batch_size":
+        B, "num_samples": crop length, "label_frames": label frames or None}``. Exact when every file loads with
+        its scanned length; the same random crop as ``__call__`` (same seed, epoch and indices)."""
+        audio_size, starts = crop_window(lengths, self.max_sample_size, self._rng(indices))
+        label_frames = None
+        if label_lengths is not None:
+            label_frames = label_window(starts, audio_size, label_lengths, self.label_rate, self.sample_rate)[1]
+        return {"indices": torch.as_tensor([int(i) for i in indices], dtype=torch.long),
+                "batch_size": len(indices), "num_samples": int(audio_size), "label_frames": label_frames}
 
 
 
@@ -174,6 +204,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.sampler = _EpochSetter(self)
         self._resume_at = 0  # batches of self.epoch to skip at the next iteration (set by load_state_dict)
         self._yielded = 0  # batches of self.epoch yielded so far
+        self._cached_batches: tuple[tuple[int, int], list[np.ndarray]] | None = None
 
         capped = np.minimum(np.asarray(num_samples, dtype=np.int64), self.max_sample_size)
         quantum = max(1, int(round(bucket_seconds * sample_rate)))
@@ -199,7 +230,15 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.epoch = epoch
 
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
-        """This rank's batches of ``epoch``, in order."""
+        """This rank's batches of ``epoch``, in order (the last epoch's list is kept)."""
+        cached = self._cached_batches
+        if cached is not None and cached[0] == (epoch, self.seed):
+            return cached[1]
+        batches = self._epoch_batches(epoch)
+        self._cached_batches = ((epoch, self.seed), batches)
+        return batches
+
+    def _epoch_batches(self, epoch: int) -> list[np.ndarray]:
         n = len(self.keys)
         if self.shuffle:
             rng = np.random.default_rng([self.seed, epoch])

@@ -101,6 +101,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.train_dataset: AudioDataset | None = None
         self.val_dataset: AudioDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
+        self.train_collater: BatchCollater | None = None
         self._pending_sampler_state: dict[str, Any] | None = None
         self._loaded_sampler_state: dict[str, Any] | None = None
 
@@ -175,8 +176,30 @@ class AudioDataModule(pl.LightningDataModule):
             self._pending_sampler_state = None
         collater = BatchCollater(self.max_sample_size, self.label_rate, self.sample_rate, self.seed,
                                  self.train_sampler)
+        self.train_collater = collater
         return _ResumableLoader(self, self.train_dataset, batch_sampler=self.train_sampler, collate_fn=collater,
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+
+    def micro_batch_plans(self, first: int, stop: int) -> list[dict[str, Any]]:
+        """The shapes of this rank's training batches ``first..stop-1`` of the current epoch, known before they are
+        loaded (from the scanned lengths, the label lengths and the crop each batch will get): see
+        :meth:`BatchCollater.plan`. The module counts the masks of a whole optimizer step from them before its
+        first backward (``loss_norm="per-term"`` with gradient accumulation)."""
+        sampler, collater, dataset = self.train_sampler, getattr(self, "train_collater", None), self.train_dataset
+        if sampler is None or collater is None or dataset is None:
+            raise RuntimeError("micro_batch_plans needs the training loader (call train_dataloader() first)")
+        labels = dataset.labels
+        plans = []
+        for batch in sampler.epoch_batches(sampler.epoch)[first:stop]:
+            indices = [int(i) for i in batch]
+            label_lengths = None
+            if labels is not None:
+                if isinstance(labels, FrameLabels):
+                    label_lengths = [int(labels.offsets[i + 1] - labels.offsets[i]) for i in indices]
+                else:
+                    label_lengths = [len(labels[i]) for i in indices]
+            plans.append(collater.plan(indices, [dataset.items[i].num_samples for i in indices], label_lengths))
+        return plans
 
     def val_dataloader(self) -> DataLoader | list:
         assert self.val_dataset is not None, "call setup() first"

@@ -16,9 +16,17 @@ Lightning calls it after the fp16 scaler's ``unscale_`` and before gradient clip
 (``Precision._after_closure`` / ``MixedPrecision.optimizer_step`` in Lightning 2.6), so clipping sees the
 normalised gradient, as in fairseq.
 
-Mode ``"per-term"`` (each term divided by its own count over the step) needs the step's masked and unmasked
-totals before the first backward; they are known only when the step is one micro-batch per rank (the counts are
-all-reduced in ``training_step``). With ``accumulate_grad_batches > 1`` :meth:`setup` raises ``ValueError``.
+Mode ``"per-term"`` (each term divided by its own count over the step, pytorch/audio#2947) needs the step's
+masked, unmasked and feature-frame totals over every micro-batch and rank *before the first backward*. Masks are
+drawn from ``(seed, step, micro-batch, rank)`` and depend only on the micro-batch's shape, so at the first
+micro-batch of a step the module draws the masks of the step's other micro-batches in advance from their shapes,
+which the data side knows before loading them (``AudioDataModule.micro_batch_plans``: the sampler's batches of the
+epoch, the scanned lengths and the crop each batch will get), counts them and all-reduces the counts over ranks.
+The step's micro-batches are the epoch's batches ``[k N, (k + 1) N)`` (``N = accumulate_grad_batches``), the last
+group of an epoch cut at ``trainer.num_training_batches``, as Lightning groups them. Each micro-batch then draws
+its masks as before (the same ones) and backwards ``per-term share * N * world_size``; the gradients are not
+divided afterwards. Should a micro-batch's mask counts differ from the planned ones (a file that failed to load, a
+length that differs from the scanned one), a warning says that step's normalisation is approximate.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -84,7 +93,7 @@ class ModuleOptions:
     """K for offline labels with ``reinit_label_head`` (else from the k-means)."""
     loss_norm: str = "fairseq"
     """``"fairseq"`` (divide by masked (+ unmasked if weighted) frames of the whole step), ``"torchaudio"``
-    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; only without gradient accumulation)."""
+    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; each term over its own frames of the step)."""
     masked_weight: float | None = None
     unmasked_weight: float | None = None
     feature_penalty_weight: float | None = None
@@ -155,8 +164,10 @@ class HubertContinuedPretraining(pl.LightningModule):
         # targets
         self.kmeans: KMeansModel | None = None
         self.targets: OnlineTargets | None = None
+        self._teacher_conv_layers = None
         if not options.offline_labels:
             teacher = load_bundle(options.teacher) if options.teacher else bundle
+            self._teacher_conv_layers = teacher.config.encoder_args["extractor_conv_layer_config"]
             if kmeans is None and options.kmeans:
                 kmeans = load_kmeans(options.kmeans)
             self.targets = OnlineTargets.from_bundle(teacher, kmeans)
@@ -200,6 +211,7 @@ class HubertContinuedPretraining(pl.LightningModule):
         # per optimizer step (reset in on_before_optimizer_step)
         self._micro_index = 0
         self._step_stats: Tensor | None = None
+        self._step_plan: tuple[list[StepTotals], StepTotals] | None = None  # per-term: planned counts, totals
         self._step_started = time.perf_counter()
         self._reinit_pending = False
 
@@ -219,10 +231,11 @@ class HubertContinuedPretraining(pl.LightningModule):
         return int(self.student.logit_generator.label_embeddings.shape[0])
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.options.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1:
-            raise ValueError("per-term needs the step's masked and unmasked frame totals before the first backward; "
-                             "with gradient accumulation they are not known until the step's last micro-batch. "
-                             "Use accumulate 1 (more audio per batch or more devices) or loss_norm 'fairseq'")
+        if stage == "fit" and self.options.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \
+                and not callable(getattr(self.trainer.datamodule, "micro_batch_plans", None)):
+            raise ValueError("per-term with gradient accumulation needs the shapes of a step's micro-batches before "
+                             "its first backward: train with a datamodule that has micro_batch_plans(first, stop) "
+                             "(AudioDataModule), or use accumulate 1 or loss_norm 'fairseq'")
 
     def train(self, mode: bool = True) -> "HubertContinuedPretraining":
         super().train(mode)
@@ -244,7 +257,7 @@ class HubertContinuedPretraining(pl.LightningModule):
         time_mask = hubert_time_mask(shape, frame_padding, self.masking, rng=rng)
         channel = hubert_channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
                                       .attention.embed_dim, self.masking, rng=rng)
-        device = batch["waveforms"].device
+        device = batch["waveforms"].device if "waveforms" in batch else self.device
         return (torch.from_numpy(time_mask).to(device),
                 torch.from_numpy(channel).to(device) if channel is not None else None)
 
@@ -271,7 +284,50 @@ class HubertContinuedPretraining(pl.LightningModule):
         out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
                              mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
                              feature_grad_mult=feature_grad_mult, channel_mask=channel_mask)
-        return hubert_loss_terms(out)
+        return hubert_loss_terms(out), StepTotals.of_masks(mask, frame_padding)
+
+    # ------------------------------------------------------------------------------------------- per-term plan
+
+    def _planned_counts(self, plan: dict[str, Any], step: int, micro: int, rank: int) -> StepTotals:
+        """The mask counts micro-batch ``micro`` of ``step`` will have, from its planned shape (no padding: batches
+        are cropped to their shortest utterance), drawn with the micro-batch's own random source."""
+        num_samples, batch_size = int(plan["num_samples"]), int(plan["batch_size"])
+        frames = conv_output_frames(self.bundle_config.encoder_args["extractor_conv_layer_config"], num_samples)
+        if self._teacher_conv_layers is not None:
+            label_frames = conv_output_frames(self._teacher_conv_layers, num_samples)
+        else:
+            label_frames = plan.get("label_frames")
+            if label_frames is None:
+                raise ValueError("a micro-batch plan without label_frames, but the targets are offline labels")
+        num_frames = min(frames, int(label_frames))
+        if batch_size <= 0 or num_frames <= 0:
+            return StepTotals(0, 0, 0)
+        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        mask, _ = self.draw_masks(plan, (batch_size, num_frames), None, rng)
+        return StepTotals.of_masks(mask)
+
+    def _plan_step(self, first_counts: StepTotals, batch_idx: int, step: int, rank: int
+                   ) -> tuple[list[StepTotals], StepTotals]:
+        """At the first micro-batch of a step: every micro-batch's mask counts on this rank (this one's as drawn,
+        the others' planned) and the step's totals over all ranks."""
+        trainer = self.trainer
+        accumulate = trainer.accumulate_grad_batches
+        counts = [first_counts]
+        if accumulate > 1:
+            if batch_idx % accumulate:
+                raise RuntimeError(f"batch {batch_idx} starts an optimizer step but is not a multiple of "
+                                   f"accumulate_grad_batches={accumulate}")
+            stop = batch_idx + accumulate
+            num_batches = trainer.num_training_batches
+            if isinstance(num_batches, int) or math.isfinite(num_batches):
+                stop = min(stop, int(num_batches))
+            plans = trainer.datamodule.micro_batch_plans(batch_idx + 1, stop)
+            counts += [self._planned_counts(plan, step, m, rank) for m, plan in enumerate(plans, start=1)]
+        local = sum(counts, StepTotals(0, 0, 0))
+        reduced = torch.tensor([local.num_masked, local.num_unmasked, local.num_feature_frames],
+                               dtype=torch.float64, device=self.device)
+        reduced = self.trainer.strategy.reduce(reduced, reduce_op="sum")
+        return counts, StepTotals(*(int(round(c)) for c in reduced.tolist()))
 
     def _sample_size(self, terms) -> int:
         if self.options.loss_norm == "torchaudio":
@@ -298,17 +354,22 @@ class HubertContinuedPretraining(pl.LightningModule):
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
             fgm = 0.0
-        terms = self._forward_terms(batch, rng, fgm)
+        terms, mask_counts = self._forward_terms(batch, rng, fgm)
         accumulate = self.trainer.accumulate_grad_batches
         if self.options.loss_norm == "per-term":
-            counts = torch.tensor([terms.num_masked, terms.num_unmasked, terms.num_feature_frames],
-                                  dtype=torch.float64, device=self.device)
-            counts = self.trainer.strategy.reduce(counts, reduce_op="sum")
-            totals = StepTotals(*(int(c) for c in counts.tolist()))
+            if micro == 0 or self._step_plan is None:
+                self._step_plan = self._plan_step(mask_counts, batch_idx, step, rank)
+            planned, totals = self._step_plan
+            if micro >= len(planned) or planned[micro] != mask_counts:
+                expected = planned[micro] if micro < len(planned) else "no micro-batch"
+                warnings.warn(f"step {step}, micro-batch {micro} (rank {rank}): the masks count {mask_counts}, the "
+                              f"plan made at the step's first micro-batch {expected} (a file that failed to load, "
+                              "or a length other than the scanned one): this step's per-term normalisation is "
+                              "approximate", RuntimeWarning, stacklevel=2)
             loss = normalized_loss(terms, totals, self.weights, "per-term")
-            size = 1.0 / max(world_size, 1)  # each rank adds 1/W: the step's divisor is 1
-            logged = loss.detach() / max(world_size, 1)  # summed over ranks below: the step's loss
-            to_backward = loss * world_size
+            size = float(terms.num_masked)  # logged as train/sample_size; the gradients are not divided
+            logged = loss.detach()  # this micro-batch's share: summed over micro-batches and ranks, the step's loss
+            to_backward = loss * (accumulate * world_size)
         else:
             unnormalized = self._unnormalized_loss(terms)
             size = float(self._sample_size(terms))
@@ -341,6 +402,7 @@ class HubertContinuedPretraining(pl.LightningModule):
         stats = self._step_stats
         self._step_stats = None
         self._micro_index = 0
+        self._step_plan = None
         if stats is None:
             return
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
@@ -384,7 +446,7 @@ class HubertContinuedPretraining(pl.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
-        terms = self._forward_terms(batch, rng, self.feature_grad_mult)
+        terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)
         size = max(self._sample_size(terms), 1)
         loss = self._unnormalized_loss(terms).detach() / size
         n_m = max(terms.num_masked, 1)

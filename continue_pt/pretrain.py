@@ -66,6 +66,10 @@ class PretrainOptions:
     strategy: str = "auto"
     seed: int = 0
     loss_norm: str = "fairseq"
+    unmasked_weight: float | None = None
+    """Weight of the unmasked frames' loss (fairseq's pred_nomask_weight); None: the checkpoint's (0 for HuBERT)."""
+    feature_penalty_weight: float | None = None
+    """Weight of the feature penalty (fairseq's loss_weights[0]); None: the checkpoint's criterion, else 10."""
     teacher: str | None = None
     kmeans: str | None = None
     """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""
@@ -129,9 +133,6 @@ class PretrainOptions:
             problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
         if self.loss_norm not in LOSS_MODES:
             problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
-        if self.loss_norm == "per-term" and self.accumulate > 1:
-            problems.append("per-term needs the step's frame totals before the first backward, which gradient "
-                            "accumulation hides; use accumulate 1 or loss_norm 'fairseq'")
         for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -171,7 +172,9 @@ class PretrainOptions:
         return ModuleOptions(
             bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
             offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
-            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm, masking=dict(self.masking),
+            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
+            unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
+            masking=dict(self.masking),
             feature_grad_mult=self.feature_grad_mult,
             freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
             warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)

@@ -28,7 +28,8 @@ def test_pretrain_from_yaml_with_a_joblib_kmeans_then_export_and_plot(setup):
                       f"max_batch_seconds: 6\nnum_workers: 0\nlog_every: 1\ncheckpoint_every: 2\n")
     out = root / "run"
     result = CliRunner().invoke(cli, ["pretrain", "--config", str(config), "--output-dir", str(out),
-                                      "--kmeans", str(KMEANS), "--kmeans-layer", "1", "--max-steps", "3"])
+                                      "--kmeans", str(KMEANS), "--kmeans-layer", "1", "--max-steps", "3",
+                                      "--loss-norm", "per-term", "--unmasked-weight", "0.5", "--accumulate", "2"])
     assert result.exit_code == 0, result.output
     assert f"bundle: {out / 'bundle'}" in result.output
     trained = load_bundle(out / "bundle")

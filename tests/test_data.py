@@ -572,3 +572,26 @@ def test_lightning_mid_epoch_resume_continues_the_exact_batch_order(resume_audio
     after, _ = fit(resume_audio, 40, num_workers, callbacks=[checkpoint], ckpt_path=path, val_check_interval=5)
     assert before + after == full  # same utterances, same crops, nothing replayed or skipped
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+
+
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_micro_batch_plans_equal_the_batches_the_loader_makes(labelled, with_labels):
+    """per-term with accumulation counts a step's masks from these plans before the batches are loaded."""
+    manifest, km, dictionary, _ = labelled
+    labels = dict(train_labels=km, label_dict=dictionary) if with_labels else {}
+    module = AudioDataModule(manifest, val_fraction=0.0, num_workers=0, max_batch_seconds=5, min_seconds=0.5,
+                             max_sample_size=40000, seed=4, **labels)
+    module.setup()
+    for epoch in (0, 3):
+        loader = module.train_dataloader()
+        module.train_sampler.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) > 2
+        plans = module.micro_batch_plans(0, len(batches))
+        assert [p["indices"].tolist() for p in module.micro_batch_plans(1, 3)] == \
+            [p["indices"].tolist() for p in plans[1:3]]
+        for batch, plan in zip(batches, plans):
+            assert torch.equal(plan["indices"], batch["indices"])
+            assert plan["batch_size"] == batch["waveforms"].shape[0]
+            assert plan["num_samples"] == batch["waveforms"].shape[1]
+            assert plan["label_frames"] == (batch["labels"].shape[1] if with_labels else None)

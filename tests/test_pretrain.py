@@ -180,9 +180,26 @@ def test_kmeans_of_another_size_needs_reinit_label_head(bundle_dir, audio_dir, t
     assert bundle.get_kmeans().num_clusters == 7
 
 
-def test_ctc_bundle_and_per_term_with_accumulation_are_refused(bundle_dir, audio_dir, tmp_path):
-    with pytest.raises(PretrainOptionsError, match="per-term needs"):
-        _options(bundle_dir, audio_dir, tmp_path / "o", loss_norm="per-term", accumulate=2).validate()
+def test_per_term_with_accumulation_needs_micro_batch_plans(bundle_dir, audio_dir, tmp_path):
+    _options(bundle_dir, audio_dir, tmp_path / "o", loss_norm="per-term", accumulate=2).validate()  # allowed
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), loss_norm="per-term", warmup_steps=0))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    batch = {"waveforms": demo_audio(1.0, seed=1), "lengths": torch.tensor([16000]), "labels": None,
+             "indices": torch.tensor([0])}
+    with pytest.raises(ValueError, match="micro_batch_plans"):
+        trainer.fit(module, train_dataloaders=DataLoader([batch, batch], batch_size=None))
+
+
+def test_per_term_run_with_accumulation_plans_every_step(bundle_dir, audio_dir, tmp_path, recwarn):
+    # batches of 1 utterance (max_batch_seconds = one utterance), accumulate 3: the epoch ends in a shorter group
+    options = _options(bundle_dir, audio_dir, tmp_path / "pt", loss_norm="per-term", accumulate=3,
+                       max_batch_seconds=SECONDS, max_steps=3)
+    result = run_pretraining(options)
+    rows = _read_metrics(result.metrics_csv)
+    assert len(rows) == 3
+    assert all(math.isfinite(float(r["train/loss"])) for r in rows)
+    assert not [w for w in recwarn if "per-term normalisation is approximate" in str(w.message)]
 
 
 # ------------------------------------------------------------------------------------------------ accumulation
@@ -210,6 +227,24 @@ def _no_dropout(module: nn.Module) -> None:
             m.dropout = 0.0
 
 
+class _ListData(pl.LightningDataModule):
+    """Fixed batches (per rank), with the micro-batch plans the module needs for per-term with accumulation."""
+
+    def __init__(self, per_rank: list[list[dict]]):
+        super().__init__()
+        self.per_rank = per_rank
+
+    def _batches(self) -> list[dict]:
+        return self.per_rank[self.trainer.global_rank if len(self.per_rank) > 1 else 0]
+
+    def train_dataloader(self):
+        return DataLoader(self._batches(), batch_size=None)
+
+    def micro_batch_plans(self, first: int, stop: int) -> list[dict]:
+        return [{"indices": b["indices"], "batch_size": len(b["indices"]), "num_samples": b["waveforms"].shape[1],
+                 "label_frames": None} for b in self._batches()[first:stop]]
+
+
 def _step_gradients(bundle_dir: Path, batches: list[dict], accumulate: int, mode: str, mask_table):
     pl.seed_everything(0, verbose=False)
     module = _Recorder(ModuleOptions(bundle=str(bundle_dir), loss_norm=mode, unmasked_weight=0.5,
@@ -219,24 +254,34 @@ def _step_gradients(bundle_dir: Path, batches: list[dict], accumulate: int, mode
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    trainer.fit(module, datamodule=_ListData([batches]))
     return module.recorded
 
 
-@pytest.mark.parametrize("mode", ["fairseq", "torchaudio"])
-def test_accumulated_gradients_equal_one_big_batch(bundle_dir, mode):
+@pytest.mark.parametrize("mode, splits, accumulate", [
+    ("fairseq", [[0, 1], [2, 3]], 2),
+    ("torchaudio", [[0, 1], [2, 3]], 2),
+    ("per-term", [[0, 1], [2, 3]], 2),
+    ("per-term", [[0], [1, 2, 3]], 2),  # unequal micro-batches, unequal mask counts: per-term is still exact
+    ("per-term", [[0, 1], [2], [3]], 4),  # the epoch ends after 3 of 4 micro-batches: Lightning steps with 3
+])
+def test_accumulated_gradients_equal_one_big_batch(bundle_dir, mode, splits, accumulate):
     waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
     lengths = torch.full((4,), waves.shape[1])
     frames = 49
-    # one mask draw for all 4 utterances: same count per row, so each micro-batch's S_i / F_i is the same
-    mask_table = torch.from_numpy(hubert_time_mask((4, frames), None, load_bundle(bundle_dir).config.pretrain_args
-                                                   and _masking(bundle_dir), rng=np.random.default_rng(3)))
+    rng = np.random.default_rng(3)
+    if mode == "per-term":  # one draw per utterance: mask counts differ from row to row
+        mask_table = torch.cat([torch.from_numpy(hubert_time_mask((1, frames), None, _masking(bundle_dir), rng=rng))
+                                for _ in range(4)])
+        assert len({int(r.sum()) for r in mask_table}) > 1
+    else:  # one mask draw for all 4 utterances: same count per row, so each micro-batch's S_i / F_i is the same
+        mask_table = torch.from_numpy(hubert_time_mask((4, frames), None, _masking(bundle_dir), rng=rng))
 
     def batch(rows):
         rows = torch.tensor(rows)
         return {"waveforms": waves[rows], "lengths": lengths[rows], "labels": None, "indices": rows}
 
-    accumulated = _step_gradients(bundle_dir, [batch([0, 1]), batch([2, 3])], 2, mode, mask_table)
+    accumulated = _step_gradients(bundle_dir, [batch(rows) for rows in splits], accumulate, mode, mask_table)
     whole = _step_gradients(bundle_dir, [batch([0, 1, 2, 3])], 1, mode, mask_table)
     assert set(accumulated) == set(whole)
     for name in whole:
@@ -255,56 +300,53 @@ def _masking(bundle_dir):
 _DDP_SCRIPT = '''
 import sys
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, sys.argv[4])
-from tests.test_pretrain import _Recorder, _no_dropout, _ddp_batches
+from tests.test_pretrain import _ListData, _Recorder, _no_dropout, _ddp_batches
 from continue_pt.lightning_module import ModuleOptions
 
-
-class PerRank(pl.LightningDataModule):
-    def __init__(self, per_rank):
-        super().__init__()
-        self.per_rank = per_rank
-
-    def train_dataloader(self):
-        rank = self.trainer.global_rank if self.per_rank else 0
-        return DataLoader([self.batches[rank]], batch_size=None)
-
-
-bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+bundle_dir, devices, out, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]
 pl.seed_everything(0, verbose=False)
-module = _Recorder(ModuleOptions(bundle=bundle_dir, loss_norm="fairseq", unmasked_weight=0.5, warmup_steps=0))
-table, halves, whole = _ddp_batches(bundle_dir)
+module = _Recorder(ModuleOptions(bundle=bundle_dir, loss_norm=mode, unmasked_weight=0.5, warmup_steps=0))
+table, per_rank, whole = _ddp_batches(bundle_dir, mode)
 module.mask_table = table
 _no_dropout(module)
-data = PerRank(devices > 1)
-data.batches = halves if devices > 1 else [whole]
+data = _ListData(per_rank if devices > 1 else [[whole]])
+accumulate = len(per_rank[0]) if devices > 1 else 1
 trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
-                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+                     accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, use_distributed_sampler=False)
 trainer.fit(module, datamodule=data)
 if trainer.is_global_zero:
     torch.save({"grads": module.recorded, "loss": float(trainer.callback_metrics["train/loss"])}, out)
 '''
 
 
-def _ddp_batches(bundle_dir):
+def _ddp_batches(bundle_dir, mode="fairseq"):
     waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
     lengths = torch.full((4,), waves.shape[1])
-    table = torch.from_numpy(hubert_time_mask((4, 49), None, _masking(bundle_dir), rng=np.random.default_rng(3)))
+    rng = np.random.default_rng(3)
+    if mode == "per-term":  # masks of different counts, and each rank accumulates two unequal micro-batches
+        table = torch.cat([torch.from_numpy(hubert_time_mask((1, 49), None, _masking(bundle_dir), rng=rng))
+                           for _ in range(4)])
+        splits = [[[0], [1]], [[2, 3], [3]]]  # rank 1's micro-batches: 2 and 1 utterances; the whole batch repeats 3
+    else:
+        table = torch.from_numpy(hubert_time_mask((4, 49), None, _masking(bundle_dir), rng=rng))
+        splits = [[[0, 1]], [[2, 3]]]
 
     def batch(rows):
         rows = torch.tensor(rows)
         return {"waveforms": waves[rows], "lengths": lengths[rows], "labels": None, "indices": rows}
 
-    return table, [batch([0, 1]), batch([2, 3])], batch([0, 1, 2, 3])
+    whole = batch([row for rank in splits for rows in rank for row in rows])
+    return table, [[batch(rows) for rows in rank] for rank in splits], whole
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path):
+@pytest.mark.parametrize("mode", ["fairseq", "per-term"])
+def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path, mode):
     import subprocess
     import sys
 
@@ -314,7 +356,7 @@ def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path):
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"grads{devices}.pt"
-        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root],
+        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root, mode],
                               cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         results[devices] = torch.load(out, weights_only=True)
