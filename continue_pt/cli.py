@@ -258,6 +258,51 @@ def plot(run_dir: Path) -> None:
     click.echo(f"curves: {png}\nsummary: {summary}")
 
 
+# -- k-means tools -------------------------------------------------------------------------------------------
+
+@cli.group()
+def kmeans() -> None:
+    """Tools for the k-means models that define HuBERT's targets."""
+
+
+@kmeans.command("check")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path),
+              help="HuBERT pre-training bundle whose label head is tested.")
+@click.option("--kmeans", "kmeans_path", type=click.Path(path_type=Path),
+              help="k-means to test (km.safetensors or a fairseq .bin); default: the teacher's own.")
+@click.option("--kmeans-layer", type=click.IntRange(min=1), help="Teacher layer it clusters (1-based); needed for a .bin.")
+@click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
+              help="Bundle whose features the k-means labels (default: --bundle).")
+@click.option("--audio", required=True, type=click.Path(path_type=Path),
+              help="Held-out audio: a directory, a fairseq .tsv manifest or one file.")
+@click.option("--max-files", type=click.IntRange(min=1), help="Use at most N files (seeded subset).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masks and the shuffled control.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def kmeans_check(bundle_dir: Path, kmeans_path: Path | None, kmeans_layer: int | None, teacher_dir: Path | None,
+                 audio: Path, max_files: int | None, seed: int, as_json: bool) -> None:
+    """Measure whether a k-means gives the targets BUNDLE was trained on: masked-prediction accuracy against
+    chance and a shuffled-label control, cluster usage, and a verdict. Exit status 0 whatever the verdict."""
+    from bundles import load_bundle
+    from continue_pt.kmeans_check import check_kmeans
+    from converters.convert import read_kmeans_file
+
+    bundle = load_bundle(bundle_dir)
+    teacher = load_bundle(teacher_dir) if teacher_dir else None
+    km = read_kmeans_file(kmeans_path, kmeans_layer) if kmeans_path else None
+    if km is not None and km.layer is None:
+        raise FileProblem(kmeans_path, "a joblib k-means does not record which layer it clusters",
+                          hint="Pass --kmeans-layer L (1-based, fairseq numbering; 9 for hubert_base_ls960_L9_km500.bin)")
+    try:
+        report = check_kmeans(bundle, km, audio, teacher=teacher, max_files=max_files, seed=seed)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for line in report.summary_lines():
+            click.echo(line)
+
+
 @cli.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Where the demo writes its bundle and outputs.")

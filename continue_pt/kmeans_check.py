@@ -1,0 +1,338 @@
+"""Does a k-means model give the targets a HuBERT checkpoint was trained on? Measure it.
+
+The only published HuBERT k-means is ``hubert_base_ls960_L9_km500.bin``, while HuBERT BASE was trained on the
+layer-6 km500 targets of an unpublished iteration-1 model (and LARGE/XLARGE on ``lyr9.km500``). Whether a given
+k-means (on a given teacher layer) reproduces a checkpoint's training targets cannot be read from the files, but
+it can be measured: a checkpoint predicts its *own* training cluster ids at masked frames far better than chance,
+and a label set whose ids mean something else gets chance accuracy, however good the clustering is (a k-means
+fitted again on the very same features numbers its clusters differently: that too "does not match").
+
+:func:`check_kmeans` labels held-out audio with the k-means (teacher forward to layer L + nearest centroid, as
+:class:`~continue_pt.targets.OnlineTargets` does in training), masks each utterance with the checkpoint's own
+masking options (seeded), runs the checkpoint's masked prediction (:func:`~continue_pt.hubert_objective.hubert_forward`
+with the bundle's label head and fairseq's special-symbol rows) in eval mode, and compares the masked-frame
+accuracy with three no-match baselines:
+
+* chance ``1/K``;
+* a shuffled-label control: the same predictions scored against the labels mapped through a random permutation
+  of the cluster ids (``shuffles`` permutations; mean and max reported). It keeps the label sequence's structure
+  (spans, cluster sizes) and destroys only the identity of the ids, which is exactly what a wrong k-means does;
+* the marginal baseline ``sum_c q_c p_c`` (``q``: how often the checkpoint predicts ``c``, ``p``: how often the
+  label is ``c``): the expected accuracy of predictions independent of the frames, which can exceed ``1/K`` when
+  both distributions are skewed towards the same id. Reported, not part of the rule: a checkpoint whose
+  predicted-id frequencies follow the label frequencies already shows that the ids line up, which is what is tested.
+
+Verdict rule (``null = max(chance, shuffled max)``; ``se = sqrt(null (1 - null) / n_eff)`` with
+``n_eff = masked frames / mask_length``, because the frames of one mask span are strongly correlated, so only about
+one independent observation per span is counted):
+
+* K differs (the k-means has a different number of clusters than the label head has rows): **does not match**,
+  nothing is run. The label head has exactly one row per training cluster, so a label set of another size cannot
+  be the training targets.
+* fewer than ``min_masked_frames`` (1000) masked frames: **inconclusive** (too little audio to tell).
+* ``accuracy >= max(2 null, null + 5 se)``: **matches**. Twice the best no-match baseline is an effect size no
+  wrong label set reaches (their accuracy *is* the baseline in expectation), and ``+5 se`` makes a chance
+  excursion of that size practically impossible even with the conservative ``n_eff``. For K = 500 the bar is
+  ~0.4-1 %; a checkpoint scored against its own targets reaches tens of percent (HuBERT's reported masked
+  accuracies), the tiny demo model ~15-50 % at K = 20 after a few hundred steps.
+* ``accuracy <= 1.5 null``: **does not match**: at most half again the baseline, i.e. the ids carry (next to) no
+  information about the checkpoint's predictions.
+* otherwise: **inconclusive**: a partial agreement (e.g. a k-means close to the training one, a teacher layer next
+  to the right one, or a checkpoint trained too little on these targets) or too few frames to separate.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bundles.kmeans import KMeansModel
+from bundles.loading import Bundle
+from bundles.waveform import normalize_waveforms
+from continue_pt.audio import AudioError, read_audio
+from continue_pt.corpus import AUDIO_EXTENSIONS, AudioItem, scan_audio
+from continue_pt.hubert_objective import conv_output_frames, hubert_forward
+from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
+from continue_pt.targets import OnlineTargets
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CheckReport", "check_kmeans", "VERDICT_RULE", "MATCHES", "DOES_NOT_MATCH", "INCONCLUSIVE"]
+
+MATCHES = "matches"
+DOES_NOT_MATCH = "does not match"
+INCONCLUSIVE = "inconclusive"
+
+MIN_MASKED_FRAMES = 1000
+MATCH_FACTOR = 2.0
+MATCH_Z = 5.0
+NO_MATCH_FACTOR = 1.5
+TOP_K = 5
+
+VERDICT_RULE = (
+    "null = max(1/K, shuffled-label max); se = sqrt(null(1-null)/(masked frames/mask_length)). "
+    f"K differs from the label head's rows -> does not match; < {MIN_MASKED_FRAMES} masked frames -> inconclusive; "
+    f"accuracy >= max({MATCH_FACTOR:g} null, null + {MATCH_Z:g} se) -> matches; "
+    f"accuracy <= {NO_MATCH_FACTOR:g} null -> does not match; otherwise inconclusive"
+)
+
+
+@dataclass
+class CheckReport:
+    """What :func:`check_kmeans` measured. Rates are fractions of masked frames; None where nothing was run
+    (K differs) or nothing was masked."""
+
+    verdict: str
+    reason: str
+    rule: str
+    num_clusters: int
+    """K of the k-means."""
+    label_head_rows: int
+    kmeans_layer: int | None
+    bundle: str
+    teacher: str
+    k_differs: bool = False
+    accuracy: float | None = None
+    """Top-1 masked-prediction accuracy (argmax over the label rows and fairseq's special rows)."""
+    top5_accuracy: float | None = None
+    chance: float | None = None
+    shuffled_mean: float | None = None
+    shuffled_max: float | None = None
+    shuffled: list[float] = field(default_factory=list)
+    marginal_baseline: float | None = None
+    """sum_c q_c p_c: expected accuracy of predictions independent of the frames."""
+    null: float | None = None
+    threshold_matches: float | None = None
+    threshold_does_not_match: float | None = None
+    clusters_used: int | None = None
+    """Distinct labels over every frame of the audio (not only masked ones)."""
+    label_entropy: float | None = None
+    """Entropy of the label distribution over every frame, divided by log K (1 = all clusters equally often)."""
+    num_frames: int = 0
+    num_masked_frames: int = 0
+    num_files: int = 0
+    num_chunks: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    masking: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    @property
+    def matches(self) -> bool:
+        return self.verdict == MATCHES
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["skipped"] = [{"path": p, "reason": r} for p, r in self.skipped]
+        return data
+
+    def summary_lines(self) -> list[str]:
+        verdict = f"{self.verdict} (K differs)" if self.k_differs else self.verdict
+        lines = [f"verdict: {verdict}: {self.reason}",
+                 f"bundle: {self.bundle}; teacher: {self.teacher}; k-means: K={self.num_clusters}, layer "
+                 f"{self.kmeans_layer}; label head rows: {self.label_head_rows}"]
+        if self.accuracy is not None:
+            lines += [
+                f"masked accuracy: top-1 {self.accuracy:.4f}, top-{TOP_K} {self.top5_accuracy:.4f}",
+                f"baselines: chance {self.chance:.4f}, shuffled labels mean {self.shuffled_mean:.4f} max "
+                f"{self.shuffled_max:.4f} ({len(self.shuffled)} permutations), marginal {self.marginal_baseline:.4f}",
+                f"thresholds: matches >= {self.threshold_matches:.4f}, does not match <= "
+                f"{self.threshold_does_not_match:.4f}",
+                f"labels: {self.clusters_used}/{self.num_clusters} clusters used, normalised entropy "
+                f"{self.label_entropy:.3f}",
+                f"audio: {self.num_files} files ({self.num_chunks} chunks), {self.num_frames} frames, "
+                f"{self.num_masked_frames} masked",
+            ]
+        if self.skipped:
+            lines.append(f"skipped {len(self.skipped)} files: " + "; ".join(f"{p} ({r})" for p, r in self.skipped[:5])
+                         + (" ..." if len(self.skipped) > 5 else ""))
+        lines.append(f"rule: {self.rule}")
+        return lines
+
+
+def _audio_items(audio: Path, sample_rate: int, min_seconds: float) -> tuple[list[AudioItem], list[tuple[str, str]]]:
+    if audio.is_file() and audio.suffix.lower() in AUDIO_EXTENSIONS:
+        return [AudioItem(audio, 0, audio.name)], []
+    scan = scan_audio(audio, sample_rate, min_seconds)
+    return scan.items, [(str(p), r) for p, r in scan.skipped]
+
+
+def _chunks(wav: torch.Tensor, max_samples: int) -> list[torch.Tensor]:
+    """Equal consecutive pieces of at most ``max_samples`` (bounds memory; no short tail piece)."""
+    n = wav.shape[0]
+    pieces = max(1, math.ceil(n / max_samples))
+    size = math.ceil(n / pieces)
+    return [wav[i:i + size] for i in range(0, n, size)]
+
+
+def _verdict(acc: float, null: float, n_masked: int, mask_length: int,
+             min_masked_frames: int) -> tuple[str, str, float, float]:
+    n_eff = max(n_masked / max(mask_length, 1), 1.0)
+    se = math.sqrt(max(null * (1 - null), 0.0) / n_eff)
+    hi = max(MATCH_FACTOR * null, null + MATCH_Z * se)
+    lo = NO_MATCH_FACTOR * null
+    if n_masked < min_masked_frames:
+        return INCONCLUSIVE, f"only {n_masked} masked frames (need {min_masked_frames}); give more audio", hi, lo
+    if acc >= hi:
+        return MATCHES, (f"accuracy {acc:.4f} >= {hi:.4f} = max({MATCH_FACTOR:g} x baseline {null:.4f}, baseline + "
+                         f"{MATCH_Z:g} se)"), hi, lo
+    if acc <= lo:
+        return DOES_NOT_MATCH, (f"accuracy {acc:.4f} <= {lo:.4f} = {NO_MATCH_FACTOR:g} x baseline {null:.4f}: the "
+                                "checkpoint's predictions carry no information about these labels"), hi, lo
+    return INCONCLUSIVE, (f"accuracy {acc:.4f} is between {lo:.4f} (does not match) and {hi:.4f} (matches): partial "
+                          "agreement, or too little audio"), hi, lo
+
+
+@torch.inference_mode()
+def check_kmeans(
+    bundle: Bundle,
+    kmeans: KMeansModel | None,
+    audio: str | Path,
+    *,
+    teacher: Bundle | None = None,
+    max_files: int | None = None,
+    seed: int = 0,
+    shuffles: int = 3,
+    min_seconds: float = 1.0,
+    max_seconds: float = 15.625,
+    min_masked_frames: int = MIN_MASKED_FRAMES,
+) -> CheckReport:
+    """Measure whether ``kmeans`` (on the teacher's layer ``kmeans.layer``) gives ``bundle``'s training targets.
+
+    Args:
+        bundle: a HuBERT pre-training bundle (its label head and masking options are used).
+        kmeans: the k-means to test; None: the teacher's own (the bundle's own when there is no teacher), as
+            ``continue-pt pretrain`` defaults.
+        audio: held-out audio: a directory (recursive), a fairseq manifest ``.tsv`` or one audio file. Unusable
+            files (unreadable, corrupt, shorter than ``min_seconds``) are skipped and listed in the report.
+        teacher: the bundle whose layer-L features the k-means labels (default: ``bundle``). For a checkpoint
+            trained on targets of an earlier model (HuBERT iteration 2 on iteration 1's), pass that model.
+        max_files: use at most this many files (a seeded random subset, in corpus order).
+        seed: seeds the subset, the masks and the permutations: the same inputs give the same report.
+        shuffles: number of random permutations of the cluster ids for the shuffled-label control.
+        max_seconds: longer files are cut into equal pieces of at most this length (fairseq's 250k-sample crop).
+        min_masked_frames: fewer masked frames than this give "inconclusive".
+
+    Returns:
+        A :class:`CheckReport`; its ``verdict`` follows the rule in this module's docstring
+        (:data:`VERDICT_RULE`). A k-means with a K other than the label head's rows gives "does not match"
+        with ``k_differs`` set, without running anything.
+
+    Raises:
+        ValueError: for a bundle that is not a HuBERT pre-training bundle, a k-means without a layer, a layer
+            outside the teacher, centroids of the wrong width, or no usable audio.
+        bundles.errors.FileProblem: for an unusable ``audio`` source (missing, no audio files).
+    """
+    if bundle.family != "hubert" or bundle.kind != "pretrain":
+        raise ValueError(f"{bundle.path}: a {bundle.family} {bundle.kind} bundle; the k-means check needs a HuBERT "
+                         "pre-training bundle (its label head predicts the cluster ids)")
+    teacher = teacher if teacher is not None else bundle
+    if kmeans is None:
+        kmeans = teacher.get_kmeans()
+    student = bundle.get_pretrain_model().eval()
+    rows = int(student.logit_generator.label_embeddings.shape[0])
+    k = kmeans.num_clusters
+    masking = HubertMasking.from_options(bundle.config.pretrain_args or {})
+    report = CheckReport(verdict=DOES_NOT_MATCH, reason="", rule=VERDICT_RULE, num_clusters=k, label_head_rows=rows,
+                         kmeans_layer=kmeans.layer, bundle=str(bundle.path), teacher=str(teacher.path),
+                         masking=asdict(masking), seed=seed)
+    if k != rows:
+        report.k_differs = True
+        report.reason = (f"the k-means has K={k} clusters but the label head of {bundle.path} has {rows} rows (one per "
+                         "training cluster): a label set of another size cannot be the training targets")
+        return report
+
+    targets = OnlineTargets.from_bundle(teacher, kmeans)  # validates layer and width
+    extras = bundle.fairseq_extras().get("label_embeddings_non_cluster")
+    objective = bundle.config.objective or {}
+    logit_temp = float(objective.get("logit_temp", 0.1))
+    conv_layers = bundle.config.encoder_args["extractor_conv_layer_config"]
+    width = int(bundle.config.encoder_args["encoder_embed_dim"])
+
+    items, skipped = _audio_items(Path(audio), bundle.sample_rate, min_seconds)
+    rng = np.random.default_rng(seed)
+    if max_files is not None and len(items) > max_files:
+        keep = sorted(rng.choice(len(items), size=max(int(max_files), 0), replace=False).tolist())
+        items = [items[i] for i in keep]
+
+    max_samples = max(int(max_seconds * bundle.sample_rate), 1)
+    label_counts = torch.zeros(k, dtype=torch.long)
+    pred_counts = torch.zeros(k, dtype=torch.long)
+    masked_targets: list[torch.Tensor] = []
+    masked_preds: list[torch.Tensor] = []
+    correct_top1 = correct_topk = 0
+    num_files = num_chunks = 0
+    for item in items:
+        try:
+            wav = read_audio(item.path, bundle.sample_rate)
+        except AudioError as error:
+            skipped.append((str(item.path), f"unreadable: {error.problems[0]}"))
+            continue
+        used = False
+        for piece in _chunks(wav, max_samples):
+            piece = piece[None]
+            labels = targets(piece)  # [1, label frames]; the teacher normalises if it expects it
+            frames = min(conv_output_frames(conv_layers, piece.shape[1]), labels.shape[1])
+            if frames < 2 * masking.mask_length:
+                continue
+            try:
+                mask = hubert_time_mask((1, frames), None, masking, rng=rng)
+            except ValueError:
+                continue
+            channel = hubert_channel_mask(1, width, masking, rng=rng)
+            student_in = normalize_waveforms(piece) if bundle.normalize_waveform else piece
+            out = hubert_forward(student, student_in, None, labels, torch.from_numpy(mask),
+                                 extra_label_embeddings=extras, logit_temp=logit_temp,
+                                 channel_mask=torch.from_numpy(channel) if channel is not None else None,
+                                 skip_masked=False, skip_nomask=True)
+            label_counts += torch.bincount(labels[0, :frames], minlength=k)
+            logits, tgt = out.logits_masked, out.targets_masked
+            if logits is None or logits.shape[0] == 0:
+                continue
+            pred = logits.argmax(dim=1)
+            topk = logits.topk(min(TOP_K, logits.shape[1]), dim=1).indices
+            correct_top1 += int((pred == tgt).sum())
+            correct_topk += int((topk == tgt[:, None]).any(dim=1).sum())
+            pred_counts += torch.bincount(pred[pred < k], minlength=k)
+            masked_targets.append(tgt)
+            masked_preds.append(pred)
+            num_chunks += 1
+            used = True
+        num_files += used
+        if not used:
+            skipped.append((str(item.path), "too short to mask"))
+
+    report.skipped = skipped
+    report.num_files, report.num_chunks = num_files, num_chunks
+    report.num_frames = int(label_counts.sum())
+    if not masked_targets:
+        raise ValueError(f"{audio}: no usable audio to check with ({len(skipped)} files skipped)")
+    tgt = torch.cat(masked_targets)
+    pred = torch.cat(masked_preds)
+    n = int(tgt.numel())
+    report.num_masked_frames = n
+    report.accuracy = correct_top1 / n
+    report.top5_accuracy = correct_topk / n
+    report.chance = 1.0 / k
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max(int(shuffles), 0)):
+        perm = torch.randperm(k, generator=gen)
+        report.shuffled.append(float((pred == perm[tgt]).float().mean()))
+    report.shuffled_mean = float(np.mean(report.shuffled)) if report.shuffled else None
+    report.shuffled_max = max(report.shuffled) if report.shuffled else None
+    p = torch.bincount(tgt, minlength=k).double() / n
+    q = pred_counts.double() / n
+    report.marginal_baseline = float((p * q).sum())
+    dist = label_counts.double() / max(int(label_counts.sum()), 1)
+    nz = dist[dist > 0]
+    report.clusters_used = int(nz.numel())
+    report.label_entropy = float(-(nz * nz.log()).sum() / math.log(k))
+    report.null = max(report.chance, report.shuffled_max or 0.0)
+    report.verdict, report.reason, report.threshold_matches, report.threshold_does_not_match = _verdict(
+        report.accuracy, report.null, n, masking.mask_length, min_masked_frames)
+    return report
