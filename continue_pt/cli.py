@@ -303,6 +303,96 @@ def kmeans_check(bundle_dir: Path, kmeans_path: Path | None, kmeans_layer: int |
             click.echo(line)
 
 
+def _auto_device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@kmeans.command("fit")
+@click.option("--teacher", "teacher_dir", required=True, type=click.Path(path_type=Path),
+              help="Bundle whose layer-L features are clustered.")
+@click.option("--layer", required=True, type=click.IntRange(min=1), help="Teacher layer (1-based, fairseq numbering).")
+@click.option("--audio", required=True, type=click.Path(path_type=Path),
+              help="A directory of audio files or a fairseq .tsv manifest.")
+@click.option("-k", "num_clusters", required=True, type=click.IntRange(min=2), help="Number of clusters.")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="k-means file to write (km.safetensors).")
+@click.option("--max-hours", type=click.FloatRange(min=0, min_open=True), help="Use at most this much audio.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the sampling and the seeding.")
+@click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
+              help="Audio per mini-batch update (60 s = 3,000 frames at 50 Hz).")
+@click.option("--device", help="Where the teacher and the k-means run (default: cuda if available, else cpu).")
+def kmeans_fit(teacher_dir: Path, layer: int, audio: Path, num_clusters: int, output: Path, max_hours: float | None,
+               seed: int, batch_seconds: float, device: str | None) -> None:
+    """Fit a k-means on a teacher's layer-L features over your audio, streaming (two passes; no feature is
+    written to disk), and write it as km.safetensors."""
+    from bundles import load_bundle
+    from bundles.kmeans import save_kmeans
+    from continue_pt.kmeans_fit import fit_kmeans
+
+    teacher = load_bundle(teacher_dir)
+
+    def progress(phase: str, done: float, total: float) -> None:
+        click.echo(f"\r{phase}: {done / 3600:.2f} of {total / 3600:.2f} h", nl=False, err=True)
+
+    try:
+        result = fit_kmeans(teacher, layer, audio, num_clusters, max_hours=max_hours, seed=seed,
+                            batch_seconds=batch_seconds, device=_auto_device(device), progress=progress)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo("", err=True)
+    save_kmeans(result.kmeans, output)
+    for path, reason in result.files_skipped[:20]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    if len(result.files_skipped) > 20:
+        click.echo(f"... and {len(result.files_skipped) - 20} more skipped", err=True)
+    click.echo(f"wrote {output}: K={num_clusters}, layer {layer}, {result.hours_seen:.3f} h "
+               f"({result.frames_seen} frames), inertia {result.inertia:.4g}, {len(result.files_skipped)} files skipped")
+
+
+@cli.group()
+def labels() -> None:
+    """fairseq label files for HuBERT pre-training."""
+
+
+@labels.command("dump")
+@click.option("--teacher", "teacher_dir", required=True, type=click.Path(path_type=Path),
+              help="Bundle whose layer-L features the k-means labels.")
+@click.option("--layer", type=click.IntRange(min=1),
+              help="Teacher layer (1-based); must agree with the k-means file's; needed for a .bin.")
+@click.option("--kmeans", "kmeans_path", required=True, type=click.Path(path_type=Path),
+              help="km.safetensors or a fairseq/sklearn .bin.")
+@click.option("--audio", required=True, type=click.Path(path_type=Path),
+              help="A directory of audio files or a fairseq .tsv manifest.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Directory for {split}.tsv, {split}.km and dict.km.txt.")
+@click.option("--split", default="train", show_default=True, help="Name of the split (file names).")
+@click.option("--device", help="Where the teacher runs (default: cuda if available, else cpu).")
+def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path, audio: Path, output_dir: Path, split: str,
+                device: str | None) -> None:
+    """Label every file with the teacher to layer L + nearest centroid and write fairseq's {split}.tsv,
+    {split}.km and dict.km.txt (what HubertPretrainingTask reads; also `pretrain --labels`)."""
+    from bundles import load_bundle
+    from continue_pt.label_dump import dump_labels
+    from converters.convert import read_kmeans_file
+
+    teacher = load_bundle(teacher_dir)
+    km = read_kmeans_file(kmeans_path)  # keeps the layer a km.safetensors records; dump_labels checks --layer
+    if km.layer is None and layer is None:
+        raise FileProblem(kmeans_path, "a joblib k-means does not record which layer it clusters",
+                          hint="Pass --layer L (1-based, fairseq numbering; 9 for hubert_base_ls960_L9_km500.bin)")
+    try:
+        result = dump_labels(teacher, km, audio, output_dir, split=split, layer=layer, device=_auto_device(device))
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path, reason in result.files_skipped[:20]:
+        click.echo(f"skipped {path}: {reason}", err=True)
+    click.echo(f"wrote {result.tsv}, {result.km}, {result.dict}: {result.files_labelled} files, {result.frames} "
+               f"frames, {sum(1 for n in result.counts if n)}/{len(result.counts)} clusters used, "
+               f"{len(result.files_skipped)} files skipped")
+
+
 @cli.command()
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("demo_out"), show_default=True,
               help="Where the demo writes its bundle and outputs.")
