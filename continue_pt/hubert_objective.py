@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchaudio.models import HuBERTPretrainModel
-from torchaudio.models.wav2vec2.components import GradMultiply
+
+from continue_pt.conv_features import at_least_fp32, conv_features
 
 __all__ = [
     "LOSS_MODES",
@@ -113,17 +114,12 @@ class HubertOutputs:
     num_feature_frames: int
 
 
-def _at_least_fp32(t: Tensor) -> Tensor:
-    """fairseq's ``.float()`` for half/bfloat16, without lowering float64."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
-
-
 def label_logits(projected: Tensor, label_embeddings: Tensor, logit_temp: float) -> Tensor:
     """``cos(projected[s], label_embeddings[j]) / logit_temp`` as ``[S, classes]``, in fp32 or better (also under
     autocast), with ``torch.cosine_similarity``'s ``eps`` = 1e-8 on each norm."""
     with torch.autocast(device_type=projected.device.type, enabled=False):
-        x = F.normalize(_at_least_fp32(projected), dim=-1, eps=1e-8)
-        e = F.normalize(_at_least_fp32(label_embeddings).to(x.dtype), dim=-1, eps=1e-8)
+        x = F.normalize(at_least_fp32(projected), dim=-1, eps=1e-8)
+        e = F.normalize(at_least_fp32(label_embeddings).to(x.dtype), dim=-1, eps=1e-8)
         return (x @ e.t()) / logit_temp
 
 
@@ -188,13 +184,7 @@ def hubert_forward(
     skip_nomask = model.logit_generator.skip_nomask if skip_nomask is None else skip_nomask
 
     # fairseq's forward_features
-    if grad_mult > 0:
-        features, _ = wav2vec2.feature_extractor(waveforms, None)
-        if grad_mult != 1.0:
-            features = GradMultiply.apply(features, grad_mult)
-    else:
-        with torch.no_grad():
-            features, _ = wav2vec2.feature_extractor(waveforms, None)
+    features, _ = conv_features(wav2vec2.feature_extractor, waveforms, None, grad_mult)
 
     # fairseq's forward_targets (label rate = frame rate)
     num_frames = min(features.shape[1], labels.shape[1])
@@ -203,7 +193,7 @@ def hubert_forward(
     if tuple(mask.shape) != (batch, num_frames):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [batch={batch}, frames={num_frames}] "
                          f"(min of {features.shape[1]} conv frames and {labels.shape[1]} label frames)")
-    feature_penalty = _at_least_fp32(features).pow(2).mean()
+    feature_penalty = at_least_fp32(features).pow(2).mean()
 
     if lengths is None:
         valid = torch.ones(batch, num_frames, dtype=torch.bool, device=features.device)
@@ -281,7 +271,7 @@ def _ce_and_correct(logits: Tensor | None, targets: Tensor | None, like: Tensor)
     if logits is None or targets is None:
         return None, torch.zeros((), dtype=torch.long, device=like.device), 0
     targets = targets.long()
-    ce = F.cross_entropy(_at_least_fp32(logits), targets, reduction="sum")
+    ce = F.cross_entropy(at_least_fp32(logits), targets, reduction="sum")
     with torch.no_grad():
         if logits.shape[0] == 0:
             correct = torch.zeros((), dtype=torch.long, device=logits.device)

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchaudio.models.wav2vec2.components import GradMultiply
 
 from bundles.wav2vec2_pretrain import Wav2Vec2PretrainModel
+from continue_pt.conv_features import at_least_fp32, conv_features
 
 __all__ = [
     "Wav2Vec2LossTerms",
@@ -83,10 +83,6 @@ class Wav2Vec2Outputs:
     num_vars: int
     num_masked: int
     targets: Tensor
-
-
-def _at_least_fp32(t: Tensor) -> Tensor:
-    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 # ------------------------------------------------------------------------------------------------ negatives
@@ -178,8 +174,8 @@ def contrastive_logits(context: Tensor, quantized: Tensor, negative_indices: Ten
     num, num_neg = negative_indices.shape
     idx = negative_indices.to(quantized.device)
     with torch.autocast(device_type=context.device.type, enabled=False):
-        x = F.normalize(_at_least_fp32(context), dim=-1, eps=1e-8)
-        y = F.normalize(_at_least_fp32(quantized).to(x.dtype), dim=-1, eps=1e-8)
+        x = F.normalize(at_least_fp32(context), dim=-1, eps=1e-8)
+        y = F.normalize(at_least_fp32(quantized).to(x.dtype), dim=-1, eps=1e-8)
         positive = (x * y).sum(-1, keepdim=True)
         if num_neg:
             sim = x @ y.t()  # [S, S]: every context against every target of the batch
@@ -251,14 +247,8 @@ def wav2vec2_forward(
     grad_mult = 1.0 if feature_grad_mult is None else float(feature_grad_mult)
 
     # fairseq's feature_extractor (+ GradMultiply) and features_pen
-    if grad_mult > 0:
-        features, frame_lengths = wav2vec2.feature_extractor(waveforms, lengths)
-        if grad_mult != 1.0:
-            features = GradMultiply.apply(features, grad_mult)
-    else:
-        with torch.no_grad():
-            features, frame_lengths = wav2vec2.feature_extractor(waveforms, lengths)
-    features_penalty = _at_least_fp32(features).pow(2).mean()
+    features, frame_lengths = conv_features(wav2vec2.feature_extractor, waveforms, lengths, grad_mult)
+    features_penalty = at_least_fp32(features).pow(2).mean()
     num_frames = features.shape[1]
     if tuple(mask.shape) != (batch, num_frames):
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected [batch={batch}, frames={num_frames}]")
@@ -329,10 +319,10 @@ class Wav2Vec2LossTerms:
 
 def wav2vec2_loss_terms(out: Wav2Vec2Outputs) -> Wav2Vec2LossTerms:
     """InfoNCE sum, diversity, feature penalty and accuracy counts of one micro-batch."""
-    logits = _at_least_fp32(out.logits)
+    logits = at_least_fp32(out.logits)
     target = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     infonce = F.cross_entropy(logits, target, reduction="sum")
-    diversity = (out.num_vars - _at_least_fp32(out.prob_perplexity)) / out.num_vars
+    diversity = (out.num_vars - at_least_fp32(out.prob_perplexity)) / out.num_vars
     with torch.no_grad():
         if logits.numel() == 0:
             correct = torch.zeros((), dtype=torch.long, device=logits.device)
@@ -367,5 +357,5 @@ def normalized_wav2vec2_loss(
     size_i = terms.num_masked
     for value, weight in ((terms.diversity, weights.diversity), (terms.feature_penalty, weights.feature_penalty)):
         if weight != 0:
-            loss = loss + weight * _at_least_fp32(value) * size_i
+            loss = loss + weight * at_least_fp32(value) * size_i
     return loss / max(int(total_sample_size), 1)
