@@ -238,7 +238,10 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
         deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
         default_root_dir=out)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+    with warnings.catch_warnings():
+        # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
