@@ -275,12 +275,25 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
-def cleanup(keep: bool) -> None:
+def publish(section: str, body: list[str]) -> None:
+    """Write ``body`` as the ``section`` of bench/RESULTS.md and print it."""
+    text = "\n".join(body)
+    write_section(section, text)
+    print(text)
+    print(f"\n(wrote section '{section}' of {RESULTS.relative_to(REPO)})")
+
+
+def remove_work(work: Path, keep: bool) -> None:
+    """Delete a benchmark's scratch folder unless ``--keep`` was given."""
     if keep:
-        log(f"--keep: leaving {WORK.relative_to(REPO)} in place")
-        return
-    shutil.rmtree(WORK, ignore_errors=True)
-    log(f"removed {WORK.relative_to(REPO)}")
+        log(f"--keep: leaving {work.relative_to(REPO)} in place")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        log(f"removed {work.relative_to(REPO)}")
+
+
+def cleanup(keep: bool) -> None:
+    remove_work(WORK, keep)
 
 
 def dumps(obj: object) -> str:

@@ -212,10 +212,7 @@ def run(args: argparse.Namespace, command: str) -> None:
         "- `cp` (coreutils) copies with `copy_file_range`, in the kernel: no user-space read or write; "
         "`dd bs=16M` shows what a plain user-space read+write copy of the same bytes costs here.",
     ]
-    text = "\n".join(body)
-    C.write_section(SECTION, text)
-    print(text)
-    print(f"\n(wrote section '{SECTION}' of {C.RESULTS.relative_to(C.REPO)})")
+    C.publish(SECTION, body)
 
 
 if __name__ == "__main__":

@@ -380,11 +380,7 @@ def main() -> None:
     try:
         run(args, scales, command, work)
     finally:
-        if args.keep:
-            C.log(f"--keep: leaving {work.relative_to(C.REPO)} in place")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            C.log(f"removed {work.relative_to(C.REPO)}")
+        C.remove_work(work, args.keep)
     C.log(f"total {time.perf_counter() - started:.0f} s")
 
 
@@ -513,9 +509,7 @@ def run(args: argparse.Namespace, scales: list[int], command: str, work: Path) -
         "",
         *summary,
     ]
-    C.write_section(SECTION, "\n".join(body))
-    C.log(f"wrote the {SECTION} section of {C.RESULTS.relative_to(C.REPO)}")
-    print("\n".join(body))
+    C.publish(SECTION, body)
 
 
 if __name__ == "__main__":

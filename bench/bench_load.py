@@ -276,10 +276,7 @@ def run(args: argparse.Namespace, command: str) -> None:
         "- 'RSS at ready' is the resident set right when the model is ready: (a)/(c) have not read the weights "
         "yet (the safetensors / torch files are memory-mapped), (b) holds them all (and freed the random init).",
     ]
-    text = "\n".join(body)
-    C.write_section(SECTION, text)
-    print(text)
-    print(f"\n(wrote section '{SECTION}' of {C.RESULTS.relative_to(C.REPO)})")
+    C.publish(SECTION, body)
 
 
 if __name__ == "__main__":

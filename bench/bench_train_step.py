@@ -301,11 +301,7 @@ def main() -> None:
     try:
         run(args, command, work)
     finally:
-        if args.keep:
-            C.log(f"--keep: leaving {work.relative_to(C.REPO)} in place")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
-            C.log(f"removed {work.relative_to(C.REPO)}")
+        C.remove_work(work, args.keep)
     C.log(f"total {time.perf_counter() - started:.0f} s")
 
 
@@ -425,10 +421,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
         if ratio <= TARGET_RATIO:
             body += ["", f"(b) meets its target ({ratio:.2f}× ≤ {TARGET_RATIO}×), so no change to "
                      "`continue_pt/hubert_objective.py` is measured here; the profile is context."]
-    text = "\n".join(body)
-    C.write_section(SECTION, text)
-    print(text)
-    print(f"\n(wrote section '{SECTION}' of {C.RESULTS.relative_to(C.REPO)})")
+    C.publish(SECTION, body)
 
 
 if __name__ == "__main__":
