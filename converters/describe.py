@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -70,16 +71,9 @@ def describe(path: str | Path) -> dict[str, Any]:
     with read_fairseq_checkpoint(path) as ckpt:
         plan = plan_conversion(ckpt)
         names = {t.name for t in plan.model_tensors}
-        params = sum(_numel(t.shape) for t in plan.model_tensors)
+        params = sum(math.prod(t.shape) for t in plan.model_tensors)
         facts = {"what": f"fairseq checkpoint ({ckpt.era} era)", **_summary(plan.config, names, params)}
         dropped = plan.key_map_result.dropped if plan.key_map_result else {}
         if dropped:
             facts["dropped"] = dropped
         return facts
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
