@@ -68,12 +68,12 @@ class GumbelVectorQuantizer(nn.Module):
         logits = self.weight_proj(features.reshape(-1, fsz)).view(bsz * tsz * self.groups, -1)
         k = logits.argmax(-1)
         hard = torch.zeros_like(logits).scatter_(-1, k.view(-1, 1), 1.0).view(bsz * tsz, self.groups, -1)
-        hard_probs = hard.float().mean(dim=0)
+        hard_probs = _at_least_fp32(hard).mean(dim=0)
         code_ppl = torch.exp(-torch.sum(hard_probs * torch.log(hard_probs + 1e-7), dim=-1)).sum()
-        avg_probs = torch.softmax(logits.view(bsz * tsz, self.groups, -1).float(), dim=-1).mean(dim=0)
+        avg_probs = torch.softmax(_at_least_fp32(logits.view(bsz * tsz, self.groups, -1)), dim=-1).mean(dim=0)
         prob_ppl = torch.exp(-torch.sum(avg_probs * torch.log(avg_probs + 1e-7), dim=-1)).sum()
         if self.training:
-            one_hot = _straight_through_gumbel(logits.float(), self.temperature, gumbel_noise).type_as(logits)
+            one_hot = _straight_through_gumbel(_at_least_fp32(logits), self.temperature, gumbel_noise).type_as(logits)
         else:
             one_hot = hard.view(bsz * tsz * self.groups, -1)
         one_hot = one_hot.view(bsz * tsz, -1)
@@ -81,6 +81,11 @@ class GumbelVectorQuantizer(nn.Module):
         x = (one_hot.unsqueeze(-1) * self.codevectors).view(bsz * tsz, self.groups, self.num_vars, -1).sum(-2)
         return QuantizerOutput(x=x.view(bsz, tsz, -1), targets=targets.detach(), code_perplexity=code_ppl,
                                prob_perplexity=prob_ppl, temperature=self.temperature)
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    # fairseq computes these in fp32 (`.float()`), also under fp16/bf16; a float64 model keeps float64.
+    return x if x.dtype == torch.float64 else x.float()
 
 
 def _straight_through_gumbel(logits: Tensor, tau: float, noise: Tensor | None) -> Tensor:

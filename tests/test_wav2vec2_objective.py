@@ -4,12 +4,14 @@ On a converted random-weight fairseq ``Wav2Vec2Model`` (BASE ``wav2vec_small``: 
 LARGE ``libri960_big``: [0.1, 0]), train mode with dropout 0, the same waveforms, mask (fairseq's
 ``compute_mask_indices`` patched), Gumbel noise (``F.gumbel_softmax`` patched) and negatives (fairseq's
 ``sample_negatives`` run from the same seed, or its indices given to ours) give ``Wav2vecCriterion``'s loss,
-sample size and logging outputs, and every parameter gradient (mapped through the converter's key map).
+sample size and logging outputs, and every parameter gradient (mapped through the converter's key map): to
+1e-10 in float64 against fairseq's code run in pure float64, and in float32 as close to that truth as fairseq's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 from unittest import mock
 
@@ -232,53 +234,102 @@ PARITY_CASES = [
 ]
 
 
-# Loss, logged values, negatives and logits match to 1e-5 in both dtypes. Gradients: NOT yet within 1e-5 (see the
-# report): float64 on both sides still differs by up to ~3e-4 on project_q.bias / final_proj.bias (fairseq's compute_preds and
-# Gumbel softmax stay fp32 in a float64 model); float32 differs up to ~2e-3 on project_q.bias, a sum over rows
-# that nearly cancels. Tolerances below are the measured worst cases rounded up; to be investigated.
-DTYPES = [pytest.param(torch.float64, 5e-4, id="float64"), pytest.param(torch.float32, 5e-3, id="float32")]
+@contextlib.contextmanager
+def fairseq_without_fp32_casts() -> Iterator[None]:
+    """fairseq computes some pieces in fp32 whatever the model's dtype (``.float()`` in ``compute_preds``, the
+    quantizer, ``features_pen`` and ``Fp32GroupNorm``; ``utils.softmax(..., dtype=float32)`` in attention). In a
+    float64 model those islands round to fp32 and hide whether two implementations compute the same function.
+    Here ``.float()`` leaves float64 tensors float64 and attention's softmax keeps float64: fairseq's own code in
+    pure float64, the ground truth both float32 runs are measured against."""
+    from fairseq import utils as fairseq_utils
+
+    to_float = torch.Tensor.float
+
+    def keep_float64(self: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        return self if self.dtype == torch.float64 else to_float(self, *args, **kwargs)
+
+    def softmax(x: Tensor, dim: int, onnx_trace: bool = False) -> Tensor:
+        return F.softmax(x, dim=dim, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+    with mock.patch.object(torch.Tensor, "float", keep_float64), mock.patch.object(fairseq_utils, "softmax", softmax):
+        yield
 
 
-@pytest.mark.fairseq
-@pytest.mark.slow
-@pytest.mark.parametrize("dtype,grad_rel", DTYPES)
-@pytest.mark.parametrize("name,loss_weights,shapes,num_updates", PARITY_CASES)
-def test_loss_logs_and_every_gradient_match_fairseq(name, loss_weights, shapes, num_updates, dtype, grad_rel,
-                                                    tmp_path_factory):
-    pytest.importorskip("fairseq")
-    ref, bundle = _converted(name, tmp_path_factory)
-    crit = bundle.config.objective["criterion"]
-    if crit and crit.get("loss_weights") is not None:  # the checkpoint's own criterion weights
-        assert [float(w) for w in crit["loss_weights"]] == loss_weights
-    batches = [_batch(ref, bundle, lengths, n, seed=10 + i) for i, (lengths, n) in enumerate(shapes)]
-    f_loss, f_size, f_logs, f_grads, f_negs, f_logits = _fairseq_step(ref, batches, loss_weights, num_updates,
-                                                                        dtype)
-    loss, size, terms, outs, model = _our_step(bundle, batches, loss_weights, num_updates, dtype)
-
+def _check_step_against_fairseq(batches, outs, terms, loss, size, f_loss, f_size, f_logs, f_negs, f_logits,
+                                loss_weights, rel):
     assert size == f_size
-    for out, negs, logits, b in zip(outs, f_negs, f_logits, batches):
+    for out, negs, logits in zip(outs, f_negs, f_logits):
         # the same negatives drawn from the same seed (fairseq's index arithmetic), the same logits
         assert torch.equal(out.negative_indices, negs)
         fs = logits.permute(1, 2, 0).reshape(out.logits.shape)  # [1+N, B, M] -> batch-major rows
         assert torch.equal(torch.isinf(fs), torch.isinf(out.logits))
-        assert _max_rel(out.logits.masked_fill(torch.isinf(out.logits), 0), fs.masked_fill(torch.isinf(fs), 0)) <= REL
-    assert abs(loss - f_loss) <= REL * abs(f_loss)
+        assert _max_rel(out.logits.masked_fill(torch.isinf(out.logits), 0), fs.masked_fill(torch.isinf(fs), 0)) <= rel
+    assert abs(loss - f_loss) <= rel * abs(f_loss)
     w = Wav2Vec2LossWeights(*loss_weights)
     for t, out, log in zip(terms, outs, f_logs):
         assert t.num_masked == log["sample_size"] and t.count == log["count"]
         assert int(t.correct) == log["correct"]
         assert out.temperature == pytest.approx(log["temp"], rel=1e-12)
         for ours, key in ((out.prob_perplexity, "prob_perplexity"), (out.code_perplexity, "code_perplexity")):
-            assert abs(float(ours) - log[key]) <= REL * abs(log[key]), key
+            assert abs(float(ours) - log[key]) <= rel * abs(log[key]), key
         pieces = [t.infonce_sum.item(), w.diversity * t.diversity.item() * t.num_masked]
         if w.feature_penalty:
             pieces.append(w.feature_penalty * t.feature_penalty.item() * t.num_masked)
-        assert abs(sum(pieces) - log["loss"]) <= REL * abs(log["loss"])
+        assert abs(sum(pieces) - log["loss"]) <= rel * abs(log["loss"])
         for i, piece in enumerate(pieces):
-            assert abs(piece - log[f"loss_{i}"]) <= REL * abs(log[f"loss_{i}"]) + 1e-6, i
-    ours, expected = _mapped(f_grads, model)
-    worst = _assert_grads_close(ours, expected, grad_rel)
-    print(f"{name} {dtype}: loss rel diff {abs(loss - f_loss) / abs(f_loss):.2e}, worst gradient rel diff {worst:.2e} ({_worst_key[0]})")
+            assert abs(piece - log[f"loss_{i}"]) <= rel * abs(log[f"loss_{i}"]) + 1e-6, i
+
+
+# Gradients in float32 are compared with the float64 truth: each of ours may be off by no more than twice what
+# fairseq's own float32 gradient is off (plus 1e-7 of the largest gradient, for values rounding makes ~0).
+# Measured: ours <= 1.40x (BASE), 1.21x (BASE padded), 1.56x (LARGE) fairseq's error on every tensor. Ours vs
+# fairseq directly in float32 differs by up to 2.8e-4 (BASE) / 1.7e-3 (LARGE) relative, on project_q.bias, a sum
+# over frames that nearly cancels (3.8e-4 against 1.8e-2 for the largest gradient, BASE), where fairseq's own
+# float32 error is ~4x ours: rounding, not a different function (float64: <= 2.3e-12).
+FLOAT32_ERROR_RATIO = 2.0
+
+
+@pytest.mark.fairseq
+@pytest.mark.slow
+@pytest.mark.parametrize("name,loss_weights,shapes,num_updates", PARITY_CASES)
+def test_loss_logs_and_every_gradient_match_fairseq(name, loss_weights, shapes, num_updates, tmp_path_factory):
+    """float64: ours against fairseq's code in pure float64 -- the same function, so loss, logs and every
+    gradient to 1e-10 relative (measured <= 6e-13). float32 (as both are used): loss, logs and logits to 1e-5
+    relative, every gradient as close to the float64 truth as fairseq's own."""
+    pytest.importorskip("fairseq")
+    ref, bundle = _converted(name, tmp_path_factory)
+    crit = bundle.config.objective["criterion"]
+    if crit and crit.get("loss_weights") is not None:  # the checkpoint's own criterion weights
+        assert [float(w) for w in crit["loss_weights"]] == loss_weights
+    batches = [_batch(ref, bundle, lengths, n, seed=10 + i) for i, (lengths, n) in enumerate(shapes)]
+
+    with fairseq_without_fp32_casts():
+        f_loss, f_size, f_logs, truth, f_negs, f_logits = _fairseq_step(ref, batches, loss_weights, num_updates,
+                                                                         torch.float64)
+    loss, size, terms, outs, model = _our_step(bundle, batches, loss_weights, num_updates, torch.float64)
+    _check_step_against_fairseq(batches, outs, terms, loss, size, f_loss, f_size, f_logs, f_negs, f_logits,
+                                loss_weights, 1e-10)
+    ours64, truth = _mapped(truth, model)
+    worst64 = _assert_grads_close(ours64, truth, 1e-10)
+
+    f_loss, f_size, f_logs, f_grads, f_negs, f_logits = _fairseq_step(ref, batches, loss_weights, num_updates)
+    loss, size, terms, outs, model = _our_step(bundle, batches, loss_weights, num_updates)
+    _check_step_against_fairseq(batches, outs, terms, loss, size, f_loss, f_size, f_logs, f_negs, f_logits,
+                                loss_weights, REL)
+    ours32, fairseq32 = _mapped(f_grads, model)
+    scale = max(g.abs().max().item() for g in truth.values())
+    worst_ratio, direct = 0.0, 0.0
+    for key, exact in truth.items():
+        ours_error = (ours32[key].double() - exact).abs().max().item()
+        fairseq_error = (fairseq32[key].double() - exact).abs().max().item()
+        assert ours_error <= FLOAT32_ERROR_RATIO * fairseq_error + 1e-7 * scale, \
+            f"{key}: float32 error {ours_error:.3g}, fairseq's own {fairseq_error:.3g}"
+        worst_ratio = max(worst_ratio, ours_error / max(fairseq_error, 1e-30))
+        if not key.endswith("k_proj.bias"):
+            direct = max(direct, _max_rel(ours32[key], fairseq32[key]))
+    print(f"{name}: float64 worst gradient rel diff {worst64:.1e} ({_worst_key[0]}); float32 loss rel diff "
+          f"{abs(loss - f_loss) / abs(f_loss):.1e}, worst error ratio to fairseq's own {worst_ratio:.2f}, "
+          f"worst direct gradient rel diff {direct:.1e}")
 
 
 @pytest.mark.fairseq
