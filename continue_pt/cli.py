@@ -144,6 +144,10 @@ _PRETRAIN_FLAGS = [
     click.option("--unmasked-weight", type=float,
                  help="Weight of the unmasked frames' loss (fairseq pred_nomask_weight; the checkpoint's, 0, by default)."),
     click.option("--feature-penalty-weight", type=float, help="Weight of the feature penalty (default: the checkpoint's, 10)."),
+    click.option("--diversity-weight", type=float,
+                 help="wav2vec 2.0: weight of the codebook diversity loss (default: the checkpoint's, 0.1)."),
+    click.option("--num-negatives", type=click.IntRange(min=1),
+                 help="wav2vec 2.0: distractors per masked frame (default: the checkpoint's, 100)."),
     click.option("--seed", type=int, help="Seed of data order, crops and masks."),
     click.option("--num-workers", type=int, help="Data loader worker processes."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
@@ -221,10 +225,14 @@ def _kmeans_as_safetensors(path: Path, layer: int, output_dir: Path) -> Path:
 @_with_pretrain_flags
 @click.pass_context
 def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
-    """Continue pre-training a HuBERT bundle on your own audio; export the result as a bundle.
+    """Continue pre-training a HuBERT or wav2vec 2.0 bundle on your own audio; export the result as a bundle.
+
+    The objective follows the bundle: HuBERT's masked prediction of k-means targets, or wav2vec 2.0's
+    contrastive task with its own quantizer (the Gumbel temperature continues from the bundle's num_updates).
 
     \b
     continue-pt pretrain --init-from hubert_base/ --train-data my_audio/ --output-dir run1/ --max-steps 20000
+    continue-pt pretrain --init-from wav2vec2_base/ --train-data my_audio/ --output-dir run2/ --max-steps 20000
     continue-pt pretrain --resume run1/checkpoints/last.ckpt --train-data my_audio/ --output-dir run1/ --max-steps 40000
     """
     from continue_pt.curves import write_curves

@@ -20,6 +20,7 @@ ASSETS = Path(__file__).resolve().parent / "demo_assets"
 CHECKPOINT = ASSETS / "tiny_hubert.pt"
 KMEANS = ASSETS / "tiny_hubert_L1_km20.bin"
 KMEANS_LAYER = 1
+WAV2VEC2_CHECKPOINT = ASSETS / "tiny_wav2vec2.pt"
 
 
 def demo_audio(seconds: float, seed: int) -> torch.Tensor:

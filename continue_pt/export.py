@@ -1,7 +1,8 @@
-"""A Lightning checkpoint of :class:`~continue_pt.lightning_module.HubertContinuedPretraining` -> a bundle.
+"""A Lightning checkpoint of :class:`~continue_pt.lightning_module.HubertContinuedPretraining` or
+:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining` -> a bundle.
 
-The checkpoint holds everything needed (the student's weights, fairseq's extra label rows, the bundle config it
-started from, the steps trained, the k-means of the targets), so nothing else is read. It is read with
+The checkpoint holds everything needed (the student's weights, HuBERT's extra label rows, the bundle config it
+started from, the steps trained, HuBERT's k-means of the targets), so nothing else is read. It is read with
 ``torch.load(weights_only=True)``: no pickled code runs.
 """
 
@@ -22,7 +23,7 @@ from bundles.errors import BundleError
 from bundles.kmeans import KMeansModel
 from bundles.safetensors_stream import PendingTensor
 from bundles.writing import write_bundle
-from continue_pt.lightning_module import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from continue_pt.module_base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 
 STUDENT_PREFIX = "student."
 EXTRA_ROWS_KEY = "extra_label_embeddings"
@@ -82,11 +83,17 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
     options = json.loads(extra.get("options", "{}"))
     steps = int(extra.get("steps", 0))
 
-    num_classes = int(extra.get("num_classes", model_state["logit_generator.label_embeddings"].shape[0]))
-    previous_classes = (config.pretrain_args or {}).get("num_classes")
-    config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
-    config.label_dictionary = _label_dictionary(num_classes, config.label_dictionary if num_classes == previous_classes
-                                                else None)
+    if config.family == "hubert":
+        num_classes = int(extra.get("num_classes", model_state["logit_generator.label_embeddings"].shape[0]))
+        previous_classes = (config.pretrain_args or {}).get("num_classes")
+        config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
+        config.label_dictionary = _label_dictionary(
+            num_classes, config.label_dictionary if num_classes == previous_classes else None)
+        targets = ("offline frame labels" if options.get("offline_labels") else
+                   f"online: teacher {options.get('teacher') or options.get('bundle')}, "
+                   f"k-means {options.get('kmeans') or 'of the teacher bundle'}")
+    else:  # wav2vec 2.0: its own quantizer makes the targets; num_updates below continues the Gumbel temperature
+        targets = "contrastive: the model's own Gumbel quantizer"
     start_updates = config.num_updates or 0
     config.num_updates = start_updates + steps
     history = list(config.provenance.get("training", [])) if isinstance(config.provenance.get("training"), list) \
@@ -97,9 +104,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         "checkpoint": path.name,
         "steps": steps,
         "data": train_data if train_data is not None else options.get("train_data"),
-        "targets": ("offline frame labels" if options.get("offline_labels") else
-                    f"online: teacher {options.get('teacher') or options.get('bundle')}, "
-                    f"k-means {options.get('kmeans') or 'of the teacher bundle'}"),
+        "targets": targets,
         "label_head_reinitialised": bool(options.get("reinit_label_head")),
         "loss_normalization": extra.get("loss_norm"),
         "peak_lr": options.get("lr"),

@@ -35,10 +35,8 @@ import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm
@@ -48,7 +46,6 @@ from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
 from continue_pt.hubert_objective import (
-    LOSS_MODES,
     LossWeights,
     StepTotals,
     conv_output_frames,
@@ -58,87 +55,18 @@ from continue_pt.hubert_objective import (
     normalized_loss,
 )
 from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
+from continue_pt.module_base import (  # noqa: F401  (re-exported: older imports name this module)
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEY,
+    DEFAULT_PEAK_LR,
+    ContinuedPretrainingBase,
+    ModuleOptions,
+    seed_of,
+)
 from continue_pt.targets import OnlineTargets
 
-CHECKPOINT_KEY = "continue_pt"
-"""Key of the dict this module adds to a Lightning checkpoint (read by :mod:`continue_pt.export`)."""
-CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
 
-DEFAULT_PEAK_LR = 5e-5
-"""Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
-published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
-the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
-learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
-
-
-@dataclass
-class ModuleOptions:
-    """What the module is built from; only primitives, so ``torch.load(weights_only=True)`` reads the
-    hyper-parameters Lightning stores in every checkpoint."""
-
-    bundle: str
-    """The bundle directory of the student (``continue-pt convert`` output)."""
-    teacher: str | None = None
-    """Bundle directory of the teacher making online targets; None: the student's bundle (frozen copy)."""
-    kmeans: str | None = None
-    """A ``km.safetensors`` file for online targets; None: the teacher bundle's k-means."""
-    offline_labels: bool = False
-    """Take the targets from ``batch["labels"]`` (fairseq ``.km`` frame labels) instead of a teacher."""
-    reinit_label_head: bool = False
-    """Re-initialise ``label_embeddings`` (K rows for the k-means' K clusters, + fairseq's special rows) and
-    ``final_proj`` as torchaudio/fairseq initialise them (for a new label set)."""
-    head_only_steps: int = 0
-    """During the first N steps only the label head (``final_proj``, label embeddings) is updated."""
-    num_classes: int | None = None
-    """K for offline labels with ``reinit_label_head`` (else from the k-means)."""
-    loss_norm: str = "fairseq"
-    """``"fairseq"`` (divide by masked (+ unmasked if weighted) frames of the whole step), ``"torchaudio"``
-    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; each term over its own frames of the step)."""
-    masked_weight: float | None = None
-    unmasked_weight: float | None = None
-    feature_penalty_weight: float | None = None
-    """Loss weights; None: the bundle's ``objective.criterion`` (fairseq's pred_masked_weight,
-    pred_nomask_weight, loss_weights[0])."""
-    masking: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the bundle's masking options (``HubertMasking`` field names, e.g. ``mask_prob``)."""
-    feature_grad_mult: float | None = None
-    """Gradient scale of the conv feature extractor (0 freezes it); None: the bundle's objective value."""
-    freeze_feature_extractor_steps: int = 0
-    """The conv feature extractor gets no gradient during the first N steps."""
-    logit_temp: float | None = None
-    lr: float = DEFAULT_PEAK_LR
-    warmup_steps: int = 1000
-    schedule: str = "linear"
-    """Decay after warm-up, to 0 at ``max_steps``: ``"linear"`` (fairseq's polynomial_decay, power 1) or
-    ``"cosine"``."""
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    seed: int = 0
-    """Masks and dropout of each micro-batch are drawn from ``(seed, step, micro-batch, rank)``: a resumed run
-    draws exactly what the uninterrupted run drew."""
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if self.loss_norm not in LOSS_MODES:
-            raise ValueError(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule is {self.schedule!r}; expected 'linear' or 'cosine'")
-        unknown = sorted(set(self.masking) - {f.name for f in fields(HubertMasking)})
-        if unknown:
-            raise ValueError(f"unknown masking options {unknown}")
-
-    def to_hparams(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        return data
-
-
-def _seed_of(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2 ** 63))
-
-
-class HubertContinuedPretraining(pl.LightningModule):
+class HubertContinuedPretraining(ContinuedPretrainingBase):
     """Continue HuBERT's masked-prediction pre-training of a bundle. See the module docstring.
 
     Args:
@@ -245,12 +173,6 @@ class HubertContinuedPretraining(pl.LightningModule):
 
     # ------------------------------------------------------------------------------------------- steps
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self._trainer
-        if trainer is None:
-            return 1, 0
-        return trainer.world_size, trainer.global_rank
-
     def draw_masks(self, batch: dict[str, Any], shape: tuple[int, int], frame_padding: Tensor | None,
                    rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
         """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws."""
@@ -349,7 +271,7 @@ class HubertContinuedPretraining(pl.LightningModule):
         micro = self._micro_index
         self._micro_index += 1
         # dropout and layer drop draw from the global torch RNG: seed it per micro-batch for an exact resume
-        torch.manual_seed(_seed_of(self.options.seed, 1, step, micro, rank))
+        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
         rng = np.random.default_rng([self.options.seed, step, micro, rank])
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
@@ -410,9 +332,7 @@ class HubertContinuedPretraining(pl.LightningModule):
         divisor = size if size > 0 else 1.0
         if self.options.loss_norm == "per-term":
             divisor = 1.0
-        for p in self.parameters():
-            if p.grad is not None:
-                p.grad.div_(divisor)
+        self.divide_gradients(divisor)
         if self.global_step < self.options.head_only_steps:
             head = {id(p) for p in self.head_parameters()}
             for p in self.parameters():
@@ -453,21 +373,6 @@ class HubertContinuedPretraining(pl.LightningModule):
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy_masked", terms.masked_correct.double() / n_m, batch_size=n_m, sync_dist=True)
 
-    # ------------------------------------------------------------------------------------------- optimiser
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW (fairseq's HuBERT recipe: betas (0.9, 0.98), eps 1e-6, weight decay 0.01), linear warm-up to
-        ``lr`` then linear (or cosine) decay to 0 at the trainer's ``max_steps``, stepped every update."""
-        o = self.options
-        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
-        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
-        if total is None:
-            raise ValueError("set the Trainer's max_steps: the learning-rate schedule decays to 0 at max_steps")
-        schedule = _lr_factor(o.warmup_steps, total, o.schedule)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
-
     # ------------------------------------------------------------------------------------------- checkpoints
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -478,6 +383,7 @@ class HubertContinuedPretraining(pl.LightningModule):
             del state[key]
         extra: dict[str, Any] = {
             "format": CHECKPOINT_FORMAT,
+            "family": "hubert",
             "bundle_config": self.bundle_config.to_json(),
             "steps": int(self.global_step),
             "num_classes": self.num_classes,
@@ -494,16 +400,3 @@ class HubertContinuedPretraining(pl.LightningModule):
         if state is not None and self.targets is not None:
             for key, value in self.targets.state_dict().items():
                 state.setdefault(f"targets.{key}", value)
-
-
-def _lr_factor(warmup: int, total: int, schedule: str):
-    def factor(step: int) -> float:
-        if warmup > 0 and step < warmup:
-            return (step + 1) / warmup  # fairseq's polynomial_decay: lr * num_updates / warmup (from update 1)
-        remaining = max(total - warmup, 1)
-        progress = min(max(step - warmup, 0) / remaining, 1.0)
-        if schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return 1.0 - progress
-
-    return factor

@@ -1,4 +1,7 @@
-"""``run_pretraining``: continue pre-training a HuBERT bundle on your audio, then export the result as a bundle.
+"""``run_pretraining``: continue pre-training a HuBERT or wav2vec 2.0 bundle on your audio, then export the result as
+a bundle. The objective follows the bundle's family: HuBERT's masked prediction of k-means targets
+(:class:`~continue_pt.lightning_module.HubertContinuedPretraining`) or wav2vec 2.0's contrastive task
+(:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining`).
 
 ``init_from`` (a bundle: weights only, fresh optimiser) and ``resume`` (a training checkpoint: full state) are
 mutually exclusive, as in litgpt. Every problem with the options is reported at once, before anything starts.
@@ -25,11 +28,18 @@ from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
 from continue_pt.hubert_objective import LOSS_MODES
-from continue_pt.lightning_module import (
-    DEFAULT_PEAK_LR,
-    HubertContinuedPretraining,
-    ModuleOptions,
-)
+from continue_pt.lightning_module import HubertContinuedPretraining
+from continue_pt.masking import HubertMasking
+from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
+from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining, unsupported_wav2vec2_options
+
+MODULES: dict[str, type[ContinuedPretrainingBase]] = {
+    "hubert": HubertContinuedPretraining,
+    "wav2vec2": Wav2Vec2ContinuedPretraining,
+}
+"""The LightningModule that continues each bundle family."""
+_HUBERT_ONLY = ("teacher", "kmeans", "labels", "label_dict", "val_labels", "reinit_label_head", "head_only_steps",
+                "unmasked_weight")
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +79,14 @@ class PretrainOptions:
     unmasked_weight: float | None = None
     """Weight of the unmasked frames' loss (fairseq's pred_nomask_weight); None: the checkpoint's (0 for HuBERT)."""
     feature_penalty_weight: float | None = None
-    """Weight of the feature penalty (fairseq's loss_weights[0]); None: the checkpoint's criterion, else 10."""
+    """Weight of the feature penalty (fairseq's loss_weights[0] for HuBERT, [1] for wav2vec 2.0); None: the
+    checkpoint's criterion, else 10."""
+    diversity_weight: float | None = None
+    """wav2vec 2.0: weight of the codebook diversity loss (fairseq's loss_weights[0]); None: the checkpoint's."""
+    num_negatives: int | None = None
+    """wav2vec 2.0: distractors per masked frame; None: the checkpoint's (100 in the published recipes)."""
+    codebook_warn_threshold: float = 0.1
+    """wav2vec 2.0: warn when the code perplexity falls below this fraction of the usable codewords."""
     teacher: str | None = None
     kmeans: str | None = None
     """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""
@@ -115,9 +132,15 @@ class PretrainOptions:
                     problems.append(f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; "
                                     "continue from the pre-trained checkpoint it was fine-tuned from (e.g. "
                                     "hubert_large_ll60k for hubert_large_ll60k_ft_ls960), or fine-tune it instead")
-                elif bundle.family != "hubert":
-                    problems.append(f"{self.init_from} is a {bundle.family} bundle; only HuBERT continuation is "
-                                    "implemented")
+                elif bundle.family not in MODULES:
+                    problems.append(f"{self.init_from} is a {bundle.family} bundle; continuation is implemented "
+                                    f"for {sorted(MODULES)}")
+                elif bundle.family == "wav2vec2":
+                    problems += self._wav2vec2_problems(bundle)
+            if bundle is not None and bundle.family == "hubert" and (self.diversity_weight is not None
+                                                                      or self.num_negatives is not None):
+                problems.append("diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no "
+                                "quantizer or negatives")
         if self.resume is not None:
             try:
                 read_training_checkpoint(self.resume)
@@ -168,6 +191,19 @@ class PretrainOptions:
         if problems:
             raise PretrainOptionsError(self.output_dir, problems, hint="Nothing was started")
 
+    def _wav2vec2_problems(self, bundle: Any) -> list[str]:
+        problems = [f"{name} is a HuBERT option; wav2vec 2.0 learns from its own quantizer (no k-means, labels or "
+                    "label head)" for name in _HUBERT_ONLY if getattr(self, name)]
+        if self.loss_norm != "fairseq":
+            problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
+                            "the step's masked frames (fairseq's sample_size)")
+        try:
+            masking = HubertMasking.from_options({**(bundle.config.objective or {}), **self.masking})
+        except TypeError as exc:
+            return problems + [f"masking: {exc}"]
+        return problems + [f"{self.init_from}: {p}" for p in
+                           unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
+
     def module_options(self) -> ModuleOptions:
         return ModuleOptions(
             bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
@@ -175,7 +211,8 @@ class PretrainOptions:
             head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
             unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
             masking=dict(self.masking),
-            feature_grad_mult=self.feature_grad_mult,
+            feature_grad_mult=self.feature_grad_mult, diversity_weight=self.diversity_weight,
+            num_negatives=self.num_negatives, codebook_warn_threshold=self.codebook_warn_threshold,
             freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
             warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
 
@@ -188,14 +225,18 @@ class RunResult:
     metrics_csv: Path
 
 
-def build_module(options: PretrainOptions) -> HubertContinuedPretraining:
+def build_module(options: PretrainOptions) -> ContinuedPretrainingBase:
+    """The module for the bundle's family (``init_from``), or the one a checkpoint was written by (``resume``)."""
     if options.resume is not None:
         checkpoint = read_training_checkpoint(options.resume)
         hparams = checkpoint.get("hyper_parameters", {}).get("options")
         if not isinstance(hparams, dict):
             raise BundleError(options.resume, "has no module options", hint="Was it written by continue-pt?")
-        return HubertContinuedPretraining(hparams)
-    return HubertContinuedPretraining(options.module_options())
+        family = checkpoint[CHECKPOINT_KEY].get("family", "hubert")  # older checkpoints: HuBERT only
+        if family not in MODULES:
+            raise BundleError(options.resume, f"was written for a {family!r} model, which this version cannot train")
+        return MODULES[family](hparams)
+    return MODULES[load_bundle(options.init_from).family](options.module_options())
 
 
 def _point_last_at(final: Path) -> None:

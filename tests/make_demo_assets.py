@@ -1,8 +1,10 @@
-"""Regenerate the tiny fairseq HuBERT checkpoint and k-means shipped for `continue-pt demo` (needs fairseq).
+"""Regenerate the tiny fairseq HuBERT and wav2vec 2.0 checkpoints and the k-means shipped for `continue-pt demo`
+(needs fairseq).
 
-    .venv/bin/python -m tests.make_demo_assets
+    .venv/bin/python -m tests.make_demo_assets            # all
+    .venv/bin/python -m tests.make_demo_assets wav2vec2   # only tiny_wav2vec2.pt
 
-The checkpoint is written by fairseq's own model classes and saved as fairseq's trainer saves it (plain-dict
+The checkpoints are written by fairseq's own model classes and saved as fairseq's trainer saves it (plain-dict
 ``cfg``, ``task_state`` with the label Dictionary, ``optimizer_history``), with the cluster symbols shuffled in
 the dictionary as real label dictionaries can be. The k-means is a real scikit-learn MiniBatchKMeans fitted on
 the model's layer-1 features of generated audio and written with joblib, as fairseq's learn_kmeans.py does.
@@ -17,9 +19,10 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.cluster import MiniBatchKMeans
 
-from continue_pt.demo import ASSETS, KMEANS_LAYER, demo_audio
+from continue_pt.demo import ASSETS, KMEANS_LAYER, WAV2VEC2_CHECKPOINT, demo_audio
 from fairseq.data import Dictionary
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
+from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq.tasks.hubert_pretraining import HubertPretrainingConfig
 
 NUM_CLUSTERS = 20
@@ -33,6 +36,35 @@ MODEL = dict(
 )
 TASK = dict(_name="hubert_pretraining", data="demo", labels=["km"], label_rate=50, sample_rate=16000,
             normalize=False, max_sample_size=250000, min_sample_size=16000, random_crop=True, pad_audio=False)
+
+# wav2vec 2.0 BASE's recipe (wav2vec2_base_librispeech.yaml) at a tiny width; a checkpoint 50k updates into training
+# (Gumbel temperature 2 * 0.999995^50000 = 1.56), so a continued run must pick the temperature up from there.
+WAV2VEC2_MODEL = dict(
+    extractor_mode="default", encoder_layers=2, encoder_embed_dim=64, encoder_ffn_embed_dim=128,
+    encoder_attention_heads=4, conv_feature_layers=MODEL["conv_feature_layers"], conv_bias=False, conv_pos=16,
+    conv_pos_groups=4, final_dim=32, latent_vars=16, latent_groups=2, latent_temp=(2.0, 0.5, 0.999995),
+    quantize_targets=True, layer_norm_first=False, feature_grad_mult=0.1, mask_prob=0.65, mask_length=10,
+    num_negatives=100, cross_sample_negatives=0, logit_temp=0.1, dropout=0.1, attention_dropout=0.1,
+    activation_dropout=0.0, encoder_layerdrop=0.05, dropout_input=0.1, dropout_features=0.1,
+)
+WAV2VEC2_NUM_UPDATES = 50_000
+
+
+def write_tiny_wav2vec2() -> None:
+    torch.manual_seed(1)
+    model_cfg = Wav2Vec2Config(**WAV2VEC2_MODEL)
+    model = Wav2Vec2Model(model_cfg).eval()
+    cfg = {"model": OmegaConf.to_container(OmegaConf.structured(model_cfg), enum_to_str=True) | {"_name": "wav2vec2"},
+           "task": {"_name": "audio_pretraining", "data": "demo", "sample_rate": 16000, "normalize": False,
+                    "max_sample_size": 250000, "min_sample_size": 32000},
+           "criterion": {"_name": "wav2vec", "infonce": True, "loss_weights": [0.1, 10.0],
+                         "log_keys": ["prob_perplexity", "code_perplexity", "temp"]}}
+    checkpoint = {"cfg": cfg, "model": model.state_dict(),
+                  "optimizer_history": [{"criterion_name": "Wav2vecCriterion", "optimizer_name": "FairseqAdam",
+                                         "lr_scheduler_state": {"best": None},
+                                         "num_updates": WAV2VEC2_NUM_UPDATES}],
+                  "task_state": {}, "extra_state": {"epoch": 1}}
+    torch.save(checkpoint, WAV2VEC2_CHECKPOINT)
 
 
 def main() -> None:
@@ -63,8 +95,14 @@ def main() -> None:
     feats = torch.cat(feats).numpy().astype(np.float32)
     km = MiniBatchKMeans(n_clusters=NUM_CLUSTERS, batch_size=256, n_init=3, random_state=0).fit(feats)
     joblib.dump(km, ASSETS / "tiny_hubert_L1_km20.bin")
+    write_tiny_wav2vec2()
     print(f"wrote {ASSETS}")
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    if sys.argv[1:] == ["wav2vec2"]:  # only the wav2vec 2.0 checkpoint (added later; the others stay as shipped)
+        write_tiny_wav2vec2()
+    else:
+        main()

@@ -1,0 +1,159 @@
+"""What the two continued pre-training modules share: options, the checkpoint section, seeding, world size,
+fairseq's gradient normalisation and the optimiser with its schedule.
+
+:class:`~continue_pt.lightning_module.HubertContinuedPretraining` and
+:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining` differ only in the objective they run.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from continue_pt.hubert_objective import LOSS_MODES
+from continue_pt.masking import HubertMasking
+
+CHECKPOINT_KEY = "continue_pt"
+"""Key of the dict this module adds to a Lightning checkpoint (read by :mod:`continue_pt.export`)."""
+CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
+
+DEFAULT_PEAK_LR = 5e-5
+"""Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
+published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
+the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
+learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
+
+
+@dataclass
+class ModuleOptions:
+    """What the module is built from; only primitives, so ``torch.load(weights_only=True)`` reads the
+    hyper-parameters Lightning stores in every checkpoint."""
+
+    bundle: str
+    """The bundle directory of the student (``continue-pt convert`` output)."""
+    teacher: str | None = None
+    """Bundle directory of the teacher making online targets; None: the student's bundle (frozen copy)."""
+    kmeans: str | None = None
+    """A ``km.safetensors`` file for online targets; None: the teacher bundle's k-means."""
+    offline_labels: bool = False
+    """Take the targets from ``batch["labels"]`` (fairseq ``.km`` frame labels) instead of a teacher."""
+    reinit_label_head: bool = False
+    """Re-initialise ``label_embeddings`` (K rows for the k-means' K clusters, + fairseq's special rows) and
+    ``final_proj`` as torchaudio/fairseq initialise them (for a new label set)."""
+    head_only_steps: int = 0
+    """During the first N steps only the label head (``final_proj``, label embeddings) is updated."""
+    num_classes: int | None = None
+    """K for offline labels with ``reinit_label_head`` (else from the k-means)."""
+    loss_norm: str = "fairseq"
+    """``"fairseq"`` (divide by masked (+ unmasked if weighted) frames of the whole step), ``"torchaudio"``
+    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; each term over its own frames of the step)."""
+    masked_weight: float | None = None
+    unmasked_weight: float | None = None
+    feature_penalty_weight: float | None = None
+    """Loss weights; None: the bundle's ``objective.criterion`` (fairseq's pred_masked_weight,
+    pred_nomask_weight, loss_weights[0])."""
+    masking: dict[str, Any] = field(default_factory=dict)
+    """Overrides of the bundle's masking options (``HubertMasking`` field names, e.g. ``mask_prob``)."""
+    feature_grad_mult: float | None = None
+    """Gradient scale of the conv feature extractor (0 freezes it); None: the bundle's objective value."""
+    freeze_feature_extractor_steps: int = 0
+    """The conv feature extractor gets no gradient during the first N steps."""
+    logit_temp: float | None = None
+    diversity_weight: float | None = None
+    """wav2vec 2.0: weight of the codebook diversity loss (fairseq's loss_weights[0]); None: the checkpoint's."""
+    num_negatives: int | None = None
+    """wav2vec 2.0: distractors per masked frame from the same utterance; None: the checkpoint's (100)."""
+    latent_temp: tuple[float, float, float] | None = None
+    """wav2vec 2.0: Gumbel temperature schedule ``(max, min, decay)``; None: the checkpoint's. The temperature
+    continues from the bundle's ``num_updates`` either way."""
+    codebook_warn_threshold: float = 0.1
+    """wav2vec 2.0 collapse guard: warn when the code perplexity falls below this fraction of the codewords a
+    step could use (``groups * min(latent_vars, masked frames)``)."""
+    codebook_warn_every: int = 1000
+    """wav2vec 2.0 collapse guard: after the first warning, warn again at most every N steps."""
+    lr: float = DEFAULT_PEAK_LR
+    warmup_steps: int = 1000
+    schedule: str = "linear"
+    """Decay after warm-up, to 0 at ``max_steps``: ``"linear"`` (fairseq's polynomial_decay, power 1) or
+    ``"cosine"``."""
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    seed: int = 0
+    """Masks and dropout of each micro-batch are drawn from ``(seed, step, micro-batch, rank)``: a resumed run
+    draws exactly what the uninterrupted run drew."""
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.latent_temp is not None:
+            self.latent_temp = tuple(float(t) for t in self.latent_temp)  # type: ignore[assignment]
+            if len(self.latent_temp) != 3:
+                raise ValueError(f"latent_temp is {self.latent_temp}; expected (max, min, decay)")
+        if self.loss_norm not in LOSS_MODES:
+            raise ValueError(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
+        if self.schedule not in ("linear", "cosine"):
+            raise ValueError(f"schedule is {self.schedule!r}; expected 'linear' or 'cosine'")
+        unknown = sorted(set(self.masking) - {f.name for f in fields(HubertMasking)})
+        if unknown:
+            raise ValueError(f"unknown masking options {unknown}")
+
+    def to_hparams(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        data["latent_temp"] = list(self.latent_temp) if self.latent_temp is not None else None
+        return data
+
+
+def seed_of(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2 ** 63))
+
+
+class ContinuedPretrainingBase(pl.LightningModule):
+    """World size and rank, gradient division by the step's sample size, AdamW with warm-up and decay."""
+
+    options: ModuleOptions
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self._trainer
+        if trainer is None:
+            return 1, 0
+        return trainer.world_size, trainer.global_rank
+
+    def divide_gradients(self, divisor: float) -> None:
+        """fairseq's ``multiply_grads(1 / sample_size)``: every gradient divided by the step's sample size."""
+        if divisor == 1.0:
+            return
+        for p in self.parameters():
+            if p.grad is not None:
+                p.grad.div_(divisor)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW (fairseq's recipes: betas (0.9, 0.98), eps 1e-6, weight decay 0.01), linear warm-up to
+        ``lr`` then linear (or cosine) decay to 0 at the trainer's ``max_steps``, stepped every update."""
+        o = self.options
+        optimizer = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+        if total is None:
+            raise ValueError("set the Trainer's max_steps: the learning-rate schedule decays to 0 at max_steps")
+        schedule = lr_factor(o.warmup_steps, total, o.schedule)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+
+def lr_factor(warmup: int, total: int, schedule: str):
+    def factor(step: int) -> float:
+        if warmup > 0 and step < warmup:
+            return (step + 1) / warmup  # fairseq's polynomial_decay: lr * num_updates / warmup (from update 1)
+        remaining = max(total - warmup, 1)
+        progress = min(max(step - warmup, 0) / remaining, 1.0)
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor

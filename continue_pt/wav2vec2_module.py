@@ -1,0 +1,304 @@
+"""``Wav2Vec2ContinuedPretraining``: a thin LightningModule around a bundle's wav2vec 2.0 pre-training model.
+
+The objective lives in plain functions (:mod:`continue_pt.wav2vec2_objective`); this module wires them to
+Lightning exactly as :class:`~continue_pt.lightning_module.HubertContinuedPretraining` does for HuBERT: masks and
+negatives are drawn from ``(seed, step, micro-batch, rank)`` (an exact resume), the Gumbel temperature continues
+from the bundle's ``num_updates`` plus the steps trained, and the loss is normalised as fairseq's trainer does.
+
+Loss normalisation: ``training_step`` returns the micro-batch's un-normalised ``Wav2vecCriterion`` loss
+(``InfoNCE sum + w_div * diversity * S_i + w_pen * features_pen * S_i``, ``S_i`` its masked frames) times
+``accumulate_grad_batches * world_size``; Lightning divides by the first, DDP averages over the second, so after
+the step's backwards ``.grad`` holds the gradient of the loss summed over every micro-batch of every rank.
+``on_before_optimizer_step`` divides it by the step's sample size (masked frames over micro-batches and ranks,
+all-reduced): fairseq's ``multiply_grads(1 / sample_size)``, before gradient clipping.
+
+Collapse guard: each step logs the code perplexity (hard code choices) and the prob perplexity (soft
+distribution, what the diversity loss raises). When the code perplexity falls below
+``codebook_warn_threshold`` of what the step could use, a warning says so, with what to try; it repeats at most
+every ``codebook_warn_every`` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities import grad_norm
+from torch import Tensor
+
+from bundles.loading import load_bundle
+from continue_pt.hubert_objective import conv_output_frames
+from continue_pt.masking import HubertMasking, hubert_time_mask
+from continue_pt.module_base import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_KEY,
+    ContinuedPretrainingBase,
+    ModuleOptions,
+    seed_of,
+)
+from continue_pt.wav2vec2_objective import (
+    Wav2Vec2LossTerms,
+    Wav2Vec2LossWeights,
+    Wav2Vec2Outputs,
+    normalized_wav2vec2_loss,
+    wav2vec2_forward,
+    wav2vec2_loss_terms,
+)
+
+__all__ = [
+    "CodebookCollapseWarning",
+    "Wav2Vec2ContinuedPretraining",
+    "codebook_usage",
+    "unsupported_wav2vec2_options",
+]
+
+# fairseq Wav2Vec2Model options the objective does not implement, with the value every published checkpoint has
+_SUPPORTED = {"codebook_negatives": 0, "negatives_from_everywhere": False}
+
+
+class CodebookCollapseWarning(UserWarning):
+    """The quantizer uses few of its codewords: the contrastive task is collapsing."""
+
+
+def unsupported_wav2vec2_options(objective: dict[str, Any], masking: HubertMasking) -> list[str]:
+    """Why the wav2vec 2.0 objective cannot continue this checkpoint (empty: it can)."""
+    problems = [f"{name}={objective.get(name)!r} is not supported (only {value!r}, as in every published "
+                "wav2vec 2.0 / XLS-R checkpoint)"
+                for name, value in _SUPPORTED.items() if objective.get(name, value) != value]
+    if masking.mask_channel_prob > 0:
+        problems.append(f"mask_channel_prob={masking.mask_channel_prob} (channel masking) is not implemented for "
+                        "wav2vec 2.0 pre-training (the published recipes use 0); pass masking mask_channel_prob: 0")
+    return problems
+
+
+def codebook_usage(code_perplexity: float, groups: int, latent_vars: int, num_masked: float) -> float:
+    """Code perplexity as a fraction of what a batch of ``num_masked`` frames could reach
+    (``groups * min(latent_vars, num_masked)``): 1 = every code used evenly, near 0 = collapse."""
+    reachable = groups * min(latent_vars, max(num_masked, 1.0))
+    return code_perplexity / reachable if reachable > 0 else float("nan")
+
+
+@dataclass(frozen=True)
+class _Objective:
+    """The objective's settings: the checkpoint's, overridden by the options."""
+
+    weights: Wav2Vec2LossWeights
+    num_negatives: int
+    cross_sample_negatives: int
+    logit_temp: float
+    feature_grad_mult: float
+    dropout_features: float
+
+
+class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
+    """Continue wav2vec 2.0's contrastive pre-training of a bundle. See the module docstring.
+
+    Args:
+        options: :class:`~continue_pt.module_base.ModuleOptions` or the dict of its fields (what Lightning gives
+            back from a checkpoint). The HuBERT-only fields (teacher, kmeans, labels, label head) must be unset.
+    """
+
+    def __init__(self, options: ModuleOptions | dict[str, Any]):
+        super().__init__()
+        if isinstance(options, dict):
+            options = ModuleOptions(**options)
+        self.options = options
+        self.save_hyperparameters({"options": options.to_hparams()})
+        hubert_only = [name for name, value in (("teacher", options.teacher), ("kmeans", options.kmeans),
+                                                ("offline_labels", options.offline_labels),
+                                                ("reinit_label_head", options.reinit_label_head),
+                                                ("head_only_steps", options.head_only_steps),
+                                                ("unmasked_weight", options.unmasked_weight),
+                                                ("masked_weight", options.masked_weight)) if value]
+        if hubert_only or options.loss_norm != "fairseq":
+            raise ValueError(f"wav2vec 2.0 pre-training has no targets or label head: {hubert_only or 'loss_norm'} "
+                             "only apply to HuBERT (its loss is normalised by masked frames, fairseq's way)")
+
+        bundle = load_bundle(options.bundle)
+        if bundle.family != "wav2vec2":
+            raise ValueError(f"{bundle.path}: a {bundle.family} bundle; this module continues wav2vec 2.0")
+        self.bundle_config = bundle.config
+        self.student = bundle.get_pretrain_model()  # raises for fine-tuned (CTC) bundles
+        objective = dict(bundle.config.objective or {})
+        self.masking = HubertMasking.from_options({**objective, **options.masking})
+        problems = unsupported_wav2vec2_options(objective, self.masking)
+        if problems:
+            raise ValueError(f"{bundle.path}: " + "; ".join(problems))
+        quantizer = self.student.quantizer
+        if options.latent_temp is not None:
+            quantizer.max_temperature, quantizer.min_temperature, quantizer.temperature_decay = options.latent_temp
+        self.start_updates = int(bundle.num_updates or 0)
+        quantizer.set_num_updates(self.start_updates)
+
+        criterion = objective.get("criterion") or {}
+        fairseq_weights = [float(w) for w in (criterion.get("loss_weights") or [])]
+        defaults = Wav2Vec2LossWeights()
+        diversity = fairseq_weights[0] if len(fairseq_weights) > 0 else defaults.diversity
+        penalty = fairseq_weights[1] if len(fairseq_weights) > 1 else defaults.feature_penalty
+        fgm = options.feature_grad_mult if options.feature_grad_mult is not None else objective.get(
+            "feature_grad_mult", 1.0)
+        self.objective = _Objective(
+            weights=Wav2Vec2LossWeights(
+                diversity=options.diversity_weight if options.diversity_weight is not None else diversity,
+                feature_penalty=(options.feature_penalty_weight if options.feature_penalty_weight is not None
+                                 else penalty)),
+            num_negatives=int(options.num_negatives if options.num_negatives is not None
+                              else objective.get("num_negatives", 100)),
+            cross_sample_negatives=int(objective.get("cross_sample_negatives", 0)),
+            logit_temp=float(options.logit_temp if options.logit_temp is not None
+                             else objective.get("logit_temp", 0.1)),
+            feature_grad_mult=float(fgm),
+            dropout_features=float(objective.get("dropout_features", 0.0)))
+        self.sample_rate = bundle.sample_rate
+        self.data_normalizes = bundle.normalize_waveform  # the data pipeline normalises each utterance
+        self._conv_layers = bundle.config.encoder_args["extractor_conv_layer_config"]
+
+        self._micro_index = 0
+        self._step_stats: Tensor | None = None
+        self._step_started = time.perf_counter()
+        self._last_collapse_warning: int | None = None
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def temperature_updates(self) -> int:
+        """fairseq's ``num_updates`` for the Gumbel temperature: the bundle's plus the steps trained here."""
+        return self.start_updates + int(self.global_step)
+
+    def draw_mask(self, shape: tuple[int, int], frame_padding: Tensor | None, rng: np.random.Generator) -> Tensor:
+        """fairseq's ``Wav2Vec2Model.apply_mask`` time mask (``min_masks=2``, same count in every utterance)."""
+        return torch.from_numpy(hubert_time_mask(shape, frame_padding, self.masking, rng=rng))
+
+    def draw_negatives_and_noise(self, batch: dict[str, Any], mask: Tensor, seeds: tuple[int, ...]
+                                 ) -> tuple[Tensor | None, Tensor | None]:
+        """Negatives (indices into the masked frames) and Gumbel noise for this micro-batch; None, None: the
+        forward draws them where fairseq does (negatives from a generator seeded by ``seeds``, noise from torch's
+        global RNG). A subclass can fix them per utterance, e.g. to compare micro-batchings."""
+        return None, None
+
+    def _forward(self, batch: dict[str, Any], seeds: tuple[int, ...], feature_grad_mult: float
+                 ) -> tuple[Wav2Vec2Outputs, Wav2Vec2LossTerms]:
+        waveforms, lengths = batch["waveforms"], batch.get("lengths")
+        num_frames = conv_output_frames(self._conv_layers, waveforms.shape[1])
+        frame_padding = None
+        if lengths is not None and bool((lengths < waveforms.shape[1]).any()):
+            frame_lengths = torch.tensor([conv_output_frames(self._conv_layers, int(n)) for n in lengths.tolist()])
+            frame_padding = torch.arange(num_frames)[None, :] >= frame_lengths[:, None]
+        else:
+            lengths = None
+        mask = self.draw_mask((waveforms.shape[0], num_frames), frame_padding,
+                              np.random.default_rng(list(seeds))).to(waveforms.device)
+        o = self.objective
+        negatives, noise = self.draw_negatives_and_noise(batch, mask, seeds)
+        out = wav2vec2_forward(
+            self.student, waveforms, lengths, mask, negative_indices=negatives, gumbel_noise=noise,
+            num_negatives=o.num_negatives,
+            cross_sample_negatives=o.cross_sample_negatives, logit_temp=o.logit_temp,
+            feature_grad_mult=feature_grad_mult, dropout_features=o.dropout_features,
+            rng=torch.Generator().manual_seed(seed_of(*seeds, 3)))
+        return out, wav2vec2_loss_terms(out)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        world_size, rank = self._world()
+        step, micro = int(self.global_step), self._micro_index
+        self._micro_index += 1
+        # dropout, layer drop and the Gumbel noise draw from torch's global RNG: seeded per micro-batch
+        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        self.student.quantizer.set_num_updates(self.temperature_updates())
+        fgm = 0.0 if step < self.options.freeze_feature_extractor_steps else self.objective.feature_grad_mult
+        out, terms = self._forward(batch, (self.options.seed, step, micro, rank), fgm)
+        unnormalized = normalized_wav2vec2_loss(terms, 1, self.objective.weights)  # divided by S in the step hook
+        self._add_stats(out, terms, unnormalized.detach(), batch)
+        return unnormalized * (self.trainer.accumulate_grad_batches * world_size)
+
+    def _add_stats(self, out: Wav2Vec2Outputs, terms: Wav2Vec2LossTerms, loss: Tensor,
+                   batch: dict[str, Any]) -> None:
+        lengths = batch.get("lengths")
+        samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
+        n = float(terms.num_masked)
+        values = [loss.double(), n, terms.correct.double(), float(terms.count), terms.infonce_sum.detach().double(),
+                  terms.diversity.detach().double() * n, terms.feature_penalty.detach().double() * n,
+                  out.code_perplexity.detach().double(), out.prob_perplexity.detach().double(), 1.0,
+                  samples / self.sample_rate]
+        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        self._step_stats = stats if self._step_stats is None else self._step_stats + stats
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide every gradient by the step's masked frames over all micro-batches and ranks (fairseq's
+        ``multiply_grads``), log the step and watch the codebook. Runs after fp16 unscaling, before clipping."""
+        stats, self._step_stats, self._micro_index = self._step_stats, None, 0
+        if stats is None:
+            return
+        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
+         audio_seconds) = stats.tolist()
+        self.divide_gradients(size if size > 0 else 1.0)
+        now = time.perf_counter()
+        elapsed, self._step_started = now - self._step_started, now
+        code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
+        quantizer = self.student.quantizer
+        usage = codebook_usage(code_ppl, quantizer.groups, quantizer.num_vars, size / batches)
+        metrics = {
+            "train/loss": loss_sum / max(size, 1.0),
+            "train/infonce": infonce / max(size, 1.0),
+            "train/diversity": diversity / max(size, 1.0),
+            "train/feature_penalty": penalty / max(size, 1.0),
+            "train/accuracy": correct / count if count else float("nan"),
+            "train/code_perplexity": code_ppl,
+            "train/prob_perplexity": prob_ppl,
+            "train/codebook_usage": usage,
+            "train/gumbel_temperature": quantizer.temperature,
+            "train/sample_size": size,
+            "train/lr": optimizer.param_groups[0]["lr"],
+            "train/audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else float("nan"),
+        }
+        norms = grad_norm(self, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            metrics["train/grad_norm"] = float(norms["grad_2.0_norm_total"])
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self._watch_codebook(usage, code_ppl, size / batches)
+
+    def _watch_codebook(self, usage: float, code_ppl: float, masked_per_batch: float) -> None:
+        o, step = self.options, int(self.global_step)
+        if not usage < o.codebook_warn_threshold:
+            return
+        if self._last_collapse_warning is not None and step - self._last_collapse_warning < o.codebook_warn_every:
+            return
+        self._last_collapse_warning = step
+        if self._world()[1] != 0:
+            return
+        quantizer = self.student.quantizer
+        warnings.warn(
+            f"step {step}: codebook collapse? code perplexity {code_ppl:.1f} of the "
+            f"{quantizer.groups} x {quantizer.num_vars} codewords ({usage:.1%} of what {masked_per_batch:.0f} masked "
+            f"frames per batch could use; warning below {o.codebook_warn_threshold:.0%}). Try a lower learning rate "
+            f"(--lr, now {o.lr:g}), a higher diversity loss weight (--diversity-weight, now "
+            f"{self.objective.weights.diversity:g}), or check the audio (long silences, one repeated sound)",
+            CodebookCollapseWarning, stacklevel=2)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        _, rank = self._world()
+        self.student.quantizer.set_num_updates(self.temperature_updates())
+        _, terms = self._forward(batch, (self.options.seed, 2, batch_idx, rank), self.objective.feature_grad_mult)
+        size = max(terms.num_masked, 1)
+        loss = normalized_wav2vec2_loss(terms, size, self.objective.weights).detach()
+        self.log("val/loss", loss, batch_size=size, sync_dist=True)
+        self.log("val/accuracy", terms.correct.double() / max(terms.count, 1), batch_size=max(terms.count, 1),
+                 sync_dist=True)
+
+    # ------------------------------------------------------------------------------------------- checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Add what export needs: the bundle config it started from and the steps trained."""
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "family": "wav2vec2",
+            "bundle_config": self.bundle_config.to_json(),
+            "steps": int(self.global_step),
+            "loss_norm": "fairseq",
+            "options": json.dumps(self.options.to_hparams()),
+        }

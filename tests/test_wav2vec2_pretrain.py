@@ -1,0 +1,292 @@
+"""Continued wav2vec 2.0 pre-training (Wav2Vec2ContinuedPretraining via run_pretraining) on the tiny shipped
+wav2vec 2.0 checkpoint (fairseq-written, 50k updates) and generated audio, on CPU."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bundles import load_bundle
+from continue_pt.demo import WAV2VEC2_CHECKPOINT, demo_audio
+from continue_pt.export import export_checkpoint
+from continue_pt.masking import HubertMasking, hubert_time_mask
+from continue_pt.module_base import ModuleOptions
+from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, build_module, run_pretraining
+from continue_pt.wav2vec2_module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
+from continue_pt.wav2vec2_objective import sample_negative_indices
+
+SECONDS = 2.0
+START_UPDATES = 50_000  # optimizer_history num_updates of the shipped checkpoint
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    from converters.convert import convert_checkpoint
+
+    return convert_checkpoint(WAV2VEC2_CHECKPOINT, tmp_path_factory.mktemp("w2v") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("audio")
+    for i in range(8):
+        sf.write(out / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
+    return out
+
+
+def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> PretrainOptions:
+    values = dict(train_data=str(audio_dir), output_dir=str(out), init_from=str(bundle_dir), max_steps=6,
+                  accumulate=2, max_batch_seconds=2 * SECONDS, min_seconds=1.0, num_workers=0, warmup_steps=2,
+                  checkpoint_every=3, log_every=1, lr=5e-4, progress_bar=False)
+    values.update(overrides)
+    return PretrainOptions(**values)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if row.get("train/loss")]
+
+
+class _StopAt(pl.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+@pytest.fixture(scope="module")
+def full_run(bundle_dir, audio_dir, tmp_path_factory):
+    return run_pretraining(_options(bundle_dir, audio_dir, tmp_path_factory.mktemp("run") / "full"))
+
+
+def _temperature(updates: int) -> float:
+    return max(2.0 * 0.999995 ** updates, 0.5)  # the tiny checkpoint's latent_temp = BASE's (2, 0.5, 0.999995)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def test_run_logs_the_contrastive_task_and_exports_a_loadable_bundle(full_run, bundle_dir):
+    assert isinstance(build_module(_options(bundle_dir, Path("."), Path("."))), Wav2Vec2ContinuedPretraining)
+    rows = _rows(full_run.metrics_csv)
+    assert len(rows) == 6
+    for column in ("train/loss", "train/infonce", "train/diversity", "train/feature_penalty", "train/accuracy",
+                   "train/code_perplexity", "train/prob_perplexity", "train/codebook_usage",
+                   "train/gumbel_temperature", "train/sample_size", "train/grad_norm", "train/lr"):
+        assert math.isfinite(float(rows[0][column])), column
+    for row in rows:  # loss = InfoNCE + 0.1 diversity + 10 feature penalty, all per masked frame
+        parts = float(row["train/infonce"]) + 0.1 * float(row["train/diversity"]) + \
+            10.0 * float(row["train/feature_penalty"])
+        assert float(row["train/loss"]) == pytest.approx(parts, rel=1e-5)
+        # the Gumbel temperature continues from the checkpoint's 50k updates (not from max_temp = 2)
+        assert float(row["train/gumbel_temperature"]) == pytest.approx(
+            _temperature(START_UPDATES + int(row["step"])), rel=1e-6)
+        assert 0 < float(row["train/codebook_usage"]) <= 1
+
+    exported = load_bundle(full_run.bundle_dir)
+    assert exported.family == "wav2vec2" and exported.num_updates == START_UPDATES + 6
+    record = exported.config.provenance["training"][-1]
+    assert record["steps"] == 6 and "quantizer" in record["targets"]
+    model = exported.get_pretrain_model()
+    assert model.quantizer.temperature == pytest.approx(_temperature(START_UPDATES + 6))
+    before, after = load_bundle(bundle_dir).state_dict(), exported.state_dict()
+    assert set(before) == set(after)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_export_equals_the_live_student(full_run, tmp_path):
+    ckpt = full_run.checkpoint_dir / "last.ckpt"
+    checkpoint = torch.load(ckpt, map_location="cpu", weights_only=True)
+    module = Wav2Vec2ContinuedPretraining(checkpoint["hyper_parameters"]["options"])
+    module.load_state_dict(checkpoint["state_dict"], strict=True)
+    out = export_checkpoint(ckpt, tmp_path / "exported")
+    reloaded = load_bundle(out).get_pretrain_model()
+    live = module.student.state_dict()
+    assert set(reloaded.state_dict()) == set(live)
+    for name, value in reloaded.state_dict().items():
+        assert torch.equal(value, live[name]), name
+
+
+def test_resume_is_exact_and_keeps_the_temperature_schedule(full_run, bundle_dir, audio_dir, tmp_path):
+    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part"), callbacks=[_StopAt(3)])
+    assert len(_rows(first.metrics_csv)) == 3
+    resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None,
+                                       resume=str(first.checkpoint_dir / "step-step=3.ckpt")))
+    full_rows, resumed_rows = _rows(full_run.metrics_csv), _rows(resumed.metrics_csv)[-3:]
+    for column in ("train/loss", "train/gumbel_temperature", "train/code_perplexity"):
+        assert [r[column] for r in resumed_rows] == [r[column] for r in full_rows[3:]], column
+    a, b = load_bundle(full_run.bundle_dir).state_dict(), load_bundle(resumed.bundle_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert load_bundle(resumed.bundle_dir).num_updates == START_UPDATES + 6
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+def test_hubert_only_options_are_refused_together(bundle_dir, audio_dir, tmp_path):
+    options = _options(bundle_dir, audio_dir, tmp_path / "o", reinit_label_head=True, unmasked_weight=1.0,
+                       loss_norm="per-term", masking={"mask_channel_prob": 0.1})
+    with pytest.raises(PretrainOptionsError) as info:
+        options.validate()
+    text = str(info.value)
+    for expected in ("reinit_label_head is a HuBERT option", "unmasked_weight is a HuBERT option",
+                     "loss_norm 'per-term'", "mask_channel_prob=0.1"):
+        assert expected in text
+    assert not (tmp_path / "o").exists()
+
+
+def test_wav2vec2_options_on_a_hubert_bundle_are_refused(audio_dir, tmp_path):
+    from continue_pt.demo import CHECKPOINT
+    from converters.convert import convert_checkpoint
+
+    hubert = convert_checkpoint(CHECKPOINT, tmp_path / "hubert")
+    options = _options(hubert, audio_dir, tmp_path / "o", diversity_weight=0.2)
+    with pytest.raises(PretrainOptionsError, match="wav2vec 2.0 options; HuBERT has no quantizer"):
+        options.validate()
+
+
+@pytest.mark.fairseq
+def test_fine_tuned_ctc_bundle_is_refused_with_the_alternative(audio_dir, tmp_path):
+    pytest.importorskip("fairseq")
+    from converters.convert import convert_checkpoint
+    from tests.fairseq_reference import build_fairseq_model, save_checkpoint
+
+    ref = build_fairseq_model("wav2vec_small_960h", num_layers=1)
+    save_checkpoint(ref, tmp_path / "ctc.pt", "dict")
+    ctc = convert_checkpoint(tmp_path / "ctc.pt", tmp_path / "ctc")
+    with pytest.raises(PretrainOptionsError, match="fine-tuned \\(CTC\\).*continue from the pre-trained checkpoint"):
+        _options(ctc, audio_dir, tmp_path / "o").validate()
+    with pytest.raises(Exception, match="fine-tuned \\(CTC\\)"):
+        Wav2Vec2ContinuedPretraining(ModuleOptions(bundle=str(ctc)))
+
+
+# ------------------------------------------------------------------------------------------------ collapse guard
+
+
+def test_codebook_usage_is_relative_to_what_the_batch_can_reach():
+    assert codebook_usage(640.0, 2, 320, 10_000) == pytest.approx(1.0)
+    assert codebook_usage(40.0, 2, 320, 20) == pytest.approx(1.0)  # 20 frames can use at most 20 codes a group
+    assert codebook_usage(4.0, 2, 320, 10_000) == pytest.approx(4 / 640)
+
+
+def test_collapse_warning_says_what_to_try_and_repeats_at_most_every_n_steps(bundle_dir, audio_dir, tmp_path):
+    options = _options(bundle_dir, audio_dir, tmp_path / "run", max_steps=5, accumulate=1,
+                       codebook_warn_threshold=1.0)  # the tiny codebook is never fully used: warns
+    module_options = dataclasses.replace(options.module_options(), codebook_warn_every=2)
+    module = Wav2Vec2ContinuedPretraining(module_options)
+    with torch.no_grad():  # a quantizer that picks code 0 in both groups almost always: collapse
+        module.student.quantizer.weight_proj.bias[0] += 100.0
+        module.student.quantizer.weight_proj.bias[16] += 100.0
+    from continue_pt.data import AudioDataModule
+
+    data = AudioDataModule(str(audio_dir), None, sample_rate=16000, normalize=False, max_batch_seconds=2 * SECONDS,
+                           min_seconds=1.0, num_workers=0, seed=0)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=5, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, datamodule=data)
+    collapse = [w for w in caught if issubclass(w.category, CodebookCollapseWarning)]
+    assert len(collapse) == 3  # steps 0, 2, 4
+    text = str(collapse[0].message)
+    assert "code perplexity" in text and "--lr" in text and "--diversity-weight" in text
+    assert float(text.split("code perplexity ")[1].split()[0]) < 2.5  # about one code per group
+
+
+# ------------------------------------------------------------------------------------------------ accumulation
+
+
+def _no_dropout(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout") and isinstance(m.dropout, float):
+            m.dropout = 0.0
+        if hasattr(m, "layer_drop"):
+            m.layer_drop = 0.0
+
+
+class _FixedDraws(Wav2Vec2ContinuedPretraining):
+    """Masks, negatives and Gumbel noise fixed per utterance (independent of how a step is cut into
+    micro-batches); gradients recorded after the module's normalisation."""
+
+    masks: torch.Tensor
+    negatives: list[torch.Tensor]
+    noise: list[torch.Tensor]
+
+    def draw_mask(self, shape, frame_padding, rng):
+        return self.masks[self._rows][:, :shape[1]].clone()
+
+    def training_step(self, batch, batch_idx):
+        self._rows = batch["indices"]
+        return super().training_step(batch, batch_idx)
+
+    def draw_negatives_and_noise(self, batch, mask, seeds):
+        rows = batch["indices"].tolist()
+        count = int(self.masks[0].sum())
+        negatives = torch.cat([self.negatives[r] + i * count for i, r in enumerate(rows)])
+        return negatives, torch.cat([self.noise[r] for r in rows])
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        self.recorded = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
+
+
+class _ListData(pl.LightningDataModule):
+    def __init__(self, batches: list[dict]):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)
+
+
+def test_accumulated_micro_batches_give_the_one_batch_gradient(bundle_dir):
+    """fairseq's normalisation (sum over micro-batches / the step's masked frames) makes two micro-batches of
+    two utterances equal to one batch of four. The diversity loss is a statistic of each micro-batch (the
+    perplexity of its averaged code distribution), so it is weighted 0 here, as in fairseq it would differ too."""
+    bundle = load_bundle(bundle_dir)
+    waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
+    frames, groups, num_vars = 49, 2, 16
+    masking = HubertMasking.from_options(bundle.config.objective)
+    masks = torch.from_numpy(hubert_time_mask((4, frames), None, masking, rng=np.random.default_rng(3)))
+    count = int(masks[0].sum())
+    assert (masks.sum(1) == count).all()  # fairseq's require_same_masks
+    g = torch.Generator().manual_seed(0)
+    negatives = [sample_negative_indices([count], 100, rng=g) for _ in range(4)]
+    noise = [-torch.empty(count * groups, num_vars).exponential_(generator=g).log() for _ in range(4)]
+
+    def gradients(splits, accumulate):
+        pl.seed_everything(0, verbose=False)
+        module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, diversity_weight=0.0))
+        module.masks, module.negatives, module.noise = masks, negatives, noise
+        module.objective = dataclasses.replace(module.objective, dropout_features=0.0)
+        _no_dropout(module)
+        batches = [{"waveforms": waves[torch.tensor(r)], "lengths": torch.full((len(r),), waves.shape[1]),
+                    "indices": torch.tensor(r)} for r in splits]
+        trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             num_sanity_val_steps=0, limit_val_batches=0)
+        trainer.fit(module, datamodule=_ListData(batches))
+        return module.recorded
+
+    split = gradients([[0, 1], [2, 3]], 2)
+    whole = gradients([[0, 1, 2, 3]], 1)
+    assert set(split) == set(whole)
+    for name in whole:
+        torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert whole["student.project_q.weight"].abs().sum() > 0
