@@ -240,8 +240,12 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
 
     options = _pretrain_options(ctx, config_file, flags)
     result = run_pretraining(options)
-    png, summary = write_curves(result.output_dir)
-    click.echo(f"bundle: {result.bundle_dir}\ncheckpoints: {result.checkpoint_dir}\ncurves: {png}\nsummary: {summary}")
+    try:
+        png, summary = write_curves(result.output_dir)
+        curves = f"curves: {png}\nsummary: {summary}"
+    except FileProblem:  # the run itself succeeded; it only logged nothing (fewer steps than log_every)
+        curves = f"curves: none (no step was logged: {options.max_steps} steps, log_every {options.log_every})"
+    click.echo(f"bundle: {result.bundle_dir}\ncheckpoints: {result.checkpoint_dir}\n{curves}")
 
 
 @cli.command()

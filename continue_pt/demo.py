@@ -1,8 +1,9 @@
 """`continue-pt demo`: the main job end to end on a tiny built-in checkpoint, with nothing to download.
 
-The shipped checkpoint (``demo_assets/tiny_hubert.pt``) was written by fairseq's own HuBERT classes and saved
-as fairseq's trainer saves checkpoints; the k-means (``tiny_hubert_L1_km20.bin``) is a real scikit-learn
-MiniBatchKMeans written with joblib. ``tests/make_demo_assets.py`` regenerates both.
+The shipped checkpoints (``demo_assets/tiny_hubert.pt``, ``tiny_wav2vec2.pt``) were written by fairseq's own
+HuBERT / wav2vec 2.0 classes and saved as fairseq's trainer saves checkpoints; the k-means
+(``tiny_hubert_L1_km20.bin``) is a real scikit-learn MiniBatchKMeans written with joblib.
+``tests/make_demo_assets.py`` regenerates them.
 """
 
 from __future__ import annotations
@@ -63,8 +64,10 @@ def run_demo(output_dir: Path, echo: Callable[[str], None] = print) -> Path:
     echo(f"5. pre-training heads loaded: label embeddings {tuple(pretrain.logit_generator.label_embeddings.shape)}, "
          f"final_proj {tuple(pretrain.logit_generator.final_proj.weight.shape)}")
     run = continue_pretraining(bundle_dir, output_dir, echo)
+    w2v_run = continue_wav2vec2(output_dir, echo)
     echo(f"converted bundle: {bundle_dir}\ncontinued bundle: {run.bundle_dir}\n"
-         f"curves: {run.output_dir / 'curves.png'}\nsummary: {run.output_dir / 'summary.json'}")
+         f"curves: {run.output_dir / 'curves.png'}\nsummary: {run.output_dir / 'summary.json'}\n"
+         f"continued wav2vec 2.0 bundle: {w2v_run.bundle_dir}")
     return run.bundle_dir
 
 
@@ -103,4 +106,35 @@ def continue_pretraining(bundle_dir: Path, output_dir: Path, echo: Callable[[str
     with torch.no_grad():
         continued.get_model()(demo_audio(1.0, seed=7))
     echo(f"7. exported bundle loads (num_updates {continued.num_updates}); get_model() runs")
+    return run
+
+
+def continue_wav2vec2(output_dir: Path, echo: Callable[[str], None] = print):
+    """The same job for wav2vec 2.0: convert the tiny checkpoint (quantizer and all), continue its contrastive
+    pre-training on the same audio (the Gumbel temperature picks up at the checkpoint's num_updates), export."""
+    from converters.convert import convert_checkpoint
+    from continue_pt.curves import write_curves
+    from continue_pt.pretrain import PretrainOptions, run_pretraining
+
+    bundle_dir = output_dir / "tiny_wav2vec2_bundle"
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+    convert_checkpoint(WAV2VEC2_CHECKPOINT, bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    quantizer = bundle.get_pretrain_model().quantizer
+    echo(f"8. convert {WAV2VEC2_CHECKPOINT.name} -> {bundle_dir}: quantizer {quantizer.groups} x {quantizer.num_vars} "
+         f"codewords, num_updates {bundle.num_updates} (Gumbel temperature {quantizer.temperature:.4f})")
+    options = PretrainOptions(init_from=str(bundle_dir), train_data=str(output_dir / "audio"),
+                              output_dir=str(output_dir / "run_wav2vec2"), max_steps=20, warmup_steps=5, lr=5e-4,
+                              max_batch_seconds=12.0, num_workers=0, checkpoint_every=10, log_every=1,
+                              progress_bar=False, overwrite=True, seed=0)
+    echo(f"9. continue wav2vec 2.0 pre-training for {options.max_steps} steps (contrastive task, its own quantizer)")
+    run = run_pretraining(options)
+    write_curves(run.output_dir)
+    metrics = json.loads((run.output_dir / "summary.json").read_text())["metrics"]
+    for name in ("train/loss", "train/accuracy", "train/code_perplexity"):
+        if name in metrics:
+            echo(f"   {name.split('/')[1]} {metrics[name]['first']:.3f} -> {metrics[name]['last']:.3f}")
+    continued = load_bundle(run.bundle_dir)
+    echo(f"10. exported bundle loads (num_updates {continued.num_updates}, Gumbel temperature "
+         f"{continued.get_pretrain_model().quantizer.temperature:.4f})")
     return run

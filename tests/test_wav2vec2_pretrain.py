@@ -290,3 +290,51 @@ def test_accumulated_micro_batches_give_the_one_batch_gradient(bundle_dir):
     for name in whole:
         torch.testing.assert_close(split[name], whole[name], rtol=1e-5, atol=1e-7, msg=name)
     assert whole["student.project_q.weight"].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+
+def test_cli_overrides_reach_the_objective(bundle_dir, audio_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    out = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    config.write_text("log_every: 1\nprogress_bar: false\n")
+    result = CliRunner().invoke(cli, [
+        "pretrain", "--config", str(config), "--init-from", str(bundle_dir), "--train-data", str(audio_dir),
+        "--output-dir", str(out),
+        "--max-steps", "2", "--warmup-steps", "1", "--max-batch-seconds", "4", "--num-workers", "0",
+        "--diversity-weight", "0.5", "--num-negatives", "10", "--feature-penalty-weight", "2"])
+    assert result.exit_code == 0, result.output
+    rows = _rows(out / "metrics.csv")
+    assert len(rows) == 2
+    for row in rows:
+        parts = float(row["train/infonce"]) + 0.5 * float(row["train/diversity"]) + \
+            2.0 * float(row["train/feature_penalty"])
+        assert float(row["train/loss"]) == pytest.approx(parts, rel=1e-5)
+    checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["hyper_parameters"]["options"]["num_negatives"] == 10
+    assert load_bundle(out / "bundle").num_updates == START_UPDATES + 2
+
+    refused = CliRunner().invoke(cli, [
+        "pretrain", "--init-from", str(bundle_dir), "--train-data", str(audio_dir), "--output-dir",
+        str(tmp_path / "bad"), "--kmeans", "km.safetensors", "--labels", "x.km"])
+    assert refused.exit_code == 1 and "Error:" in refused.output and "HuBERT option" in refused.output
+    assert "Traceback" not in refused.output and not (tmp_path / "bad").exists()
+
+
+def test_cli_run_shorter_than_log_every_still_succeeds(bundle_dir, audio_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "pretrain", "--init-from", str(bundle_dir), "--train-data", str(audio_dir), "--output-dir", str(out),
+        "--max-steps", "1", "--warmup-steps", "0", "--max-batch-seconds", "4", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output  # default log_every 50: nothing logged, the run still succeeded
+    assert "curves: none (no step was logged" in result.output
+    assert load_bundle(out / "bundle").num_updates == START_UPDATES + 1
