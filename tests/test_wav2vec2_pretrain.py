@@ -338,3 +338,28 @@ def test_cli_run_shorter_than_log_every_still_succeeds(bundle_dir, audio_dir, tm
     assert result.exit_code == 0, result.output  # default log_every 50: nothing logged, the run still succeeded
     assert "curves: none (no step was logged" in result.output
     assert load_bundle(out / "bundle").num_updates == START_UPDATES + 1
+
+
+def test_bf16_autocast_forward_keeps_the_contrastive_part_in_fp32(bundle_dir):
+    """What `--precision bf16-mixed` runs (CPU autocast here; the same code on CUDA): the logits, their
+    softmax and the loss terms stay fp32, the loss lands within bf16 rounding of the fp32 one, gradients flow."""
+    from continue_pt.wav2vec2_objective import normalized_wav2vec2_loss, wav2vec2_forward, wav2vec2_loss_terms
+
+    bundle = load_bundle(bundle_dir)
+    model = bundle.get_pretrain_model().eval()  # eval: hard codes, no dropout -- the two runs see the same draws
+    wav = torch.cat([demo_audio(1.0, seed=40 + i) for i in range(2)])
+    masking = HubertMasking.from_options(bundle.config.objective)
+    mask = torch.from_numpy(hubert_time_mask((2, 49), None, masking, rng=np.random.default_rng(0)))
+    negatives = sample_negative_indices(mask.sum(1).tolist(), 100, rng=torch.Generator().manual_seed(0))
+    losses = []
+    for autocast in (False, True):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = wav2vec2_forward(model, wav, None, mask, negative_indices=negatives, feature_grad_mult=0.1)
+            terms = wav2vec2_loss_terms(out)
+            loss = normalized_wav2vec2_loss(terms, terms.num_masked, (0.1, 10.0))
+        assert out.logits.dtype == torch.float32 and loss.dtype == torch.float32
+        loss.backward()
+        assert torch.isfinite(model.project_q.weight.grad).all() and model.mask_embedding.grad is not None
+        losses.append(loss.item())
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
