@@ -255,33 +255,49 @@ class _ListData(pl.LightningDataModule):
         return DataLoader(self.batches, batch_size=None)
 
 
-def test_accumulated_micro_batches_give_the_one_batch_gradient(bundle_dir):
-    """fairseq's normalisation (sum over micro-batches / the step's masked frames) makes two micro-batches of
-    two utterances equal to one batch of four. The diversity loss is a statistic of each micro-batch (the
-    perplexity of its averaged code distribution), so it is weighted 0 here, as in fairseq it would differ too."""
+def _fixed_draws(bundle_dir) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """4 one-second utterances with their masks (equal counts, fairseq's require_same_masks), negatives and
+    Gumbel noise, each utterance's own."""
     bundle = load_bundle(bundle_dir)
     waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
     frames, groups, num_vars = 49, 2, 16
     masking = HubertMasking.from_options(bundle.config.objective)
     masks = torch.from_numpy(hubert_time_mask((4, frames), None, masking, rng=np.random.default_rng(3)))
     count = int(masks[0].sum())
-    assert (masks.sum(1) == count).all()  # fairseq's require_same_masks
+    assert (masks.sum(1) == count).all()
     g = torch.Generator().manual_seed(0)
     negatives = [sample_negative_indices([count], 100, rng=g) for _ in range(4)]
     noise = [-torch.empty(count * groups, num_vars).exponential_(generator=g).log() for _ in range(4)]
+    return waves, masks, negatives, noise
+
+
+def _fixed_module(bundle_dir, draws) -> _FixedDraws:
+    pl.seed_everything(0, verbose=False)
+    module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, diversity_weight=0.0))
+    _, module.masks, module.negatives, module.noise = draws
+    module.objective = dataclasses.replace(module.objective, dropout_features=0.0)
+    _no_dropout(module)
+    return module
+
+
+def _fixed_batches(draws, splits) -> list[dict]:
+    waves = draws[0]
+    return [{"waveforms": waves[torch.tensor(r)], "lengths": torch.full((len(r),), waves.shape[1]),
+             "indices": torch.tensor(r)} for r in splits]
+
+
+def test_accumulated_micro_batches_give_the_one_batch_gradient(bundle_dir):
+    """fairseq's normalisation (sum over micro-batches / the step's masked frames) makes two micro-batches of
+    two utterances equal to one batch of four. The diversity loss is a statistic of each micro-batch (the
+    perplexity of its averaged code distribution), so it is weighted 0 here, as in fairseq it would differ too."""
+    draws = _fixed_draws(bundle_dir)
 
     def gradients(splits, accumulate):
-        pl.seed_everything(0, verbose=False)
-        module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, diversity_weight=0.0))
-        module.masks, module.negatives, module.noise = masks, negatives, noise
-        module.objective = dataclasses.replace(module.objective, dropout_features=0.0)
-        _no_dropout(module)
-        batches = [{"waveforms": waves[torch.tensor(r)], "lengths": torch.full((len(r),), waves.shape[1]),
-                    "indices": torch.tensor(r)} for r in splits]
+        module = _fixed_module(bundle_dir, draws)
         trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(module, datamodule=_ListData(batches))
+        trainer.fit(module, datamodule=_ListData(_fixed_batches(draws, splits)))
         return module.recorded
 
     split = gradients([[0, 1], [2, 3]], 2)
@@ -363,3 +379,51 @@ def test_bf16_autocast_forward_keeps_the_contrastive_part_in_fp32(bundle_dir):
         assert torch.isfinite(model.project_q.weight.grad).all() and model.mask_embedding.grad is not None
         losses.append(loss.item())
     assert losses[1] == pytest.approx(losses[0], rel=0.02)
+
+
+_DDP_SCRIPT = """
+import sys
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, sys.argv[4])
+from tests.test_wav2vec2_pretrain import _ListData, _fixed_batches, _fixed_draws, _fixed_module
+
+bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+draws = _fixed_draws(bundle_dir)
+module = _fixed_module(bundle_dir, draws)
+pl.seed_everything(0, verbose=False)
+splits = [[0, 1], [2, 3]] if devices > 1 else [[0, 1, 2, 3]]
+trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+rank_batches = _fixed_batches(draws, splits)
+data = _ListData(rank_batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1 else rank_batches)
+trainer.fit(module, datamodule=data)
+if trainer.is_global_zero:
+    torch.save({"grads": module.recorded, "loss": float(trainer.callback_metrics["train/loss"])}, out)
+"""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path):
+    """Two ranks of two utterances each: the gradients after the module's normalisation (all-reduced sample
+    size) equal one process with all four, as fairseq's trainer makes them."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_step.py"
+    script.write_text(_DDP_SCRIPT)
+    root = str(Path(__file__).resolve().parent.parent)
+    results = {}
+    for devices in (1, 2):
+        out = tmp_path / f"grads{devices}.pt"
+        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[devices] = torch.load(out, weights_only=True)
+    assert results[1]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
+    one, two = results[1]["grads"], results[2]["grads"]
+    assert set(one) == set(two)
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
