@@ -21,6 +21,9 @@ PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
     ("accuracy", lambda c: "acc" in c),
     ("learning rate", lambda c: c == "lr" or c.endswith("/lr") or c.startswith("lr")),
     ("throughput (audio s / s)", lambda c: "per_second" in c or "throughput" in c),
+    # wav2vec 2.0: a falling code perplexity / usage is the sign of codebook collapse
+    ("codebook perplexity", lambda c: "perplexity" in c),
+    ("codebook usage, Gumbel temperature", lambda c: "codebook_usage" in c or "temperature" in c),
 )
 
 

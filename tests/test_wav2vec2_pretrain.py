@@ -95,6 +95,13 @@ def test_run_logs_the_contrastive_task_and_exports_a_loadable_bundle(full_run, b
         assert float(row["train/gumbel_temperature"]) == pytest.approx(
             _temperature(START_UPDATES + int(row["step"])), rel=1e-6)
         assert 0 < float(row["train/codebook_usage"]) <= 1
+    from continue_pt.curves import PANELS, write_curves
+
+    png, summary = write_curves(full_run.output_dir)
+    assert png.stat().st_size > 0 and "train/code_perplexity" in summary.read_text()
+    plotted = {c for _, match in PANELS for c in rows[0] if match(c)}
+    assert {"train/code_perplexity", "train/prob_perplexity", "train/codebook_usage",
+            "train/gumbel_temperature"} <= plotted
 
     exported = load_bundle(full_run.bundle_dir)
     assert exported.family == "wav2vec2" and exported.num_updates == START_UPDATES + 6
