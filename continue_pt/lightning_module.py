@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor, nn
 
 from bundles.kmeans import KMeansModel, load_kmeans
@@ -140,7 +138,6 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self._micro_index = 0
         self._step_stats: Tensor | None = None
         self._step_plan: tuple[list[StepTotals], StepTotals] | None = None  # per-term: planned counts, totals
-        self._step_started = time.perf_counter()
         self._reinit_pending = False
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -339,8 +336,6 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
                 if id(p) not in head:
                     p.grad = None  # AdamW skips parameters without gradient: no update, no weight decay
 
-        now = time.perf_counter()
-        elapsed, self._step_started = now - self._step_started, now
         metrics = {
             "train/loss": loss_sum / divisor,
             "train/accuracy_masked": correct_m / n_m if n_m else float("nan"),
@@ -349,13 +344,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             "train/ce_unmasked": ce_u / n_u if n_u else float("nan"),
             "train/feature_penalty": pen_sum / frames if frames else float("nan"),
             "train/sample_size": size,
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else float("nan"),
         }
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            metrics["train/grad_norm"] = float(norms["grad_2.0_norm_total"])
-        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_step(metrics, optimizer, audio_seconds)
 
     def head_parameters(self) -> list[nn.Parameter]:
         params = list(self.student.logit_generator.parameters())

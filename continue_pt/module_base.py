@@ -8,12 +8,14 @@ fairseq's gradient normalisation and the optimiser with its schedule.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from lightning.pytorch.utilities import grad_norm
 
 from continue_pt.hubert_objective import LOSS_MODES
 from continue_pt.masking import HubertMasking
@@ -117,6 +119,22 @@ class ContinuedPretrainingBase(pl.LightningModule):
     """World size and rank, gradient division by the step's sample size, AdamW with warm-up and decay."""
 
     options: ModuleOptions
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._step_started = time.perf_counter()
+
+    def log_step(self, metrics: dict[str, float], optimizer: torch.optim.Optimizer, audio_seconds: float) -> None:
+        """Log one optimizer step's ``metrics`` with the learning rate, audio seconds per second of wall time
+        since the previous step, and the global gradient norm (after normalisation, before clipping)."""
+        now = time.perf_counter()
+        elapsed, self._step_started = now - self._step_started, now
+        metrics = {**metrics, "train/lr": optimizer.param_groups[0]["lr"],
+                   "train/audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else float("nan")}
+        norms = grad_norm(self, norm_type=2)
+        if "grad_2.0_norm_total" in norms:
+            metrics["train/grad_norm"] = float(norms["grad_2.0_norm_total"])
+        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
 
     def _world(self) -> tuple[int, int]:
         trainer = self._trainer

@@ -21,14 +21,12 @@ every ``codebook_warn_every`` steps.
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch.utilities import grad_norm
 from torch import Tensor
 
 from bundles.loading import load_bundle
@@ -160,7 +158,6 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
         self._micro_index = 0
         self._step_stats: Tensor | None = None
-        self._step_started = time.perf_counter()
         self._last_collapse_warning: int | None = None
 
     # ------------------------------------------------------------------------------------------- steps
@@ -237,8 +234,6 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
          audio_seconds) = stats.tolist()
         self.divide_gradients(size if size > 0 else 1.0)
-        now = time.perf_counter()
-        elapsed, self._step_started = now - self._step_started, now
         code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
         quantizer = self.student.quantizer
         usage = codebook_usage(code_ppl, quantizer.groups, quantizer.num_vars, size / batches)
@@ -253,13 +248,8 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             "train/codebook_usage": usage,
             "train/gumbel_temperature": quantizer.temperature,
             "train/sample_size": size,
-            "train/lr": optimizer.param_groups[0]["lr"],
-            "train/audio_seconds_per_second": audio_seconds / elapsed if elapsed > 0 else float("nan"),
         }
-        norms = grad_norm(self, norm_type=2)
-        if "grad_2.0_norm_total" in norms:
-            metrics["train/grad_norm"] = float(norms["grad_2.0_norm_total"])
-        self.log_dict(metrics, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log_step(metrics, optimizer, audio_seconds)
         self._watch_codebook(usage, code_ppl, size / batches)
 
     def _watch_codebook(self, usage: float, code_ppl: float, masked_per_batch: float) -> None:
