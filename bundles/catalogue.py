@@ -337,7 +337,12 @@ _CARDS = (
             "joblib pickle of a scikit-learn MiniBatchKMeans; only cluster_centers_ (500 x 768) matters. The only "
             "published HuBERT k-means. HuBERT BASE itself was trained on layer-6 km500 targets of an unpublished "
             "iteration-1 model, so continuing BASE with this k-means is a new label set (re-initialise the label "
-            "embeddings). Whether it made the LARGE/XLARGE targets (lyr9.km500) is unknown. " + _MIT_FAIRSEQ_ONLY
+            "embeddings). Whether it made the LARGE/XLARGE targets (lyr9.km500) is unknown. `continue-pt kmeans "
+            "check --bundle <converted hubert_large_ll60k> --teacher <converted hubert_base_ls960> --kmeans "
+            "hubert_base_ls960_L9_km500.bin --kmeans-layer 9 --audio <LibriSpeech dev audio>` answers it (the "
+            "k-means labels BASE's 768-wide layer-9 features, hence --teacher; likewise for XLARGE); this has not "
+            "been run here because the published weights cannot be downloaded in our build environment. "
+            + _MIT_FAIRSEQ_ONLY
         ),
     ),
 )
