@@ -288,18 +288,26 @@ def kmeans() -> None:
 @click.option("--audio", required=True, type=click.Path(path_type=Path),
               help="Held-out audio: a directory, a fairseq .tsv manifest or one file.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Use at most N files (seeded subset).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the masks and the shuffled control.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the masks and of the relabelling control (random permutations of the cluster ids).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def kmeans_check(bundle_dir: Path, kmeans_path: Path | None, kmeans_layer: int | None, teacher_dir: Path | None,
                  audio: Path, max_files: int | None, seed: int, as_json: bool) -> None:
     """Measure whether a k-means gives the targets BUNDLE was trained on: masked-prediction accuracy against
-    chance and a shuffled-label control, cluster usage, and a verdict. Exit status 0 whatever the verdict."""
+    chance, the marginal baseline and 1000 relabellings (cluster ids randomly permuted), cluster usage, and a
+    verdict. Exit status 0 whatever the verdict."""
     from bundles import load_bundle
+    from continue_pt.export import training_teacher
     from continue_pt.kmeans_check import check_kmeans
     from converters.convert import read_kmeans_file
 
     bundle = load_bundle(bundle_dir)
     teacher = load_bundle(teacher_dir) if teacher_dir else None
+    trained_with = training_teacher(bundle.config)
+    if teacher is None and trained_with is not None:
+        click.echo(f"note: {bundle_dir} was continued on targets from the features of {trained_with}; its own "
+                   f"features have moved since, so they give other ids: to test those targets pass --teacher "
+                   f"{trained_with}", err=True)
     km = read_kmeans_file(kmeans_path, kmeans_layer) if kmeans_path else None
     if km is not None and km.layer is None:
         raise FileProblem(kmeans_path, "a joblib k-means does not record which layer it clusters",

@@ -89,11 +89,11 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
         config.label_dictionary = _label_dictionary(
             num_classes, config.label_dictionary if num_classes == previous_classes else None)
-        targets = ("offline frame labels" if options.get("offline_labels") else
-                   f"online: teacher {options.get('teacher') or options.get('bundle')}, "
-                   f"k-means {options.get('kmeans') or 'of the teacher bundle'}")
+        teacher = None if options.get("offline_labels") else (options.get("teacher") or options.get("bundle"))
+        targets = ("offline frame labels" if teacher is None else
+                   f"online: teacher {teacher}, k-means {options.get('kmeans') or 'of the teacher bundle'}")
     else:  # wav2vec 2.0: its own quantizer makes the targets; num_updates below continues the Gumbel temperature
-        targets = "contrastive: the model's own Gumbel quantizer"
+        teacher, targets = None, "contrastive: the model's own Gumbel quantizer"
     start_updates = config.num_updates or 0
     config.num_updates = start_updates + steps
     history = list(config.provenance.get("training", [])) if isinstance(config.provenance.get("training"), list) \
@@ -105,6 +105,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         "steps": steps,
         "data": train_data if train_data is not None else options.get("train_data"),
         "targets": targets,
+        "teacher": teacher,  # the bundle whose features the k-means labelled (the trained ones have moved)
         "label_head_reinitialised": bool(options.get("reinit_label_head")),
         "loss_normalization": extra.get("loss_norm"),
         "peak_lr": options.get("lr"),
@@ -123,3 +124,13 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
     if isinstance(stored, dict) and isinstance(stored.get("centroids"), Tensor):
         kmeans = KMeansModel(stored["centroids"], stored.get("layer"), dict(stored.get("metadata") or {}))
     return write_bundle(out_dir, config, tensors, extras, kmeans=kmeans, overwrite=overwrite)
+
+
+def training_teacher(config: BundleConfig) -> str | None:
+    """The teacher bundle whose features made the online targets of the last run that produced this bundle
+    (None: not a continued bundle, offline labels, or wav2vec 2.0). The continued bundle's own features have
+    moved in training: labelling with them gives other ids than the ones it was trained on."""
+    training = config.provenance.get("training")
+    record = training[-1] if isinstance(training, list) and training else None
+    teacher = record.get("teacher") if isinstance(record, dict) else None
+    return teacher if isinstance(teacher, str) else None

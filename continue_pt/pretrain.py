@@ -26,7 +26,7 @@ from bundles.errors import BundleError, FileProblem
 from bundles.kmeans import load_kmeans
 from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
-from continue_pt.export import export_checkpoint, read_training_checkpoint
+from continue_pt.export import export_checkpoint, read_training_checkpoint, training_teacher
 from continue_pt.hubert_objective import LOSS_MODES
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.masking import HubertMasking
@@ -166,6 +166,12 @@ class PretrainOptions:
         if self.resolved_precision() in ("16-mixed", "16", "16-true"):
             warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
                           "fairseq#3750); bf16-mixed is the maintainers' advice", stacklevel=2)
+        if bundle is not None and bundle.family == "hubert" and self.teacher is None and self.labels is None:
+            previous = training_teacher(bundle.config)
+            if previous is not None:
+                warnings.warn(f"{self.init_from} was continued on targets from the features of {previous}; without "
+                              "teacher this run labels with its own, moved, features: other ids than the label head "
+                              f"learnt. Pass teacher {previous} to keep the same targets", stacklevel=2)
         # K mismatch between the k-means and the label head
         if bundle is not None and bundle.kind == "pretrain" and bundle.family == "hubert" \
                 and not self.reinit_label_head and self.labels is None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
+import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -365,3 +367,27 @@ def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path, mode):
     assert set(one) == set(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_continuing_a_continued_bundle_warns_about_its_teacher(short_run, bundle_dir, audio_dir, tmp_path):
+    """The exported bundle records the teacher whose features made its targets; starting another run (or a
+    k-means check) from it without that teacher would label with its own, moved, features: warned, with the fix."""
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+    from continue_pt.export import training_teacher
+
+    continued = load_bundle(short_run.bundle_dir)
+    assert training_teacher(continued.config) == str(Path(bundle_dir).resolve())
+    assert training_teacher(load_bundle(bundle_dir).config) is None
+    with pytest.warns(UserWarning, match="Pass teacher .*to keep the same targets"):
+        _options(short_run.bundle_dir, audio_dir, tmp_path / "again").validate()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # with the teacher given: no warning
+        _options(short_run.bundle_dir, audio_dir, tmp_path / "again", teacher=str(bundle_dir)).validate()
+    result = CliRunner().invoke(cli, ["kmeans", "check", "--bundle", str(short_run.bundle_dir), "--audio",
+                                      str(audio_dir), "--json"])
+    assert result.exit_code == 0, result.output
+    assert f"pass --teacher {Path(bundle_dir).resolve()}" in result.stderr
+    report = json.loads(result.stdout)
+    assert report["shuffles"] == 1000 and "shuffled" not in report
