@@ -140,6 +140,15 @@ def test_resume_is_exact_and_keeps_the_temperature_schedule(full_run, bundle_dir
     assert load_bundle(resumed.bundle_dir).num_updates == START_UPDATES + 6
 
 
+def test_validation_logs_loss_and_accuracy_in_eval_mode(bundle_dir, audio_dir, tmp_path):
+    run = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "run", max_steps=2, accumulate=1,
+                                   val_data=str(audio_dir), val_check_interval=2))
+    with open(run.metrics_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    assert len(rows) == 1
+    assert math.isfinite(float(rows[0]["val/loss"])) and 0 <= float(rows[0]["val/accuracy"]) <= 1
+
+
 # ------------------------------------------------------------------------------------------------ refusals
 
 
