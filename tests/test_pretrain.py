@@ -137,11 +137,13 @@ class _StopAt(pl.Callback):
             trainer.should_stop = True
 
 
-def test_resume_is_exact(bundle_dir, audio_dir, tmp_path):
-    full = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "full"))
-    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part"), callbacks=[_StopAt(3)])
+@pytest.mark.parametrize("loss_norm", ["fairseq", "per-term"])  # per-term: the step plans survive a resume too
+def test_resume_is_exact(bundle_dir, audio_dir, tmp_path, loss_norm):
+    full = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "full", loss_norm=loss_norm))
+    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", loss_norm=loss_norm),
+                            callbacks=[_StopAt(3)])
     assert len(_read_metrics(first.metrics_csv)) == 3
-    resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None,
+    resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None, loss_norm=loss_norm,
                                        resume=str(first.checkpoint_dir / "step-step=3.ckpt")))
     losses_full = [float(r["train/loss"]) for r in _read_metrics(full.metrics_csv)]
     losses_resumed = [float(r["train/loss"]) for r in _read_metrics(resumed.metrics_csv)]
