@@ -8,6 +8,7 @@ global those files use is mapped to a stand-in in :data:`FAIRSEQ_GLOBALS`; anyth
 
 from __future__ import annotations
 
+import ast
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,7 +153,26 @@ def _namespace_to_cfg(args: dict[str, Any]) -> dict[str, Any]:
         model["w2v_args"] = _namespace_to_cfg(args["w2v_args"])
     task = dict(args)
     task["_name"] = args.get("task")
-    return {"model": model, "task": task, "criterion": {"_name": args.get("criterion")}}
+    criterion: dict[str, Any] = {"_name": args.get("criterion")}
+    for name in _CRITERION_OPTIONS:
+        if args.get(name) is not None:
+            criterion[name] = _literal(args[name])
+    return {"model": model, "task": task, "criterion": criterion}
+
+
+# The criterion options continued pre-training reads (loss weights of the extra terms, HuBERT's term weights).
+_CRITERION_OPTIONS = ("loss_weights", "infonce", "log_keys", "pred_masked_weight", "pred_nomask_weight")
+
+
+def _literal(value: Any) -> Any:
+    """Pre-Hydra fairseq kept list options as the command-line string (``--loss-weights '[0.1, 10]'``) and
+    ``eval``-ed it in the criterion; read it as a Python literal (``ast.literal_eval``: data only, nothing runs)."""
+    if isinstance(value, str) and value.strip().startswith(("[", "(")):
+        try:
+            return ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            return value
+    return value
 
 
 def _num_updates(raw: dict[str, Any]) -> int | None:

@@ -89,6 +89,26 @@ def test_configuration_taken_from_the_checkpoint(name, era, tmp_path_factory):
     assert enc["encoder_layer_norm_first"] == ref.backbone.encoder.layer_norm_first
     assert enc["encoder_num_layers"] == 2
     del backbone_cfg
+    if not ref.fine_tuned:  # the criterion's loss weights, which continued pre-training uses, in every era
+        criterion = bundle.config.objective["criterion"]
+        assert [float(w) for w in criterion["loss_weights"]] == [float(w) for w in ref.cfg.criterion.loss_weights]
+
+
+def test_pre_hydra_string_loss_weights_are_read_as_data(tmp_path):
+    """fairseq before Hydra kept ``--loss-weights '[0.1, 10]'`` as a string in ``args`` (and eval-ed it): the
+    converter reads it with ast.literal_eval, so the bundle's criterion holds the numbers."""
+    import argparse
+
+    ref = build_fairseq_model("wav2vec_small", num_layers=1, seed=2)
+    src = tmp_path / "old.pt"
+    save_checkpoint(ref, src, "namespace")
+    checkpoint = torch.load(src, weights_only=False)  # our own test file, written just above
+    args = vars(checkpoint["args"])
+    args["loss_weights"], args["log_keys"] = "[0.1, 10]", '["prob_perplexity","code_perplexity","temp"]'
+    checkpoint["args"] = argparse.Namespace(**args)
+    torch.save(checkpoint, src)
+    criterion = load_bundle(convert_checkpoint(src, tmp_path / "bundle")).config.objective["criterion"]
+    assert criterion["loss_weights"] == [0.1, 10] and criterion["log_keys"][0] == "prob_perplexity"
 
 
 def test_padded_batch_matches_fairseq_per_utterance(tmp_path_factory):
