@@ -135,7 +135,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
         criterion = objective.get("criterion") or {}
         fairseq_weights = [float(w) for w in (criterion.get("loss_weights") or [])]
-        defaults = Wav2Vec2LossWeights()
+        defaults = Wav2Vec2LossWeights()  # only for a checkpoint without criterion weights: the BASE recipe's
         diversity = fairseq_weights[0] if len(fairseq_weights) > 0 else defaults.diversity
         penalty = fairseq_weights[1] if len(fairseq_weights) > 1 else defaults.feature_penalty
         fgm = options.feature_grad_mult if options.feature_grad_mult is not None else objective.get(
