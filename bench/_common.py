@@ -84,6 +84,30 @@ def ensure_large_checkpoint(feature_grad_mult: float | None = None) -> Path:
     return path
 
 
+def reference_and_bundle(name: str, work: Path, seed: int, **build_options: object) -> tuple[object, object]:
+    """(random-weight fairseq model of config ``name`` with all its layers, its bundle): built every time (the
+    same seed gives the same weights), saved as a fairseq checkpoint and converted once (cached in ``work``)."""
+    from bundles.loading import load_bundle
+    from converters.convert import convert_checkpoint
+    from tests.fairseq_reference import build_fairseq_model, save_checkpoint
+
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    layers = int(build_options.pop("num_layers", 12))
+    ref = build_fairseq_model(name, num_layers=layers, seed=seed, **build_options)
+    log(f"built fairseq {name} ({layers} layers, random weights) in {time.perf_counter() - t0:.1f} s")
+    ckpt = work / f"{name}_random_seed{seed}.pt"
+    bundle_dir = work / "bundle"
+    if not ckpt.is_file():
+        save_checkpoint(ref, ckpt.with_suffix(".partial"), "dict")
+        ckpt.with_suffix(".partial").replace(ckpt)
+        shutil.rmtree(bundle_dir, ignore_errors=True)
+    if not (bundle_dir / "config.json").is_file():
+        convert_checkpoint(ckpt, bundle_dir, overwrite=True)
+    log(f"checkpoint {ckpt.stat().st_size / 1e6:.0f} MB, bundle ready ({time.perf_counter() - t0:.1f} s)")
+    return ref, load_bundle(bundle_dir)
+
+
 def warm(*paths: Path) -> None:
     """Read every byte of ``paths`` once so that the page cache holds them."""
     for p in paths:

@@ -45,7 +45,6 @@ import contextlib
 import math
 import os
 import shlex
-import shutil
 import statistics
 import sys
 import time
@@ -77,24 +76,7 @@ TARGET_RATIO = 0.8
 
 def _prepare(work: Path) -> tuple[Any, Any]:
     """(fairseq reference model, bundle): built, saved and converted once (cached in ``work``)."""
-    from bundles.loading import load_bundle
-    from converters.convert import convert_checkpoint
-    from tests.fairseq_reference import build_fairseq_model, save_checkpoint
-
-    work.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    ref = build_fairseq_model(NAME, num_layers=12, seed=SEED)
-    C.log(f"built fairseq {NAME} (12 layers, random weights) in {time.perf_counter() - t0:.1f} s")
-    ckpt = work / f"{NAME}_random_seed{SEED}.pt"
-    bundle_dir = work / "bundle"
-    if not ckpt.is_file():
-        save_checkpoint(ref, ckpt.with_suffix(".partial"), "dict")
-        ckpt.with_suffix(".partial").replace(ckpt)
-        shutil.rmtree(bundle_dir, ignore_errors=True)
-    if not (bundle_dir / "config.json").is_file():
-        convert_checkpoint(ckpt, bundle_dir, overwrite=True)
-    C.log(f"checkpoint {ckpt.stat().st_size / 1e6:.0f} MB, bundle ready ({time.perf_counter() - t0:.1f} s)")
-    return ref, load_bundle(bundle_dir)
+    return C.reference_and_bundle(NAME, work, SEED)
 
 
 def _batch(bundle: Any) -> dict[str, Any]:
