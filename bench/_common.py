@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -20,8 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
@@ -106,6 +109,51 @@ def reference_and_bundle(name: str, work: Path, seed: int, **build_options: obje
         convert_checkpoint(ckpt, bundle_dir, overwrite=True)
     log(f"checkpoint {ckpt.stat().st_size / 1e6:.0f} MB, bundle ready ({time.perf_counter() - t0:.1f} s)")
     return ref, load_bundle(bundle_dir)
+
+
+def interleaved_rounds(fns: dict[str, Callable[[int], dict[str, Any]]], rounds: int
+                       ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+    """One warm-up call of each of ``fns`` (``fn(0)``), then ``rounds`` rounds calling each in turn with the
+    round number: the same conditions for every function within a round. Returns each function's results (dicts
+    with ``"s"``, optionally ``"fwd"``/``"bwd"``/``"layers"``) and the 1-minute load average before each round."""
+    for fn in fns.values():
+        fn(0)
+    log("warm-up done")
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in fns}
+    loads: list[str] = []
+    for i in range(1, rounds + 1):
+        loads.append(f"{os.getloadavg()[0]:.2f}")
+        for key, fn in fns.items():
+            r = fn(i)
+            runs[key].append(r)
+            parts = [f"  round {i}: ({key}) {r['s']:.3f} s"]
+            if "fwd" in r:
+                parts.append(f"(fwd {r['fwd']:.3f}, bwd {r['bwd']:.3f})")
+            if "layers" in r:
+                parts.append(f" layers run {r['layers']}")
+            log(" ".join(parts))
+    return runs, loads
+
+
+def step_bench_main(description: str, script: str, work_name: str,
+                    run: Callable[[argparse.Namespace, str, Path], None], rounds_help: str) -> None:
+    """Command line of the training-step benchmarks: ``--steps`` (timed rounds, >= 5), ``--keep`` (the cached
+    checkpoint + bundle in ``bench/_work/WORK_NAME``), ``--no-profile``; ``run(args, command, work)``."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=7, help=f"timed rounds ({rounds_help}) after the warm-up (>= 5)")
+    ap.add_argument("--keep", action="store_true", help=f"keep bench/_work/{work_name} (checkpoint + bundle)")
+    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the torch.profiler tables")
+    args = ap.parse_args()
+    if args.steps < 5:
+        ap.error("--steps must be >= 5")
+    command = shlex.join([".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
+    work = WORK / work_name
+    started = time.perf_counter()
+    try:
+        run(args, command, work)
+    finally:
+        remove_work(work, args.keep)
+    log(f"total {time.perf_counter() - started:.0f} s")
 
 
 def warm(*paths: Path) -> None:

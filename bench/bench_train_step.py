@@ -37,8 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
-import os
-import shlex
 import statistics
 import sys
 import time
@@ -269,22 +267,7 @@ def _fmt(xs: list[float]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=7, help="timed rounds (a, b, c) after the warm-up (>= 5)")
-    ap.add_argument("--keep", action="store_true", help="keep bench/_work/train_step (checkpoint + bundle)")
-    ap.add_argument("--no-profile", dest="profile", action="store_false",
-                    help="skip the torch.profiler breakdown")
-    args = ap.parse_args()
-    if args.steps < 5:
-        ap.error("--steps must be >= 5")
-    command = shlex.join([".venv/bin/python", "bench/bench_train_step.py", *sys.argv[1:]])
-    work = C.WORK / "train_step"
-    started = time.perf_counter()
-    try:
-        run(args, command, work)
-    finally:
-        C.remove_work(work, args.keep)
-    C.log(f"total {time.perf_counter() - started:.0f} s")
+    C.step_bench_main(__doc__, "bench_train_step.py", "train_step", run, "a, b, c")
 
 
 def run(args: argparse.Namespace, command: str, work: Path) -> None:
@@ -308,18 +291,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
           f"grad norm rel {grad_rel:.2e}")
 
     # warm-up, then interleaved rounds
-    runs: dict[str, list[dict[str, Any]]] = {"a": [], "b": [], "c": []}
-    fns = {"a": steps.fairseq, "b": steps.ours, "c": steps.online}
-    for key in "abc":
-        fns[key](0)
-    C.log("warm-up done")
-    loads: list[str] = []
-    for i in range(1, args.steps + 1):
-        loads.append(f"{os.getloadavg()[0]:.2f}")
-        for key in "abc":
-            r = fns[key](i)
-            runs[key].append(r)
-            C.log(f"  round {i}: ({key}) {r['s']:.3f} s" + (f"  layers run {r['layers']}" if "layers" in r else ""))
+    runs, loads = C.interleaved_rounds({"a": steps.fairseq, "b": steps.ours, "c": steps.online}, args.steps)
 
     def med(key: str, field: str = "s") -> float:
         return statistics.median(r[field] for r in runs[key])

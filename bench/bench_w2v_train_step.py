@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import math
 import os
-import shlex
 import statistics
 import sys
 import time
@@ -277,21 +276,7 @@ class Steps:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=7, help="timed rounds (a, b) after the warm-up (>= 5)")
-    ap.add_argument("--keep", action="store_true", help="keep bench/_work/w2v_train_step (checkpoint + bundle)")
-    ap.add_argument("--no-profile", dest="profile", action="store_false", help="skip the profiler tables")
-    args = ap.parse_args()
-    if args.steps < 5:
-        ap.error("--steps must be >= 5")
-    command = shlex.join([".venv/bin/python", "bench/bench_w2v_train_step.py", *sys.argv[1:]])
-    work = C.WORK / "w2v_train_step"
-    started = time.perf_counter()
-    try:
-        run(args, command, work)
-    finally:
-        C.remove_work(work, args.keep)
-    C.log(f"total {time.perf_counter() - started:.0f} s")
+    C.step_bench_main(__doc__, "bench_w2v_train_step.py", "w2v_train_step", run, "a, b")
 
 
 def run(args: argparse.Namespace, command: str, work: Path) -> None:
@@ -318,20 +303,8 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
           f"sample size {eq_a['size']} vs {eq_b['size']}")
 
     # warm-up, then interleaved rounds
-    keys = ("a", "b", "qa", "qb")
-    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in keys}
-    fns = {"a": steps.fairseq, "b": steps.ours, "qa": steps.fairseq_head, "qb": steps.ours_head}
-    for key in keys:
-        fns[key](0)
-    C.log("warm-up done")
-    loads: list[str] = []
-    for i in range(1, args.steps + 1):
-        loads.append(f"{os.getloadavg()[0]:.2f}")
-        for key in keys:
-            r = fns[key](i)
-            runs[key].append(r)
-            C.log(f"  round {i}: ({key}) {r['s']:.3f} s" + (f" (fwd {r['fwd']:.3f}, bwd {r['bwd']:.3f})  layers run "
-                                                           f"{r['layers']}" if "layers" in r else ""))
+    runs, loads = C.interleaved_rounds(
+        {"a": steps.fairseq, "b": steps.ours, "qa": steps.fairseq_head, "qb": steps.ours_head}, args.steps)
 
     def med(key: str, field: str = "s") -> float:
         return statistics.median(r[field] for r in runs[key])
