@@ -65,6 +65,21 @@ TARGET_SHARE = 0.30
 # ----------------------------------------------------------------------------------------------- setup
 
 
+def _seed_all(seed: int) -> None:
+    """Before each step: fairseq draws layer drop from numpy, torchaudio (and dropout) from torch."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+def _grad_norm(params: Any, scale: float = 1.0) -> float:
+    """Global L2 norm of the parameters' gradients, divided by ``scale`` (fairseq's sample size)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) / scale
+
+
 def _prepare(work: Path) -> tuple[Any, Any]:
     """(fairseq reference model, bundle): built, saved and converted once (cached in ``work``)."""
     return C.reference_and_bundle(NAME, work, SEED, num_clusters=K)
@@ -173,27 +188,20 @@ class Steps:
         # extra keyword arguments of hubert_forward (none in the measured step)
         self.forward_kwargs: dict[str, Any] = {}
 
-    def _seed(self, seed: int) -> None:
-        import numpy as np
-
-        self.torch.manual_seed(seed)
-        np.random.seed(seed)
-
     def fairseq(self, seed: int) -> dict[str, Any]:
         mask = self.batch["mask"]
         given = lambda shape, *a, **k: mask.numpy()  # noqa: E731  (the injected time mask)
         self.fs_model.zero_grad(set_to_none=True)
         self.fs_layers.take()
-        self._seed(seed)
+        _seed_all(seed)
         with mock.patch("fairseq.models.hubert.hubert.compute_mask_indices", given):
             t0 = time.perf_counter()
             loss, size, _log = self.criterion(self.fs_model, self.sample)
             t1 = time.perf_counter()
             loss.backward()
             t2 = time.perf_counter()
-        grads = [p.grad for p in self.fs_model.parameters() if p.grad is not None]
         return {"s": t2 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "loss": loss.item() / size, "layers": self.fs_layers.take(),
-                "grad_norm": math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) / size}
+                "grad_norm": _grad_norm(self.fs_model.parameters(), size)}
 
     def ours(self, seed: int) -> dict[str, Any]:
         from continue_pt.hubert_objective import StepTotals, hubert_forward, hubert_loss_terms, normalized_loss
@@ -202,7 +210,7 @@ class Steps:
         self.model.zero_grad(set_to_none=True)
         self.extra.grad = None
         self.our_layers.take()
-        self._seed(seed)
+        _seed_all(seed)
         t0 = time.perf_counter()
         totals = StepTotals.of_masks(b["mask"])
         out = hubert_forward(self.model, b["wav"], None, b["labels"], b["mask"], extra_label_embeddings=self.extra,
@@ -212,12 +220,11 @@ class Steps:
         t1 = time.perf_counter()
         loss.backward()
         t2 = time.perf_counter()
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None] + [self.extra.grad]
         return {"s": t2 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "loss": loss.item(), "layers": self.our_layers.take(),
-                "grad_norm": math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads))}
+                "grad_norm": _grad_norm([*self.model.parameters(), self.extra])}
 
     def online(self, seed: int) -> dict[str, Any]:
-        self._seed(seed)
+        _seed_all(seed)
         t0 = time.perf_counter()
         labels = self.targets(self.batch["wav"], None)
         t1 = time.perf_counter()

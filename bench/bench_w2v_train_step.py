@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import math
 import os
 import statistics
 import sys
@@ -54,7 +53,14 @@ from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
-from bench_train_step import _dropout_off, _fmt, _LayerCounter, _profile_table  # noqa: E402
+from bench_train_step import (  # noqa: E402
+    _dropout_off,
+    _fmt,
+    _grad_norm,
+    _LayerCounter,
+    _profile_table,
+    _seed_all,
+)
 
 sys.path.insert(0, str(C.REPO))
 
@@ -100,11 +106,6 @@ def _batch(bundle: Any) -> dict[str, Any]:
     noise = -torch.empty(int(counts.sum()) * groups, num_vars).exponential_(generator=g).log()
     return {"wav": wav, "mask": mask, "frames": frames, "masking": masking, "noise": noise,
             "padding": torch.zeros(BATCH, samples, dtype=torch.bool)}
-
-
-def _grad_norm(params: Any, scale: float = 1.0) -> float:
-    grads = [p.grad for p in params if p.grad is not None]
-    return math.sqrt(sum(float(g.double().pow(2).sum()) for g in grads)) / scale
 
 
 def _other_busy_processes(interval: float = 2.0, threshold: float = 5.0) -> str:
@@ -175,12 +176,6 @@ class Steps:
         self.fixed = False
         self.negatives: list[Any] = []
 
-    def _seed(self, seed: int) -> None:
-        import numpy as np
-
-        self.torch.manual_seed(seed)
-        np.random.seed(seed)
-
     def fairseq(self, seed: int) -> dict[str, Any]:
         import torch.nn.functional as F
         from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Model
@@ -204,7 +199,7 @@ class Steps:
                         mock.patch.object(F, "gumbel_softmax", _gumbel_softmax_with(self.batch["noise"]))]
         self.fs_model.zero_grad(set_to_none=True)
         self.fs_layers.take()
-        self._seed(seed)
+        _seed_all(seed)
         with contextlib.ExitStack() as stack:
             for patch in patches:
                 stack.enter_context(patch)
@@ -225,7 +220,7 @@ class Steps:
             extra = {"gumbel_noise": b["noise"], "negative_indices": self.negatives[-1]}
         self.model.zero_grad(set_to_none=True)
         self.our_layers.take()
-        self._seed(seed)
+        _seed_all(seed)
         t0 = time.perf_counter()
         out = wav2vec2_forward(self.model, b["wav"], None, b["mask"], rng=self.torch.Generator().manual_seed(seed),
                                **self.forward_kwargs, **extra)
@@ -242,7 +237,7 @@ class Steps:
         feats = self.head_input.detach().requires_grad_(True)
         quantizer.zero_grad(set_to_none=True)
         project_q.zero_grad(set_to_none=True)
-        self._seed(seed)
+        _seed_all(seed)
         t0 = time.perf_counter()
         if ours:
             q = quantizer(feats)
