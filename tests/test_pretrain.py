@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import warnings
@@ -13,7 +12,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from bundles import load_bundle
@@ -23,6 +21,7 @@ from continue_pt.export import export_checkpoint
 from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
 from continue_pt.masking import hubert_time_mask
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0
 
@@ -52,11 +51,6 @@ def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> Pretr
     return PretrainOptions(**values)
 
 
-def _read_metrics(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("train/loss")]
-
-
 @pytest.fixture(scope="module")
 def short_run(bundle_dir, audio_dir, tmp_path_factory):
     return run_pretraining(_options(bundle_dir, audio_dir, tmp_path_factory.mktemp("run") / "out"))
@@ -73,7 +67,7 @@ def test_short_run_exports_a_loadable_bundle(short_run, bundle_dir):
     assert bundle.has_kmeans and bundle.get_kmeans().layer == KMEANS_LAYER
     bundle.get_model()
     bundle.get_pretrain_model()
-    rows = _read_metrics(short_run.metrics_csv)
+    rows = logged_rows(short_run.metrics_csv)
     assert len(rows) == 6
     for column in ("train/loss", "train/accuracy_masked", "train/ce_masked", "train/feature_penalty", "train/lr",
                    "train/grad_norm", "train/audio_seconds_per_second"):
@@ -128,25 +122,16 @@ def test_export_refuses_other_files(tmp_path, short_run):
 # ------------------------------------------------------------------------------------------------ exact resume
 
 
-class _StopAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 @pytest.mark.parametrize("loss_norm", ["fairseq", "per-term"])  # per-term: the step plans survive a resume too
 def test_resume_is_exact(bundle_dir, audio_dir, tmp_path, loss_norm):
     full = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "full", loss_norm=loss_norm))
     first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", loss_norm=loss_norm),
-                            callbacks=[_StopAt(3)])
-    assert len(_read_metrics(first.metrics_csv)) == 3
+                            callbacks=[StopAt(3)])
+    assert len(logged_rows(first.metrics_csv)) == 3
     resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None, loss_norm=loss_norm,
                                        resume=str(first.checkpoint_dir / "step-step=3.ckpt")))
-    losses_full = [float(r["train/loss"]) for r in _read_metrics(full.metrics_csv)]
-    losses_resumed = [float(r["train/loss"]) for r in _read_metrics(resumed.metrics_csv)]
+    losses_full = [float(r["train/loss"]) for r in logged_rows(full.metrics_csv)]
+    losses_resumed = [float(r["train/loss"]) for r in logged_rows(resumed.metrics_csv)]
     assert len(losses_full) == 6
     assert losses_resumed[-3:] == losses_full[3:]
     a, b = load_bundle(full.bundle_dir), load_bundle(resumed.bundle_dir)
@@ -200,7 +185,7 @@ def test_per_term_run_with_accumulation_plans_every_step(bundle_dir, audio_dir, 
     options = _options(bundle_dir, audio_dir, tmp_path / "pt", loss_norm="per-term", accumulate=3,
                        max_batch_seconds=SECONDS, max_steps=3)
     result = run_pretraining(options)
-    rows = _read_metrics(result.metrics_csv)
+    rows = logged_rows(result.metrics_csv)
     assert len(rows) == 3
     assert all(math.isfinite(float(r["train/loss"])) for r in rows)
     assert not [w for w in recwarn if "per-term normalisation is approximate" in str(w.message)]
@@ -221,14 +206,6 @@ class _Recorder(HubertContinuedPretraining):
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
         self.recorded = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
-
-
-def _no_dropout(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = 0.0
 
 
 class _ListData(pl.LightningDataModule):
@@ -254,7 +231,7 @@ def _step_gradients(bundle_dir: Path, batches: list[dict], accumulate: int, mode
     module = _Recorder(ModuleOptions(bundle=str(bundle_dir), loss_norm=mode, unmasked_weight=0.5,
                                      warmup_steps=0))
     module.mask_table = mask_table
-    _no_dropout(module)
+    no_dropout(module)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate,
                          logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0)
@@ -307,7 +284,8 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, sys.argv[4])
-from tests.test_pretrain import _ListData, _Recorder, _no_dropout, _ddp_batches
+from tests.test_pretrain import _ListData, _Recorder, _ddp_batches
+from tests.training_helpers import no_dropout
 from continue_pt.lightning_module import ModuleOptions
 
 bundle_dir, devices, out, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]
@@ -315,7 +293,7 @@ pl.seed_everything(0, verbose=False)
 module = _Recorder(ModuleOptions(bundle=bundle_dir, loss_norm=mode, unmasked_weight=0.5, warmup_steps=0))
 table, per_rank, whole = _ddp_batches(bundle_dir, mode)
 module.mask_table = table
-_no_dropout(module)
+no_dropout(module)
 data = _ListData(per_rank if devices > 1 else [[whole]])
 accumulate = len(per_rank[0]) if devices > 1 else 1
 trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 from bundles import load_bundle
@@ -25,6 +24,7 @@ from continue_pt.module_base import ModuleOptions
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, build_module, run_pretraining
 from continue_pt.wav2vec2_module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
 from continue_pt.wav2vec2_objective import sample_negative_indices
+from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0
 START_UPDATES = 50_000  # optimizer_history num_updates of the shipped checkpoint
@@ -53,20 +53,6 @@ def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> Pretr
     return PretrainOptions(**values)
 
 
-def _rows(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if row.get("train/loss")]
-
-
-class _StopAt(pl.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step:
-            trainer.should_stop = True
-
-
 @pytest.fixture(scope="module")
 def full_run(bundle_dir, audio_dir, tmp_path_factory):
     return run_pretraining(_options(bundle_dir, audio_dir, tmp_path_factory.mktemp("run") / "full"))
@@ -81,7 +67,7 @@ def _temperature(updates: int) -> float:
 
 def test_run_logs_the_contrastive_task_and_exports_a_loadable_bundle(full_run, bundle_dir):
     assert isinstance(build_module(_options(bundle_dir, Path("."), Path("."))), Wav2Vec2ContinuedPretraining)
-    rows = _rows(full_run.metrics_csv)
+    rows = logged_rows(full_run.metrics_csv)
     assert len(rows) == 6
     for column in ("train/loss", "train/infonce", "train/diversity", "train/feature_penalty", "train/accuracy",
                    "train/code_perplexity", "train/prob_perplexity", "train/codebook_usage",
@@ -128,11 +114,11 @@ def test_export_equals_the_live_student(full_run, tmp_path):
 
 
 def test_resume_is_exact_and_keeps_the_temperature_schedule(full_run, bundle_dir, audio_dir, tmp_path):
-    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part"), callbacks=[_StopAt(3)])
-    assert len(_rows(first.metrics_csv)) == 3
+    first = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part"), callbacks=[StopAt(3)])
+    assert len(logged_rows(first.metrics_csv)) == 3
     resumed = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "part", init_from=None,
                                        resume=str(first.checkpoint_dir / "step-step=3.ckpt")))
-    full_rows, resumed_rows = _rows(full_run.metrics_csv), _rows(resumed.metrics_csv)[-3:]
+    full_rows, resumed_rows = logged_rows(full_run.metrics_csv), logged_rows(resumed.metrics_csv)[-3:]
     for column in ("train/loss", "train/gumbel_temperature", "train/code_perplexity"):
         assert [r[column] for r in resumed_rows] == [r[column] for r in full_rows[3:]], column
     a, b = load_bundle(full_run.bundle_dir).state_dict(), load_bundle(resumed.bundle_dir).state_dict()
@@ -226,16 +212,6 @@ def test_collapse_warning_says_what_to_try_and_repeats_at_most_every_n_steps(bun
 # ------------------------------------------------------------------------------------------------ accumulation
 
 
-def _no_dropout(module: nn.Module) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = 0.0
-        if hasattr(m, "dropout") and isinstance(m.dropout, float):
-            m.dropout = 0.0
-        if hasattr(m, "layer_drop"):
-            m.layer_drop = 0.0
-
-
 class _FixedDraws(Wav2Vec2ContinuedPretraining):
     """Masks, negatives and Gumbel noise fixed per utterance (independent of how a step is cut into
     micro-batches); gradients recorded after the module's normalisation."""
@@ -292,7 +268,7 @@ def _fixed_module(bundle_dir, draws) -> _FixedDraws:
     module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, diversity_weight=0.0))
     _, module.masks, module.negatives, module.noise = draws
     module.objective = dataclasses.replace(module.objective, dropout_features=0.0)
-    _no_dropout(module)
+    no_dropout(module)
     return module
 
 
@@ -341,7 +317,7 @@ def test_cli_overrides_reach_the_objective(bundle_dir, audio_dir, tmp_path):
         "--max-steps", "2", "--warmup-steps", "1", "--max-batch-seconds", "4", "--num-workers", "0",
         "--diversity-weight", "0.5", "--num-negatives", "10", "--feature-penalty-weight", "2"])
     assert result.exit_code == 0, result.output
-    rows = _rows(out / "metrics.csv")
+    rows = logged_rows(out / "metrics.csv")
     assert len(rows) == 2
     for row in rows:
         parts = float(row["train/infonce"]) + 0.5 * float(row["train/diversity"]) + \
