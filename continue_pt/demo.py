@@ -83,25 +83,11 @@ def write_demo_corpus(audio_dir: Path, num_files: int = 24, seconds: float = 3.0
 
 def continue_pretraining(bundle_dir: Path, output_dir: Path, echo: Callable[[str], None] = print):
     """A few dozen steps of continued pre-training with online targets, export, reload, curves."""
-    from continue_pt.curves import write_curves
-    from continue_pt.pretrain import PretrainOptions, run_pretraining
-
     audio_dir = write_demo_corpus(output_dir / "audio")
-    options = PretrainOptions(init_from=str(bundle_dir), train_data=str(audio_dir), output_dir=str(output_dir / "run"),
-                              max_steps=30, warmup_steps=5, lr=5e-4, max_batch_seconds=12.0, num_workers=0,
-                              checkpoint_every=10, log_every=1, progress_bar=False, overwrite=True, seed=0)
+    options = _demo_options(bundle_dir, audio_dir, output_dir / "run", max_steps=30)
     echo(f"6. continue pre-training for {options.max_steps} steps on {audio_dir} (online targets: teacher layer "
          f"{KMEANS_LAYER} + the bundle's k-means)")
-    run = run_pretraining(options)
-    write_curves(run.output_dir)
-    summary = json.loads((run.output_dir / "summary.json").read_text())
-    metrics = summary["metrics"]
-    loss = next((v for k, v in metrics.items() if k.endswith("loss") and "val" not in k), None)
-    acc = next((v for k, v in metrics.items() if "acc" in k and "masked" in k and "un" not in k), None)
-    if loss:
-        echo(f"   loss {loss['first']:.3f} -> {loss['last']:.3f}")
-    if acc:
-        echo(f"   masked accuracy {acc['first']:.3f} -> {acc['last']:.3f}")
+    run = _train_and_report(options, {"train/loss": "loss", "train/accuracy_masked": "masked accuracy"}, echo)
     continued = load_bundle(run.bundle_dir)
     with torch.no_grad():
         continued.get_model()(demo_audio(1.0, seed=7))
@@ -113,8 +99,6 @@ def continue_wav2vec2(output_dir: Path, echo: Callable[[str], None] = print):
     """The same job for wav2vec 2.0: convert the tiny checkpoint (quantizer and all), continue its contrastive
     pre-training on the same audio (the Gumbel temperature picks up at the checkpoint's num_updates), export."""
     from converters.convert import convert_checkpoint
-    from continue_pt.curves import write_curves
-    from continue_pt.pretrain import PretrainOptions, run_pretraining
 
     bundle_dir = output_dir / "tiny_wav2vec2_bundle"
     shutil.rmtree(bundle_dir, ignore_errors=True)
@@ -123,18 +107,34 @@ def continue_wav2vec2(output_dir: Path, echo: Callable[[str], None] = print):
     quantizer = bundle.get_pretrain_model().quantizer
     echo(f"8. convert {WAV2VEC2_CHECKPOINT.name} -> {bundle_dir}: quantizer {quantizer.groups} x {quantizer.num_vars} "
          f"codewords, num_updates {bundle.num_updates} (Gumbel temperature {quantizer.temperature:.4f})")
-    options = PretrainOptions(init_from=str(bundle_dir), train_data=str(output_dir / "audio"),
-                              output_dir=str(output_dir / "run_wav2vec2"), max_steps=20, warmup_steps=5, lr=5e-4,
-                              max_batch_seconds=12.0, num_workers=0, checkpoint_every=10, log_every=1,
-                              progress_bar=False, overwrite=True, seed=0)
+    options = _demo_options(bundle_dir, output_dir / "audio", output_dir / "run_wav2vec2", max_steps=20)
     echo(f"9. continue wav2vec 2.0 pre-training for {options.max_steps} steps (contrastive task, its own quantizer)")
-    run = run_pretraining(options)
-    write_curves(run.output_dir)
-    metrics = json.loads((run.output_dir / "summary.json").read_text())["metrics"]
-    for name in ("train/loss", "train/accuracy", "train/code_perplexity"):
-        if name in metrics:
-            echo(f"   {name.split('/')[1]} {metrics[name]['first']:.3f} -> {metrics[name]['last']:.3f}")
+    run = _train_and_report(options, {"train/loss": "loss", "train/accuracy": "accuracy",
+                                      "train/code_perplexity": "code_perplexity"}, echo)
     continued = load_bundle(run.bundle_dir)
     echo(f"10. exported bundle loads (num_updates {continued.num_updates}, Gumbel temperature "
          f"{continued.get_pretrain_model().quantizer.temperature:.4f})")
+    return run
+
+
+def _demo_options(bundle_dir: Path, audio_dir: Path, run_dir: Path, max_steps: int):
+    """The demo's short CPU run: a high lr, 5 warm-up steps, every step logged, a checkpoint every 10."""
+    from continue_pt.pretrain import PretrainOptions
+
+    return PretrainOptions(init_from=str(bundle_dir), train_data=str(audio_dir), output_dir=str(run_dir),
+                           max_steps=max_steps, warmup_steps=5, lr=5e-4, max_batch_seconds=12.0, num_workers=0,
+                           checkpoint_every=10, log_every=1, progress_bar=False, overwrite=True, seed=0)
+
+
+def _train_and_report(options, columns: dict[str, str], echo: Callable[[str], None]):
+    """Run, write the curves, and echo the first -> last value of each metric in ``columns`` (column: label)."""
+    from continue_pt.curves import write_curves
+    from continue_pt.pretrain import run_pretraining
+
+    run = run_pretraining(options)
+    _, summary = write_curves(run.output_dir)
+    metrics = json.loads(summary.read_text())["metrics"]
+    for column, label in columns.items():
+        if column in metrics:
+            echo(f"   {label} {metrics[column]['first']:.3f} -> {metrics[column]['last']:.3f}")
     return run
