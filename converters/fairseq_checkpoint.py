@@ -1,6 +1,6 @@
 """Read a fairseq checkpoint of any pickle era into plain Python data, without fairseq and without running it.
 
-The eras (see shared/MISSION_NOTES.md): up to Oct 2020 ``args`` is an ``argparse.Namespace``; Oct 2020 to
+The eras: up to Oct 2020 ``args`` is an ``argparse.Namespace``; Oct 2020 to
 Mar 2021 ``cfg`` is a pickled omegaconf ``DictConfig``; later ``cfg`` is a plain dict that may still hold
 fairseq enum members. HuBERT's ``task_state`` holds pickled ``fairseq.data.Dictionary`` objects. Every
 global those files use is mapped to a stand-in in :data:`FAIRSEQ_GLOBALS`; anything else is refused.

@@ -1,7 +1,7 @@
 """fairseq reference models and checkpoints for parity tests (tests only: this module imports fairseq).
 
 It builds random-weight fairseq models from the published checkpoints' configurations in
-``/work/shared/fairseq_configs`` (copied from torchaudio's test assets; see ``SOURCE.md`` there), writes them
+``tests/fairseq_configs`` (copied from torchaudio's test assets; see ``SOURCE.md`` there), writes them
 as fairseq checkpoint files of each pickle era, and computes fairseq's own outputs for the converters and the
 pre-training heads to be compared against.
 
@@ -81,8 +81,8 @@ __all__ = [
     "skip_weight_init",
 ]
 
-CONFIG_DIR: Path = Path(__file__).resolve().parents[1].parent / "shared" / "fairseq_configs"
-"""The stored fairseq configurations (``/work/shared/fairseq_configs`` next to the repository)."""
+CONFIG_DIR: Path = Path(__file__).resolve().parent / "fairseq_configs"
+"""The stored fairseq configurations: the ``cfg`` of six published checkpoints, kept in the repository."""
 
 CONFIG_NAMES: tuple[str, ...] = (
     "hubert_base_ls960",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.reference import require
 from bundles.loading import load_bundle
 from converters.convert import convert_checkpoint
 from converters.errors import ConversionError
@@ -28,7 +29,7 @@ def _demo_checkpoint() -> dict:
 def test_plain_dict_config_holding_fairseq_enum_members(tmp_path, monkeypatch):
     """2021 checkpoints could keep fairseq ChoiceEnum members in the plain-dict cfg; they pickle as
     ``fairseq.dataclass.constants.Choices(value)``."""
-    constants = pytest.importorskip("fairseq.dataclass.constants")
+    constants = require("fairseq.dataclass.constants")
 
     class Choices(enum.Enum):
         default = "default"

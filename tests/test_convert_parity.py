@@ -1,6 +1,6 @@
 """Converted bundles reproduce fairseq's own outputs: every encoder layer, HuBERT logits, the quantizer, CTC logits.
 
-Random-weight fairseq models are built from the real configurations in shared/fairseq_configs (encoders cut to
+Random-weight fairseq models are built from the real configurations in tests/fairseq_configs (encoders cut to
 two layers, full widths), saved as fairseq's trainer saves them in each pickle era, converted, and compared
 with fairseq at torchaudio's tolerances.
 """
@@ -10,7 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("fairseq")
+from tests.reference import require
+
+require("fairseq")
 
 from bundles.factory import build_encoder, build_pretrain_model  # noqa: E402
 from bundles.loading import load_bundle  # noqa: E402

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("fairseq")
+from tests.reference import require
+
+require("fairseq")
 
 from tests import fairseq_reference as fr  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402

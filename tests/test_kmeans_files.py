@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-joblib = pytest.importorskip("joblib")
-sklearn_cluster = pytest.importorskip("sklearn.cluster")
+from tests.reference import require
+
+joblib = require("joblib")
+sklearn_cluster = require("sklearn.cluster")
 
 from bundles.errors import BundleError  # noqa: E402
 from bundles.kmeans import KMeansModel, load_kmeans, save_kmeans  # noqa: E402

@@ -185,7 +185,7 @@ def test_labels_from_a_manifest_keep_its_root_and_names(bundle, corpus, dumped, 
 
 @pytest.mark.fairseq
 def test_fairseqs_hubert_task_reads_the_dumped_labels(bundle, dumped):
-    pytest.importorskip("fairseq")
+    require("fairseq")
     from fairseq.tasks.hubert_pretraining import (
         HubertPretrainingConfig,
         HubertPretrainingTask,

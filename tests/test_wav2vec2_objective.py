@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests.reference import require
 from continue_pt.hubert_objective import conv_output_frames
 from continue_pt.masking import compute_mask_indices
 from continue_pt.wav2vec2_objective import (
@@ -296,7 +297,7 @@ def test_loss_logs_and_every_gradient_match_fairseq(name, loss_weights, shapes, 
     """float64: ours against fairseq's code in pure float64 -- the same function, so loss, logs and every
     gradient to 1e-10 relative (measured <= 6e-13). float32 (as both are used): loss, logs and logits to 1e-5
     relative, every gradient as close to the float64 truth as fairseq's own."""
-    pytest.importorskip("fairseq")
+    require("fairseq")
     ref, bundle = _converted(name, tmp_path_factory)
     crit = bundle.config.objective["criterion"]
     if crit and crit.get("loss_weights") is not None:  # the checkpoint's own criterion weights
@@ -337,7 +338,7 @@ def test_loss_logs_and_every_gradient_match_fairseq(name, loss_weights, shapes, 
 def test_explicit_negatives_and_duplicate_targets_match_fairseq(tmp_path_factory):
     """A quantizer that picks the same code almost everywhere: most negatives equal their positive (-inf), as
     fairseq decides it; and fairseq's negative indices passed to ours explicitly give the same loss."""
-    pytest.importorskip("fairseq")
+    require("fairseq")
     ref, bundle = _converted("wav2vec_small", tmp_path_factory)
     batches = [_batch(ref, bundle, [16000, 16000], 16000, seed=5)]
     with torch.no_grad():
@@ -372,7 +373,7 @@ def test_explicit_negatives_and_duplicate_targets_match_fairseq(tmp_path_factory
 @pytest.mark.fairseq
 @pytest.mark.parametrize("num_updates", [0, 1, 12345, 100000, 276000, 10**7])
 def test_temperature_after_set_num_updates_equals_fairseq(num_updates, tmp_path_factory):
-    pytest.importorskip("fairseq")
+    require("fairseq")
     ref, bundle = _converted("wav2vec_small", tmp_path_factory)
     model = bundle.get_pretrain_model()
     model.quantizer.set_num_updates(num_updates)
@@ -387,7 +388,7 @@ def test_accumulated_micro_batches_sum_to_the_one_batch_gradient(tmp_path_factor
     the one-batch gradient (same negatives, same Gumbel noise). Diversity and feature penalty are per-batch
     statistics (fairseq weights each micro-batch's by its sample size), so they are left out here; the fairseq
     parity test above covers them under accumulation."""
-    pytest.importorskip("fairseq")
+    require("fairseq")
     ref, bundle = _converted("wav2vec_small", tmp_path_factory)
     b1 = _batch(ref, bundle, [16000, 16000], 16000, seed=21)
     b2 = _batch(ref, bundle, [16000], 16000, seed=22)

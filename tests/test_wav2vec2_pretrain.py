@@ -162,7 +162,7 @@ def test_wav2vec2_options_on_a_hubert_bundle_are_refused(audio_dir, tmp_path):
 
 @pytest.mark.fairseq
 def test_fine_tuned_ctc_bundle_is_refused_with_the_alternative(audio_dir, tmp_path):
-    pytest.importorskip("fairseq")
+    require("fairseq")
     from converters.convert import convert_checkpoint
     from tests.fairseq_reference import build_fairseq_model, save_checkpoint
 

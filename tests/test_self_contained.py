@@ -1,0 +1,54 @@
+"""The repository stands alone: nothing in it reads a path outside the clone.
+
+A user's clone has no ``shared`` folder beside it and none of this machine's absolute paths, so code, tests,
+benchmarks and the Makefile may only name paths inside the repository.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCANNED = ("bundles", "converters", "continue_pt", "tests", "bench", "Makefile", ".ci", "pyproject.toml")
+# Built from parts so that this file does not match itself.
+FORBIDDEN = re.compile("|".join([
+    re.escape(".." + "/shared"),                 # the folder beside the clone on the development machines
+    r"(?<![\w.])/" + "work/",                    # this machine's checkout root
+    r"(?<![\w.])/" + r"root/",                   # its home directory
+    r"(?<![\w.])/" + r"opt/pypi",                # its package mirror
+]))
+
+
+def _scanned_files() -> list[Path]:
+    files: list[Path] = []
+    for name in SCANNED:
+        path = REPO / name
+        if path.is_file():
+            files.append(path)
+        elif path.is_dir():
+            files += [p for p in path.rglob("*") if p.is_file() and p.suffix in {".py", ".json", ".md", ".yaml", ""}
+                      and "__pycache__" not in p.parts]
+    return files
+
+
+def test_no_file_names_a_path_outside_the_repository():
+    offenders = []
+    for path in _scanned_files():
+        text = path.read_text(errors="replace")
+        for number, line in enumerate(text.splitlines(), 1):
+            if FORBIDDEN.search(line):
+                offenders.append(f"{path.relative_to(REPO)}:{number}: {line.strip()}")
+    assert not offenders, "paths outside the repository:\n" + "\n".join(offenders)
+
+
+def test_the_scan_sees_the_project():
+    """Guard against a scan that passes because it looks at nothing."""
+    names = {p.relative_to(REPO).as_posix() for p in _scanned_files()}
+    assert {"tests/fairseq_reference.py", "continue_pt/cli.py", "Makefile", "tests/fairseq_configs/SOURCE.md"} <= names
+
+
+def test_the_forbidden_patterns_catch_what_they_should():
+    assert FORBIDDEN.search("CONFIG = Path('..' '/x') / '.." + "/shared/fairseq_configs'")
+    assert FORBIDDEN.search('open("/' + 'work/shared/x.json")')
+    assert not FORBIDDEN.search("tests/fairseq_configs/hubert_base_ls960.json")
