@@ -52,3 +52,17 @@ def test_the_forbidden_patterns_catch_what_they_should():
     assert FORBIDDEN.search("CONFIG = Path('..' '/x') / '.." + "/shared/fairseq_configs'")
     assert FORBIDDEN.search('open("/' + 'work/shared/x.json")')
     assert not FORBIDDEN.search("tests/fairseq_configs/hubert_base_ls960.json")
+
+
+def test_a_missing_reference_package_fails_the_suite(monkeypatch):
+    """``make test`` without fairseq must not pass by skipping every parity test."""
+    import pytest
+
+    from tests.reference import ALLOW_MISSING_ENV, require
+
+    monkeypatch.delenv(ALLOW_MISSING_ENV, raising=False)
+    with pytest.raises(pytest.fail.Exception, match="no_such_reference_pkg.*is missing.*parity tests need it"):
+        require("no_such_reference_pkg")
+    monkeypatch.setenv(ALLOW_MISSING_ENV, "1")
+    with pytest.raises(pytest.skip.Exception):
+        require("no_such_reference_pkg")
