@@ -24,6 +24,7 @@ from continue_pt.kmeans_fit import (
 from continue_pt.label_dump import dump_labels
 from continue_pt.targets import OnlineTargets
 from converters.convert import convert_checkpoint
+from tests.reference import require
 
 LENGTHS = [2.0, 3.1, 1.55, 2.7, 4.0, 2.33]  # odd lengths: frame counts that are not simple multiples
 

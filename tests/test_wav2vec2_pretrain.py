@@ -24,6 +24,7 @@ from continue_pt.module_base import ModuleOptions
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, build_module, run_pretraining
 from continue_pt.wav2vec2_module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
 from continue_pt.wav2vec2_objective import sample_negative_indices
+from tests.reference import require
 from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0
