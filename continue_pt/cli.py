@@ -27,6 +27,10 @@ class _Cli(click.Group):
                 return super().invoke(ctx)
             except FileProblem as exc:
                 raise click.ClickException(str(exc)) from None
+            except OSError as exc:  # the last net: a file the library did not expect to be unusable
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise click.ClickException(f"{where}{exc.strerror or exc}. Check the path and its permissions") \
+                    from None
 
 
 def _options_warnings_as_lines(show_others: Any) -> Any:
@@ -83,11 +87,20 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
     from tqdm import tqdm
 
     from converters.convert import convert_checkpoint
+    from converters.errors import ConversionError
 
-    with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
+    try:
+        with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
               disable=None, leave=False) as bar:
-        out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
-                                 on_tensor=lambda t: bar.update(t.nbytes))
+            out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
+                                     on_tensor=lambda t: bar.update(t.nbytes))
+    except ConversionError:
+        from continue_pt.checkpoint_facts import is_training_checkpoint
+
+        if is_training_checkpoint(src):
+            raise ConversionError(src, "is a training checkpoint of `continue-pt pretrain`, not a fairseq checkpoint",
+                                  hint=f"Turn it into a bundle with `continue-pt export {src} -o {out_dir}`") from None
+        raise
     click.echo(f"wrote {out}")
 
 
@@ -95,10 +108,24 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of aligned text.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe PATH: a fairseq checkpoint, a bundle directory or a k-means file."""
+    """Describe PATH: a fairseq checkpoint, a bundle directory, a k-means file or a training checkpoint (.ckpt)."""
     from converters.describe import describe
+    from converters.errors import ConversionError
 
-    _print_facts(describe(path), as_json)
+    if path.suffix == ".ckpt" and path.is_file():
+        from continue_pt.checkpoint_facts import describe_training_checkpoint
+
+        _print_facts(describe_training_checkpoint(path), as_json)
+        return
+    try:
+        facts = describe(path)
+    except ConversionError:
+        from continue_pt.checkpoint_facts import describe_training_checkpoint, is_training_checkpoint
+
+        if not is_training_checkpoint(path):  # a renamed training checkpoint is described; anything else refused
+            raise
+        facts = describe_training_checkpoint(path)
+    _print_facts(facts, as_json)
 
 
 @cli.command()
@@ -497,6 +524,9 @@ def demo(output_dir: Path) -> None:
     """Run the main job end to end on the built-in tiny checkpoint (no download needed)."""
     from continue_pt.demo import run_demo
 
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileProblem(output_dir, "is a file, not a directory", hint="Pass --output-dir a directory (created if "
+                                                                         "missing)")
     run_demo(output_dir, echo=click.echo)
 
 
