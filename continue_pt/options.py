@@ -138,6 +138,7 @@ class PretrainOptions:
         problems += _range_problems(self)
         problems += _choice_problems(self)
         problems += self._target_option_problems()
+        problems += self._starting_bundle_problems()
         out = Path(self.output_dir)
         if self.resume is None and (out / "bundle").exists() and not self.overwrite:
             problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
@@ -169,45 +170,35 @@ class PretrainOptions:
         (the CLI reads a fairseq .bin before anything is written), named ``kmeans_name`` in messages; a name
         without a model means the caller could not read it (and says so): its checks are skipped."""
         problems = self.structural_problems()
-        if not problems:
-            problems = self.bundle_problems(kmeans, kmeans_name)
+        if not type_problems(self):  # every problem at once; the CLI stops after the structural ones (fast)
+            problems += self.bundle_problems(kmeans, kmeans_name)
         if problems:
             raise PretrainOptionsError(self.output_dir, problems, hint="Nothing was started")
 
     def bundle_problems(self, kmeans: Any = None, kmeans_name: str | None = None) -> list[str]:
-        """Problems that need the starting bundle, the checkpoint, the teacher and the k-means read."""
+        """Problems that need the starting bundle, the checkpoint, the teacher and the k-means read (files that do
+        not exist are left to :meth:`structural_problems`)."""
         from bundles.loading import load_bundle
         from continue_pt.export import read_training_checkpoint, training_teacher
 
         problems: list[str] = []
         bundle = None
-        if self.init_from is not None:
+        if self.init_from is not None and Path(self.init_from).exists():
             try:
                 bundle = load_bundle(self.init_from)
             except BundleError as exc:
                 problems.append(str(exc))
-            if bundle is not None:
-                if bundle.kind == "ctc":
-                    problems.append(f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; "
-                                    "continue from the pre-trained checkpoint it was fine-tuned from (e.g. "
-                                    "hubert_large_ll60k for hubert_large_ll60k_ft_ls960), or fine-tune it instead")
-                elif bundle.family not in TRAINABLE_FAMILIES:
-                    problems.append(f"{self.init_from} is a {bundle.family} bundle; continuation is implemented "
-                                    f"for {list(TRAINABLE_FAMILIES)}")
-                elif bundle.family == "wav2vec2":
-                    problems += self._wav2vec2_problems(bundle)
-            if bundle is not None and bundle.family == "hubert" and (self.diversity_weight is not None
-                                                                      or self.num_negatives is not None):
-                problems.append("diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no "
-                                "quantizer or negatives")
-        if self.resume is not None:
+            if bundle is not None and bundle.kind == "pretrain" and bundle.family == "wav2vec2":
+                problems += self._wav2vec2_masking_problems(bundle)
+        if self.resume is not None and Path(self.resume).exists():
             try:
                 read_training_checkpoint(self.resume)
             except BundleError as exc:
                 problems.append(str(exc))
         from continue_pt.trainer_config import trainer_problems
 
-        problems += trainer_problems(self)
+        if not _choice_problems(self):  # a precision or devices Lightning does not know is reported already
+            problems += trainer_problems(self)
         if self.resolved_precision() in ("16-mixed", "16", "16-true"):
             warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
                           "fairseq#3750); bf16-mixed is the maintainers' advice", PretrainOptionsWarning,
@@ -219,29 +210,59 @@ class PretrainOptions:
                               "teacher this run labels with its own, moved, features: other ids than the label head "
                               f"learnt. Pass teacher {previous} to keep the same targets", PretrainOptionsWarning,
                               stacklevel=2)
-        unreadable_kmeans = kmeans is None and kmeans_name is not None  # the caller has reported it
-        if bundle is not None and bundle.kind == "pretrain" and bundle.family == "hubert" and self.labels is None \
-                and not unreadable_kmeans:
+        if self._online_targets_checkable(bundle, kmeans, kmeans_name):
             from continue_pt.target_checks import online_target_problems
 
             problems += online_target_problems(self, bundle, kmeans, kmeans_name)
         return problems
 
-    def _wav2vec2_problems(self, bundle: Any) -> list[str]:
-        from continue_pt.masking import HubertMasking
-        from continue_pt.wav2vec2_module import unsupported_wav2vec2_options
+    def _online_targets_checkable(self, bundle: Any, kmeans: Any, kmeans_name: str | None) -> bool:
+        """A HuBERT run with online targets whose teacher and k-means can be read (missing files are reported by
+        the structural checks; a k-means the caller could not read, by the caller)."""
+        if bundle is None or bundle.kind != "pretrain" or bundle.family != "hubert" or self.labels is not None:
+            return False
+        if kmeans is None and kmeans_name is not None:
+            return False
+        paths = [self.teacher, None if kmeans is not None else self.kmeans]
+        return all(p is None or Path(p).exists() for p in paths)
 
+    def _starting_bundle_problems(self) -> list[str]:
+        """What the starting bundle's config.json (read without torch) says about the options: its kind and
+        family, and the options that belong to the other family."""
+        if self.init_from is None or not Path(self.init_from).is_dir():
+            return []  # a missing path is reported above; load_bundle says what else is wrong with it
+        from bundles.config import BundleConfig
+
+        try:
+            config = BundleConfig.read(Path(self.init_from))
+        except BundleError as exc:
+            return [str(exc)]
+        if config.kind == "ctc":
+            return [f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; continue from the "
+                    "pre-trained checkpoint it was fine-tuned from (e.g. hubert_large_ll60k for "
+                    "hubert_large_ll60k_ft_ls960), or fine-tune it instead"]
+        if config.family not in TRAINABLE_FAMILIES:
+            return [f"{self.init_from} is a {config.family} bundle; continuation is implemented for "
+                    f"{list(TRAINABLE_FAMILIES)}"]
+        if config.family == "hubert":
+            return ["diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no quantizer or "
+                    "negatives"] if self.diversity_weight is not None or self.num_negatives is not None else []
         problems = [f"{name} is a HuBERT option; wav2vec 2.0 learns from its own quantizer (no k-means, labels or "
                     "label head)" for name in _HUBERT_ONLY if getattr(self, name)]
         if self.loss_norm != "fairseq":
             problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
                             "the step's masked frames (fairseq's sample_size)")
+        return problems
+
+    def _wav2vec2_masking_problems(self, bundle: Any) -> list[str]:
+        from continue_pt.masking import HubertMasking
+        from continue_pt.wav2vec2_module import unsupported_wav2vec2_options
+
         try:
             masking = HubertMasking.from_options({**(bundle.config.objective or {}), **self.masking})
         except TypeError as exc:
-            return problems + [f"masking: {exc}"]
-        return problems + [f"{self.init_from}: {p}" for p in
-                           unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
+            return [f"masking: {exc}"]
+        return [f"{self.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
 
     def module_options(self) -> Any:
         from continue_pt.module_base import ModuleOptions
