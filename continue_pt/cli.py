@@ -91,7 +91,7 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
 
     try:
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
-              disable=None, leave=False) as bar:
+                  disable=None, leave=False) as bar:
             out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
                                      on_tensor=lambda t: bar.update(t.nbytes))
     except ConversionError:
@@ -198,17 +198,29 @@ _PRETRAIN_FLAGS = [
     click.option("--val-labels", help="With --labels and --val-data: the fairseq .km label file for --val-data."),
     click.option("--reinit-label-head", is_flag=True, default=None,
                  help="Re-initialise the label embeddings and final_proj (needed when the targets are a new label set)."),
-    click.option("--head-only-steps", type=int, help=_shown("With --reinit-label-head: train only the new head first.", _default("head_only_steps"))),
-    click.option("--lr", type=float, help=_shown("Peak learning rate (lower than from-scratch recipes: continuing needs a gentle start).", _default("lr"))),
-    click.option("--warmup-steps", type=int, help=_shown("Linear warm-up steps (keep them well below --max-steps).", _default("warmup_steps"))),
-    click.option("--max-batch-seconds", type=float, help=_shown("Audio seconds per micro-batch (per device).", _default("max_batch_seconds"))),
-    click.option("--max-sample-size", type=int, help=_shown("Longer files are cropped to a random window of this many samples (fairseq's max_sample_size).", _default("max_sample_size"))),
-    click.option("--min-seconds", type=float, help=_shown("Shorter files are skipped (and named).", f"{_default('min_seconds')} s")),
-    click.option("--accumulate", type=int, help=_shown("Micro-batches accumulated per optimizer step.", _default("accumulate"))),
-    click.option("--precision", help=_shown("bf16-mixed, 32-true, 16-mixed (warns: fp16 goes NaN), bf16-true, 64-true.", "bf16-mixed on a GPU, 32-true on a CPU")),
-    click.option("--devices", help=_shown("Devices (Lightning syntax: a count such as 4, -1 or auto for all, GPU ids such as 0,1).", _default("devices"))),
+    click.option("--head-only-steps", type=int,
+                 help=_shown("With --reinit-label-head: train only the new head first.", _default("head_only_steps"))),
+    click.option("--lr", type=float,
+                 help=_shown("Peak learning rate (lower than from-scratch recipes: continuing needs a gentle start).",
+                             _default("lr"))),
+    click.option("--warmup-steps", type=int,
+                 help=_shown("Linear warm-up steps (keep them well below --max-steps).", _default("warmup_steps"))),
+    click.option("--max-batch-seconds", type=float,
+                 help=_shown("Audio seconds per micro-batch (per device).", _default("max_batch_seconds"))),
+    click.option("--max-sample-size", type=int,
+                 help=_shown("Longer files are cropped to a random window of this many samples (fairseq's "
+                             "max_sample_size).", _default("max_sample_size"))),
+    click.option("--min-seconds", type=float,
+                 help=_shown("Shorter files are skipped (and named).", f"{_default('min_seconds')} s")),
+    click.option("--accumulate", type=int,
+                 help=_shown("Micro-batches accumulated per optimizer step.", _default("accumulate"))),
+    click.option("--precision", help=_shown("bf16-mixed, 32-true, 16-mixed (warns: fp16 goes NaN), bf16-true, 64-true.",
+                                            "bf16-mixed on a GPU, 32-true on a CPU")),
+    click.option("--devices", help=_shown("Devices (Lightning syntax: a count such as 4, -1 or auto for all, GPU ids "
+                                          "such as 0,1).", _default("devices"))),
     click.option("--loss-norm", type=click.Choice(["fairseq", "torchaudio", "per-term"]),
-                 help=_shown("Loss normalisation (fairseq: sum / total sample size over the step).", _default("loss_norm"))),
+                 help=_shown("Loss normalisation (fairseq: sum / total sample size over the step).",
+                             _default("loss_norm"))),
     click.option("--unmasked-weight", type=float,
                  help="Weight of the unmasked frames' loss (fairseq pred_nomask_weight; the checkpoint's, 0, by default)."),
     click.option("--feature-penalty-weight", type=float, help="Weight of the feature penalty (default: the checkpoint's, 10)."),
@@ -219,7 +231,9 @@ _PRETRAIN_FLAGS = [
     click.option("--seed", type=int, help=_shown("Seed of data order, crops and masks.", _default("seed"))),
     click.option("--num-workers", type=int, help=_shown("Data loader worker processes.", _default("num_workers"))),
     click.option("--log-every", type=int, help=_shown("Log metrics every N steps.", _default("log_every"))),
-    click.option("--checkpoint-every", type=int, help=_shown("Write OUTPUT/checkpoints/step-step=N.ckpt every N steps (last.ckpt is always the final state).", _default("checkpoint_every"))),
+    click.option("--checkpoint-every", type=int,
+                 help=_shown("Write OUTPUT/checkpoints/step-step=N.ckpt every N steps (last.ckpt is always the final "
+                             "state).", _default("checkpoint_every"))),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
 ]
 
@@ -264,6 +278,8 @@ def _checked_structure(ctx: click.Context, config_file: Path | None,
     problems = [unknown_option_problem(name, known | {"kmeans_layer"}) for name in sorted(set(values) - known)
                 if name != "kmeans_layer"]
     kmeans_layer = values.pop("kmeans_layer", None)
+    if isinstance(kmeans_layer, str) and kmeans_layer.strip().isdigit():
+        kmeans_layer = int(kmeans_layer)
     if kmeans_layer is not None and (isinstance(kmeans_layer, bool) or not isinstance(kmeans_layer, int)
                                      or kmeans_layer < 1):
         problems.append(f"kmeans_layer needs an integer >= 1 (the layer, 1-based, the k-means clusters), "

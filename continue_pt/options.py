@@ -140,7 +140,7 @@ class PretrainOptions:
         problems += self._target_option_problems()
         problems += self._starting_bundle_problems()
         out = Path(self.output_dir)
-        if self.resume is None and (out / "bundle").exists() and not self.overwrite:
+        if self.output_dir and self.resume is None and (out / "bundle").exists() and not self.overwrite:
             problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
         if not problems and self.init_from is not None and self.warmup_steps > self.max_steps:
             warnings.warn(warmup_warning(self), PretrainOptionsWarning, stacklevel=2)

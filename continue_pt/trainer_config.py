@@ -8,6 +8,7 @@ become :class:`~continue_pt.options.PretrainOptionsError`: one message naming th
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +39,10 @@ def trainer_problems(options: PretrainOptions) -> list[str]:
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines belong to the real run
     try:
-        pl.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                   enable_model_summary=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the real Trainer says it again where it matters
+            pl.Trainer(**args, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                       enable_model_summary=False)
     except _REFUSALS as exc:
         return [_reworded(exc, args)]
     finally:
