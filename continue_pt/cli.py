@@ -7,6 +7,7 @@ composition root: it imports ``converters`` lazily, so the training library neve
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
 import warnings
@@ -28,6 +29,8 @@ class _Cli(click.Group):
             except FileProblem as exc:
                 raise click.ClickException(str(exc)) from None
             except OSError as exc:  # the last net: a file the library did not expect to be unusable
+                if exc.errno == errno.EPIPE:  # `continue-pt catalogue | head`: click ends quietly
+                    raise
                 where = f"{exc.filename}: " if exc.filename else ""
                 raise click.ClickException(f"{where}{exc.strerror or exc}. Check the path and its permissions") \
                     from None

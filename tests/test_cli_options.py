@@ -256,3 +256,43 @@ def test_kmeans_fit_provenance_names_the_teacher_and_audio_as_given(setup, monke
     meta = load_kmeans(root / "fitted.safetensors").metadata
     assert meta["teacher_bundle"] == "teacher7" and meta["audio"] == "audio"
     assert meta["teacher_num_updates"] == "1000"
+
+
+# ------------------------------------------------------------------------------------ the pieces behind them
+
+
+def test_torch_free_names_agree_with_the_modules_they_stand_for():
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
+    from typing import get_args
+
+    from continue_pt.hubert_objective import LOSS_MODES
+    from continue_pt.options import LOSS_NORMS, PRECISIONS, TRAINABLE_FAMILIES
+    from continue_pt.pretrain import MODULES
+
+    assert tuple(MODULES) == TRAINABLE_FAMILIES and tuple(LOSS_MODES) == LOSS_NORMS
+    assert set(PRECISIONS) <= set(get_args(_PRECISION_INPUT_STR)) | set(get_args(_PRECISION_INPUT_STR_ALIAS))
+
+
+def test_a_trainer_refusal_becomes_an_option_problem(tmp_path):
+    from continue_pt.options import PretrainOptionsError
+    from continue_pt.trainer_config import built_trainer
+
+    with pytest.raises(PretrainOptionsError, match="Lightning cannot train with accelerator 'cpu', devices '0,1'"):
+        built_trainer(tmp_path, accelerator="cpu", devices="0,1", logger=False)
+
+
+def test_a_run_that_fails_after_its_first_checkpoint_keeps_everything(tmp_path):
+    from continue_pt.run_output import removed_on_early_failure
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt), removed_on_early_failure(out):
+        (out / "checkpoints").mkdir(parents=True)
+        (out / "hparams.yaml").write_text("x")
+        (out / "checkpoints" / "step-step=1.ckpt").write_bytes(b"x")
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in out.rglob("*")) == ["checkpoints", "hparams.yaml", "step-step=1.ckpt"]
+    with pytest.raises(RuntimeError), removed_on_early_failure(out):  # an existing run: only what is new goes
+        (out / "targets").mkdir()
+        (out / "targets" / "km.safetensors").write_bytes(b"x")
+        raise RuntimeError
+    assert not (out / "targets").exists() and (out / "checkpoints" / "step-step=1.ckpt").exists()
