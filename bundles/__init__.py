@@ -10,7 +10,18 @@ No pickle and no fairseq here: ``bundles`` reads only JSON and safetensors.
 """
 
 from .errors import BundleError, FileProblem
-from .kmeans import KMeansModel, load_kmeans, save_kmeans
-from .loading import Bundle, load_bundle
+
+# The rest imports torch (1-2 s): loaded on first use, so `from bundles.errors import FileProblem` (the CLI's error
+# boundary, ``--help``, argument checks) stays instant.
+_LAZY = {"KMeansModel": "kmeans", "load_kmeans": "kmeans", "save_kmeans": "kmeans", "Bundle": "loading",
+         "load_bundle": "loading"}
 
 __all__ = ["Bundle", "BundleError", "FileProblem", "KMeansModel", "load_bundle", "load_kmeans", "save_kmeans"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,22 +7,50 @@ composition root: it imports ``converters`` lazily, so the training library neve
 
 from __future__ import annotations
 
+import errno
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 import click
 
 from bundles.errors import FileProblem
+from continue_pt.options import option_default
 
 
 class _Cli(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except FileProblem as exc:
-            raise click.ClickException(str(exc)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _options_warnings_as_lines(warnings.showwarning)
+            try:
+                return super().invoke(ctx)
+            except FileProblem as exc:
+                raise click.ClickException(str(exc)) from None
+            except OSError as exc:  # the last net: a file the library did not expect to be unusable
+                if exc.errno == errno.EPIPE:  # `continue-pt catalogue | head`: click ends quietly
+                    raise
+                where = f"{exc.filename}: " if exc.filename else ""
+                raise click.ClickException(f"{where}{exc.strerror or exc}. Check the path and its permissions") \
+                    from None
+
+
+def _options_warnings_as_lines(show_others: Any) -> Any:
+    """Our warnings about the options are messages to the user: one `Warning:` line each, once (the options are
+    checked again where training starts); every other warning is shown as before."""
+    from continue_pt.options import PretrainOptionsWarning
+
+    shown: set[str] = set()
+
+    def show(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if not issubclass(category, PretrainOptionsWarning):
+            show_others(message, category, *args, **kwargs)
+        elif str(message) not in shown:
+            shown.add(str(message))
+            click.echo(f"Warning: {message}", err=True)
+
+    return show
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -62,11 +90,20 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
     from tqdm import tqdm
 
     from converters.convert import convert_checkpoint
+    from converters.errors import ConversionError
 
-    with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
-              disable=None, leave=False) as bar:
-        out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
-                                 on_tensor=lambda t: bar.update(t.nbytes))
+    try:
+        with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
+                  disable=None, leave=False) as bar:
+            out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
+                                     on_tensor=lambda t: bar.update(t.nbytes))
+    except ConversionError:
+        from continue_pt.checkpoint_facts import is_training_checkpoint
+
+        if is_training_checkpoint(src):
+            raise ConversionError(src, "is a training checkpoint of `continue-pt pretrain`, not a fairseq checkpoint",
+                                  hint=f"Turn it into a bundle with `continue-pt export {src} -o {out_dir}`") from None
+        raise
     click.echo(f"wrote {out}")
 
 
@@ -74,10 +111,24 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of aligned text.")
 def inspect(path: Path, as_json: bool) -> None:
-    """Describe PATH: a fairseq checkpoint, a bundle directory or a k-means file."""
+    """Describe PATH: a fairseq checkpoint, a bundle directory, a k-means file or a training checkpoint (.ckpt)."""
     from converters.describe import describe
+    from converters.errors import ConversionError
 
-    _print_facts(describe(path), as_json)
+    if path.suffix == ".ckpt" and path.is_file():
+        from continue_pt.checkpoint_facts import describe_training_checkpoint
+
+        _print_facts(describe_training_checkpoint(path), as_json)
+        return
+    try:
+        facts = describe(path)
+    except ConversionError:
+        from continue_pt.checkpoint_facts import describe_training_checkpoint, is_training_checkpoint
+
+        if not is_training_checkpoint(path):  # a renamed training checkpoint is described; anything else refused
+            raise
+        facts = describe_training_checkpoint(path)
+    _print_facts(facts, as_json)
 
 
 @cli.command()
@@ -116,31 +167,63 @@ def catalogue(as_json: bool) -> None:
 
 # -- continued pre-training ----------------------------------------------------------------------------------
 
+def _default(name: str) -> str:
+    """How ``--help`` shows a default: read from :class:`PretrainOptions` (their one source), never repeated."""
+    value = option_default(name)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value:,}"
+    return str(value)
+
+
+def _shown(text: str, default: str) -> str:
+    return f"{text}  [default: {default}]"
+
+
 _PRETRAIN_FLAGS = [
     click.option("--config", "config_file", type=click.Path(path_type=Path),
                  help="YAML file whose keys are this command's options (dashes or underscores); flags override it."),
     click.option("--init-from", help="Bundle to start from: weights only, fresh optimiser. Exclusive with --resume."),
     click.option("--resume", help="Training checkpoint (OUTPUT/checkpoints/last.ckpt) to continue with its full state."),
     click.option("--train-data", help="Directory of audio files (wav/flac/ogg) or a fairseq manifest (.tsv)."),
-    click.option("--val-data", help="Held-out audio (default: 2 % of --train-data, chosen by file name)."),
+    click.option("--val-data", help="Held-out audio (default: --val-fraction of --train-data, chosen by file name)."),
+    click.option("--val-fraction", type=float,
+                 help=_shown("Without --val-data: the share of --train-data files held out for validation.",
+                             f"{_default('val_fraction')}, i.e. {100 * option_default('val_fraction'):g} %")),
     click.option("--output-dir", help="Receives metrics.csv, checkpoints/, bundle/, curves.png and summary.json."),
-    click.option("--max-steps", type=int, help="Optimizer steps to train."),
+    click.option("--max-steps", type=int, help=_shown("Optimizer steps to train.", _default("max_steps"))),
     click.option("--teacher", help="Bundle whose layer features give the targets (default: the starting bundle)."),
     click.option("--kmeans", help="k-means for the targets: km.safetensors or fairseq/sklearn joblib .bin."),
     click.option("--kmeans-layer", type=click.IntRange(min=1), help="Layer (1-based) a joblib .bin k-means clusters."),
     click.option("--labels", help="Offline targets: fairseq .km label file (one line per manifest entry)."),
     click.option("--label-dict", help="fairseq dict.km.txt for --labels."),
+    click.option("--val-labels", help="With --labels and --val-data: the fairseq .km label file for --val-data."),
     click.option("--reinit-label-head", is_flag=True, default=None,
                  help="Re-initialise the label embeddings and final_proj (needed when the targets are a new label set)."),
-    click.option("--head-only-steps", type=int, help="With --reinit-label-head: train only the new head first."),
-    click.option("--lr", type=float, help="Peak learning rate (default 5e-5: lower than from-scratch recipes)."),
-    click.option("--warmup-steps", type=int, help="Linear warm-up steps."),
-    click.option("--max-batch-seconds", type=float, help="Audio seconds per micro-batch (per device)."),
-    click.option("--accumulate", type=int, help="Micro-batches accumulated per optimizer step."),
-    click.option("--precision", help="bf16-mixed (default on GPU), 32-true (default on CPU), 16-mixed (warns)."),
-    click.option("--devices", help="Devices (Lightning syntax: 1, 4, 'auto')."),
+    click.option("--head-only-steps", type=int,
+                 help=_shown("With --reinit-label-head: train only the new head first.", _default("head_only_steps"))),
+    click.option("--lr", type=float,
+                 help=_shown("Peak learning rate (lower than from-scratch recipes: continuing needs a gentle start).",
+                             _default("lr"))),
+    click.option("--warmup-steps", type=int,
+                 help=_shown("Linear warm-up steps (keep them well below --max-steps).", _default("warmup_steps"))),
+    click.option("--max-batch-seconds", type=float,
+                 help=_shown("Audio seconds per micro-batch (per device).", _default("max_batch_seconds"))),
+    click.option("--max-sample-size", type=int,
+                 help=_shown("Longer files are cropped to a random window of this many samples (fairseq's "
+                             "max_sample_size).", _default("max_sample_size"))),
+    click.option("--min-seconds", type=float,
+                 help=_shown("Shorter files are skipped (and named).", f"{_default('min_seconds')} s")),
+    click.option("--accumulate", type=int,
+                 help=_shown("Micro-batches accumulated per optimizer step.", _default("accumulate"))),
+    click.option("--precision", help=_shown("bf16-mixed, 32-true, 16-mixed (warns: fp16 goes NaN), bf16-true, 64-true.",
+                                            "bf16-mixed on a GPU, 32-true on a CPU")),
+    click.option("--devices", help=_shown("Devices (Lightning syntax: a count such as 4, -1 or auto for all, GPU ids "
+                                          "such as 0,1).", _default("devices"))),
     click.option("--loss-norm", type=click.Choice(["fairseq", "torchaudio", "per-term"]),
-                 help="Loss normalisation (default fairseq: sum / total sample size over the step)."),
+                 help=_shown("Loss normalisation (fairseq: sum / total sample size over the step).",
+                             _default("loss_norm"))),
     click.option("--unmasked-weight", type=float,
                  help="Weight of the unmasked frames' loss (fairseq pred_nomask_weight; the checkpoint's, 0, by default)."),
     click.option("--feature-penalty-weight", type=float, help="Weight of the feature penalty (default: the checkpoint's, 10)."),
@@ -148,8 +231,12 @@ _PRETRAIN_FLAGS = [
                  help="wav2vec 2.0: weight of the codebook diversity loss (default: the checkpoint's, 0.1)."),
     click.option("--num-negatives", type=click.IntRange(min=1),
                  help="wav2vec 2.0: distractors per masked frame (default: the checkpoint's, 100)."),
-    click.option("--seed", type=int, help="Seed of data order, crops and masks."),
-    click.option("--num-workers", type=int, help="Data loader worker processes."),
+    click.option("--seed", type=int, help=_shown("Seed of data order, crops and masks.", _default("seed"))),
+    click.option("--num-workers", type=int, help=_shown("Data loader worker processes.", _default("num_workers"))),
+    click.option("--log-every", type=int, help=_shown("Log metrics every N steps.", _default("log_every"))),
+    click.option("--checkpoint-every", type=int,
+                 help=_shown("Write OUTPUT/checkpoints/step-step=N.ckpt every N steps (last.ckpt is always the final "
+                             "state).", _default("checkpoint_every"))),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
 ]
 
@@ -160,62 +247,93 @@ def _with_pretrain_flags(func):
     return func
 
 
-def _pretrain_options(ctx: click.Context, config_file: Path | None, flags: dict[str, Any]):
-    """PretrainOptions from the YAML file and the flags given; every problem found is reported at once."""
-    from dataclasses import fields
-
+def _given_options(ctx: click.Context, config_file: Path | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The YAML file's options (keys with dashes or underscores), overridden by the flags given."""
     import yaml
 
-    from continue_pt.pretrain import PretrainOptions, PretrainOptionsError
-
-    problems: list[str] = []
     values: dict[str, Any] = {}
     if config_file is not None:
         try:
             loaded = yaml.safe_load(config_file.read_text(encoding="utf-8")) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise FileProblem(config_file, f"not a readable YAML file ({exc})", hint="Fix or remove --config") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FileProblem(config_file, f"not a readable YAML file ({first})", hint="Fix or remove --config") \
+                from None
         if not isinstance(loaded, dict):
             raise FileProblem(config_file, "does not hold a mapping of options", hint="Write `option: value` lines")
         values = {str(k).replace("-", "_"): v for k, v in loaded.items()}
     for name, value in flags.items():
         if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT and value is not None:
             values[name] = value
-    known = {f.name for f in fields(PretrainOptions)} | {"kmeans_layer"}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        problems.append(f"unknown options {unknown}")
+    return values
+
+
+def _checked_structure(ctx: click.Context, config_file: Path | None,
+                       flags: dict[str, Any]) -> tuple[Any, int | None]:
+    """PretrainOptions and the joblib k-means layer, after every check that needs neither torch nor a file read;
+    every problem found is reported at once (in well under a second: nothing heavy is imported)."""
+    from dataclasses import fields
+
+    from continue_pt.options import PretrainOptions, PretrainOptionsError, coerce_options, unknown_option_problem
+
+    values = _given_options(ctx, config_file, flags)
+    known = {f.name for f in fields(PretrainOptions)}
+    problems = [unknown_option_problem(name, known | {"kmeans_layer"}) for name in sorted(set(values) - known)
+                if name != "kmeans_layer"]
+    kmeans_layer = values.pop("kmeans_layer", None)
+    if isinstance(kmeans_layer, str) and kmeans_layer.strip().isdigit():
+        kmeans_layer = int(kmeans_layer)
+    if kmeans_layer is not None and (isinstance(kmeans_layer, bool) or not isinstance(kmeans_layer, int)
+                                     or kmeans_layer < 1):
+        problems.append(f"kmeans_layer needs an integer >= 1 (the layer, 1-based, the k-means clusters), "
+                        f"got {kmeans_layer!r}")
+        kmeans_layer = None
+    values, type_problems = coerce_options({k: v for k, v in values.items() if k in known})
+    problems += type_problems
     for name in ("train_data", "output_dir"):
         if not values.get(name):
             problems.append(f"--{name.replace('_', '-')} is required")
-    kmeans_layer = values.pop("kmeans_layer", None)
     if values.get("kmeans") and kmeans_layer is None and not str(values["kmeans"]).endswith(".safetensors"):
         problems.append("a joblib k-means needs --kmeans-layer (the layer, 1-based, whose features it clusters)")
-    if problems:  # report the options' own problems too, not just these
-        try:
-            placeholders = {"train_data": "", "output_dir": ""}
-            PretrainOptions(**{**placeholders, **{k: v for k, v in values.items() if k in known}}).validate()
-        except PretrainOptionsError as exc:
-            problems += exc.problems
-        except TypeError:
-            pass
+    if kmeans_layer is not None and not values.get("kmeans"):
+        problems.append("--kmeans-layer was given without --kmeans (a k-means .bin whose layer it names)")
+    options = PretrainOptions(**{"train_data": "", "output_dir": "", **values})
+    problems += options.structural_problems()
+    if problems:
         raise PretrainOptionsError(config_file or "continue-pt pretrain", problems, hint="Nothing was started")
-    if values.get("kmeans") and kmeans_layer is not None:
-        values["kmeans"] = str(_kmeans_as_safetensors(Path(values["kmeans"]), kmeans_layer, Path(values["output_dir"])))
-    for name in {f.name for f in fields(PretrainOptions)} & set(values):
-        if name == "devices" and isinstance(values[name], str) and values[name].isdigit():
-            values[name] = int(values[name])
-    return PretrainOptions(**{k: v for k, v in values.items() if k in known})
+    return options, kmeans_layer
 
 
-def _kmeans_as_safetensors(path: Path, layer: int, output_dir: Path) -> Path:
-    """Read a joblib/safetensors k-means safely (converters) and keep it with the run as km.safetensors."""
+def _checked_options(ctx: click.Context, config_file: Path | None, flags: dict[str, Any]) -> tuple[Any, Any]:
+    """PretrainOptions after every check, and the joblib k-means read from ``--kmeans`` (None for a
+    km.safetensors, which the options name directly). Nothing is written yet."""
+    from continue_pt.options import PretrainOptionsError
+
+    options, kmeans_layer = _checked_structure(ctx, config_file, flags)
+    km, name, problems = None, None, []
+    if kmeans_layer is not None:
+        from converters.convert import read_kmeans_file
+
+        name = f"the k-means {options.kmeans} (--kmeans-layer {kmeans_layer})"
+        try:
+            km = read_kmeans_file(options.kmeans, kmeans_layer)
+            km.metadata.setdefault("source_file", Path(options.kmeans).name)
+        except FileProblem as exc:
+            problems.append(str(exc))
+    try:
+        options.validate(kmeans=km, kmeans_name=name)
+    except PretrainOptionsError as exc:
+        problems += exc.problems
+    if problems:
+        raise PretrainOptionsError(options.output_dir, problems, hint="Nothing was started")
+    return options, km
+
+
+def _kmeans_as_safetensors(km: Any, source: Path, output_dir: Path) -> Path:
+    """Keep the k-means read from a joblib file with the run, as OUTPUT/targets/NAME.L{layer}.safetensors."""
     from bundles.kmeans import save_kmeans
-    from converters.convert import read_kmeans_file
 
-    km = read_kmeans_file(path, layer)
-    km.metadata.setdefault("source_file", path.name)
-    target = output_dir / "targets" / f"{path.stem}.L{layer}.safetensors"
+    target = output_dir / "targets" / f"{source.stem}.L{km.layer}.safetensors"
     target.parent.mkdir(parents=True, exist_ok=True)
     save_kmeans(km, target)
     return target
@@ -235,11 +353,16 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
     continue-pt pretrain --init-from wav2vec2_base/ --train-data my_audio/ --output-dir run2/ --max-steps 20000
     continue-pt pretrain --resume run1/checkpoints/last.ckpt --train-data my_audio/ --output-dir run1/ --max-steps 40000
     """
-    from continue_pt.curves import write_curves
-    from continue_pt.pretrain import run_pretraining
+    from continue_pt.run_output import removed_on_early_failure
 
-    options = _pretrain_options(ctx, config_file, flags)
-    result = run_pretraining(options)
+    options, joblib_kmeans = _checked_options(ctx, config_file, flags)
+    with removed_on_early_failure(options.output_dir):  # also the k-means written into OUTPUT/targets
+        if joblib_kmeans is not None:
+            options.kmeans = str(_kmeans_as_safetensors(joblib_kmeans, Path(options.kmeans), Path(options.output_dir)))
+        from continue_pt.curves import write_curves
+        from continue_pt.pretrain import run_pretraining
+
+        result = run_pretraining(options)
     try:
         png, summary = write_curves(result.output_dir)
         curves = f"curves: {png}\nsummary: {summary}"
@@ -420,6 +543,9 @@ def demo(output_dir: Path) -> None:
     """Run the main job end to end on the built-in tiny checkpoint (no download needed)."""
     from continue_pt.demo import run_demo
 
+    if output_dir.exists() and not output_dir.is_dir():
+        raise FileProblem(output_dir, "is a file, not a directory", hint="Pass --output-dir a directory (created if "
+                                                                         "missing)")
     run_demo(output_dir, echo=click.echo)
 
 

@@ -222,13 +222,14 @@ class AudioDataModule(pl.LightningDataModule):
         The loader runs ahead of the training step (Lightning prefetches a batch; workers prefetch more), so the
         sampler's own count is too high mid-epoch; the fit loop's count of batches taken is used instead.
         """
+        source = {"train_source": str(self.train_source)}  # what `continue-pt inspect CKPT` reports as its data
         if self.train_sampler is None:
-            return {"train_sampler": self._pending_sampler_state} if self._pending_sampler_state else {}
+            return {"train_sampler": self._pending_sampler_state, **source} if self._pending_sampler_state else source
         state = self.train_sampler.state_dict()
         consumed = self._consumed_batches()
         if consumed is not None:
             state["batches_done"] = consumed
-        return {"train_sampler": state}
+        return {"train_sampler": state, **source}
 
     def _consumed_batches(self) -> int | None:
         trainer = self.trainer

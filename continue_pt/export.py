@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import pickle
-import zipfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,19 +32,46 @@ _NOT_OURS_HINT = "Pass a .ckpt written by `continue-pt pretrain` (output_dir/che
 def read_training_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, read with ``weights_only=True``; BundleError if it is not one of ours."""
     path = Path(ckpt_path)
+    if path.is_dir() and (path / "config.json").is_file():
+        raise BundleError(path, "is a bundle directory, not a training checkpoint: it is already what export "
+                                "writes (load it with load_bundle)", hint=_NOT_OURS_HINT)
     if not path.is_file():
         raise BundleError(path, "no such checkpoint file" if not path.exists() else "is not a file",
                           hint=_NOT_OURS_HINT)
+    if _is_safetensors(path):
+        raise BundleError(path, "is a safetensors file (a bundle's weights or a k-means), not a training "
+                                "checkpoint: the bundle it belongs to is already loadable", hint=_NOT_OURS_HINT)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BundleError(path, f"is not a readable Lightning checkpoint ({first})", hint=_NOT_OURS_HINT) from None
+    except Exception as exc:  # noqa: BLE001  junk bytes make torch's (weights-only) unpickler fail in any way
+        raise BundleError(path, f"is not a readable Lightning checkpoint ({_load_failure(exc)})",
+                          hint=_NOT_OURS_HINT) from None
     extra = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(extra, dict) or extra.get("format") != CHECKPOINT_FORMAT or "state_dict" not in checkpoint:
         raise BundleError(path, "is not a continue-pt training checkpoint (it has no continue-pt section)",
                           hint=_NOT_OURS_HINT)
     return checkpoint
+
+
+def _is_safetensors(path: Path) -> bool:
+    """safetensors files start with the 8-byte length of a JSON header."""
+    with open(path, "rb") as fh:
+        head = fh.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_failure(exc: BaseException) -> str:
+    """Why torch could not read the file, without torch's advice to load it with ``weights_only=False`` (that would
+    run whatever code the file carries; a checkpoint of ours never needs it)."""
+    text = str(exc).strip()
+    pickled = re.search(r"GLOBAL ([\w.]+)", text)
+    if pickled:
+        fairseq = " (a fairseq checkpoint: `continue-pt convert` turns it into a bundle)" \
+            if pickled.group(1).startswith("fairseq.") else ""
+        return f"it holds a pickled {pickled.group(1)}, which a continue-pt checkpoint never does{fairseq}"
+    if "weights_only" in text:
+        return "it holds objects a safe (weights-only) load refuses, which a continue-pt checkpoint never does"
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def student_tensors(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], Tensor | None]:
@@ -103,7 +129,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         "from_num_updates": start_updates,
         "checkpoint": path.name,
         "steps": steps,
-        "data": train_data if train_data is not None else options.get("train_data"),
+        "data": train_data if train_data is not None else options.get("train_data")
+        or (checkpoint.get("AudioDataModule") or {}).get("train_source"),
         "targets": targets,
         "teacher": teacher,  # the bundle whose features the k-means labelled (the trained ones have moved)
         "label_head_reinitialised": bool(options.get("reinit_label_head")),

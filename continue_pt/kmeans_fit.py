@@ -368,7 +368,9 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
     prov = teacher.config.provenance or {}
     metadata = {
         "fitted_by": "continue-pt kmeans fit (streaming mini-batch k-means, k-means++ on a reservoir)",
-        "teacher_bundle": str(Path(teacher.path).resolve()),
+        # the bundle whose features were clustered, as the user named it (a continued bundle is not its source file)
+        "teacher_bundle": str(teacher.path),
+        "teacher_num_updates": str(teacher.num_updates),
         "teacher_source_file": str(prov.get("source_file", "")),
         "teacher_sha256": str(prov.get("sha256", "")),
         "n_clusters": str(int(k)),
@@ -376,7 +378,7 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
         "hours_seen": f"{hours:.6f}",
         "frames_seen": str(stats["frames_seen"]),
         "seed": str(int(seed)),
-        "audio": str(audio.resolve()),
+        "audio": str(audio),
     }
     kmeans = KMeansModel(centroids, int(layer), metadata)
     skipped = list(scan.skipped) + list(corpus.failed.items())

@@ -19,16 +19,11 @@ from lightning.pytorch.utilities import grad_norm
 
 from continue_pt.hubert_objective import LOSS_MODES
 from continue_pt.masking import HubertMasking
+from continue_pt.options import DEFAULT_PEAK_LR  # defined torch-free there, for the CLI's --help
 
 CHECKPOINT_KEY = "continue_pt"
 """Key of the dict this module adds to a Lightning checkpoint (read by :mod:`continue_pt.export`)."""
 CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
-
-DEFAULT_PEAK_LR = 5e-5
-"""Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
-published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
-the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
-learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
 
 
 @dataclass

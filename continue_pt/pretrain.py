@@ -13,214 +13,31 @@ import logging
 import os
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
-from bundles.errors import BundleError, FileProblem
-from bundles.kmeans import load_kmeans
+from bundles.errors import BundleError
 from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
-from continue_pt.export import export_checkpoint, read_training_checkpoint, training_teacher
-from continue_pt.hubert_objective import LOSS_MODES
+from continue_pt.export import export_checkpoint, read_training_checkpoint
 from continue_pt.lightning_module import HubertContinuedPretraining
-from continue_pt.masking import HubertMasking
-from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
-from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining, unsupported_wav2vec2_options
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
+from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
+from continue_pt.run_output import removed_on_early_failure
+from continue_pt.trainer_config import built_trainer
+from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
 
 MODULES: dict[str, type[ContinuedPretrainingBase]] = {
     "hubert": HubertContinuedPretraining,
     "wav2vec2": Wav2Vec2ContinuedPretraining,
 }
 """The LightningModule that continues each bundle family."""
-_HUBERT_ONLY = ("teacher", "kmeans", "labels", "label_dict", "val_labels", "reinit_label_head", "head_only_steps",
-                "unmasked_weight")
 
 logger = logging.getLogger(__name__)
-
-
-class PretrainOptionsError(FileProblem, ValueError):
-    """The options cannot work; ``problems`` lists every reason."""
-
-
-@dataclass
-class PretrainOptions:
-    """Options of ``continue-pt pretrain`` (one field per flag)."""
-
-    train_data: str
-    """A directory of audio files or a fairseq manifest (.tsv)."""
-    output_dir: str
-    """Gets ``metrics.csv`` (CSVLogger), ``checkpoints/`` and the exported ``bundle/``."""
-    init_from: str | None = None
-    """Bundle to start from (weights only; a fresh optimiser). Exclusive with ``resume``."""
-    resume: str | None = None
-    """A training checkpoint (``checkpoints/last.ckpt``) to continue, with optimiser, schedule and data position."""
-    val_data: str | None = None
-    max_steps: int = 10_000
-    lr: float = DEFAULT_PEAK_LR
-    warmup_steps: int = 1000
-    schedule: str = "linear"
-    max_batch_seconds: float = 87.5
-    max_sample_size: int = 250_000
-    min_seconds: float = 2.0
-    accumulate: int = 1
-    precision: str | None = None
-    """None: "bf16-mixed" on CUDA, "32-true" on CPU. "16-mixed" is allowed with a warning (fp16 goes NaN)."""
-    devices: int | str = 1
-    accelerator: str = "auto"
-    strategy: str = "auto"
-    seed: int = 0
-    loss_norm: str = "fairseq"
-    unmasked_weight: float | None = None
-    """Weight of the unmasked frames' loss (fairseq's pred_nomask_weight); None: the checkpoint's (0 for HuBERT)."""
-    feature_penalty_weight: float | None = None
-    """Weight of the feature penalty (fairseq's loss_weights[0] for HuBERT, [1] for wav2vec 2.0); None: the
-    checkpoint's criterion, else 10."""
-    diversity_weight: float | None = None
-    """wav2vec 2.0: weight of the codebook diversity loss (fairseq's loss_weights[0]); None: the checkpoint's."""
-    num_negatives: int | None = None
-    """wav2vec 2.0: distractors per masked frame; None: the checkpoint's (100 in the published recipes)."""
-    codebook_warn_threshold: float = 0.1
-    """wav2vec 2.0: warn when the code perplexity falls below this fraction of the usable codewords."""
-    teacher: str | None = None
-    kmeans: str | None = None
-    """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""
-    labels: str | None = None
-    """fairseq frame labels for ``train_data`` (a .km file) instead of online targets; needs ``label_dict``."""
-    label_dict: str | None = None
-    val_labels: str | None = None
-    reinit_label_head: bool = False
-    head_only_steps: int = 0
-    freeze_feature_extractor_steps: int = 0
-    feature_grad_mult: float | None = None
-    masking: dict[str, Any] = field(default_factory=dict)
-    gradient_clip_val: float | None = 10.0
-    num_workers: int = 4
-    val_check_interval: int | None = None
-    checkpoint_every: int = 1000
-    log_every: int = 50
-    overwrite: bool = False
-    deterministic: bool | str = "warn"
-    progress_bar: bool = True
-
-    def resolved_precision(self) -> str:
-        if self.precision is not None:
-            return self.precision
-        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
-        return "bf16-mixed" if on_gpu else "32-true"
-
-    def validate(self) -> None:
-        """Raise one :class:`PretrainOptionsError` listing every problem."""
-        problems: list[str] = []
-        if (self.init_from is None) == (self.resume is None):
-            problems.append("give exactly one of init_from (a bundle: weights only, fresh optimiser) and resume "
-                            "(a training checkpoint: full state)" if self.init_from is not None
-                            else "give init_from (a bundle) or resume (a training checkpoint)")
-        bundle = None
-        if self.init_from is not None:
-            try:
-                bundle = load_bundle(self.init_from)
-            except BundleError as exc:
-                problems.append(str(exc))
-            if bundle is not None:
-                if bundle.kind == "ctc":
-                    problems.append(f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; "
-                                    "continue from the pre-trained checkpoint it was fine-tuned from (e.g. "
-                                    "hubert_large_ll60k for hubert_large_ll60k_ft_ls960), or fine-tune it instead")
-                elif bundle.family not in MODULES:
-                    problems.append(f"{self.init_from} is a {bundle.family} bundle; continuation is implemented "
-                                    f"for {sorted(MODULES)}")
-                elif bundle.family == "wav2vec2":
-                    problems += self._wav2vec2_problems(bundle)
-            if bundle is not None and bundle.family == "hubert" and (self.diversity_weight is not None
-                                                                      or self.num_negatives is not None):
-                problems.append("diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no "
-                                "quantizer or negatives")
-        if self.resume is not None:
-            try:
-                read_training_checkpoint(self.resume)
-            except BundleError as exc:
-                problems.append(str(exc))
-        for name in ("train_data", "val_data", "teacher", "kmeans", "labels", "label_dict", "val_labels"):
-            value = getattr(self, name)
-            if value is not None and not Path(value).exists():
-                problems.append(f"{name}: {value} does not exist")
-        if (self.labels is None) != (self.label_dict is None):
-            problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
-        if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
-            problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
-        if self.loss_norm not in LOSS_MODES:
-            problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
-        for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.lr <= 0:
-            problems.append("warmup_steps must be >= 0 and lr > 0")
-        if self.head_only_steps and not self.reinit_label_head:
-            problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
-        if self.resolved_precision() in ("16-mixed", "16", "16-true"):
-            warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
-                          "fairseq#3750); bf16-mixed is the maintainers' advice", stacklevel=2)
-        if bundle is not None and bundle.family == "hubert" and self.teacher is None and self.labels is None:
-            previous = training_teacher(bundle.config)
-            if previous is not None:
-                warnings.warn(f"{self.init_from} was continued on targets from the features of {previous}; without "
-                              "teacher this run labels with its own, moved, features: other ids than the label head "
-                              f"learnt. Pass teacher {previous} to keep the same targets", stacklevel=2)
-        # K mismatch between the k-means and the label head
-        if bundle is not None and bundle.kind == "pretrain" and bundle.family == "hubert" \
-                and not self.reinit_label_head and self.labels is None:
-            k_head = (bundle.config.pretrain_args or {}).get("num_classes")
-            k_means = None
-            try:
-                if self.kmeans is not None and Path(self.kmeans).exists():
-                    k_means = load_kmeans(self.kmeans).num_clusters
-                elif self.teacher is None:
-                    k_means = bundle.get_kmeans().num_clusters if bundle.has_kmeans else None
-                    if not bundle.has_kmeans:
-                        problems.append(f"{self.init_from} holds no k-means: pass kmeans (a .safetensors k-means) "
-                                        "or labels")
-            except BundleError as exc:
-                problems.append(str(exc))
-            if k_means is not None and k_head is not None and k_means != k_head:
-                problems.append(f"the k-means has {k_means} clusters but the label head of {self.init_from} has "
-                                f"{k_head}: these are different label sets; pass --reinit-label-head to train a "
-                                "new label head (with --head-only-steps N to warm it up first)")
-        out = Path(self.output_dir)
-        if self.resume is None and (out / "bundle").exists() and not self.overwrite:
-            problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
-        if problems:
-            raise PretrainOptionsError(self.output_dir, problems, hint="Nothing was started")
-
-    def _wav2vec2_problems(self, bundle: Any) -> list[str]:
-        problems = [f"{name} is a HuBERT option; wav2vec 2.0 learns from its own quantizer (no k-means, labels or "
-                    "label head)" for name in _HUBERT_ONLY if getattr(self, name)]
-        if self.loss_norm != "fairseq":
-            problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
-                            "the step's masked frames (fairseq's sample_size)")
-        try:
-            masking = HubertMasking.from_options({**(bundle.config.objective or {}), **self.masking})
-        except TypeError as exc:
-            return problems + [f"masking: {exc}"]
-        return problems + [f"{self.init_from}: {p}" for p in
-                           unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
-
-    def module_options(self) -> ModuleOptions:
-        return ModuleOptions(
-            bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
-            offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
-            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
-            unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
-            masking=dict(self.masking),
-            feature_grad_mult=self.feature_grad_mult, diversity_weight=self.diversity_weight,
-            num_negatives=self.num_negatives, codebook_warn_threshold=self.codebook_warn_threshold,
-            freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
-            warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
 
 
 @dataclass
@@ -259,8 +76,15 @@ def _point_last_at(final: Path) -> None:
 
 
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
-    """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's."""
+    """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's.
+
+    A run that fails before its first checkpoint leaves nothing of what it created in ``output_dir``."""
     options.validate()
+    with removed_on_early_failure(Path(options.output_dir)):
+        return _train_and_export(options, callbacks)
+
+
+def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | None) -> RunResult:
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(options.seed, workers=True, verbose=False)
@@ -268,7 +92,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     datamodule = AudioDataModule(
         options.train_data, options.val_data, sample_rate=module.sample_rate,
         normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
-        max_sample_size=options.max_sample_size, min_seconds=options.min_seconds,
+        max_sample_size=options.max_sample_size, min_seconds=options.min_seconds, val_fraction=options.val_fraction,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
         label_rate=float((module.bundle_config.objective or {}).get("label_rate", 50.0)),
         num_workers=options.num_workers, seed=options.seed)
@@ -276,7 +100,8 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
     csv_logger = CSVLogger(out, name="", version="")
-    trainer = pl.Trainer(
+    trainer = built_trainer(
+        options.output_dir,
         accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
         precision=options.resolved_precision(), max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,

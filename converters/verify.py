@@ -8,9 +8,11 @@ from pathlib import Path
 
 import torch
 
+from bundles.config import BundleConfig
 from bundles.loading import load_bundle
 
 from .convert import plan_conversion
+from .errors import ConversionError
 from .fairseq_checkpoint import read_fairseq_checkpoint
 
 
@@ -35,6 +37,9 @@ def _sha256(path: Path) -> str:
 def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
     """Every tensor the bundle should hold (re-derived from ``source``) must equal the bundle's, bit for bit."""
     bundle = load_bundle(bundle_dir)
+    if not Path(source).is_file():
+        raise ConversionError(source, "no such checkpoint file" if not Path(source).exists() else "is not a file",
+                              hint="Pass --against the fairseq .pt the bundle was converted from")
     report = VerifyReport()
     recorded = bundle.config.provenance.get("sha256")
     if recorded and recorded != _sha256(Path(source)):
@@ -44,6 +49,7 @@ def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
     extras = bundle.fairseq_extras()
     with read_fairseq_checkpoint(source) as ckpt:
         plan = plan_conversion(ckpt)
+        _check_same_model(bundle.config, plan.config, bundle_dir, source)
         for group, pending_list in (("model", plan.model_tensors), ("fairseq_extras", plan.fairseq_extras)):
             have = stored if group == "model" else extras
             for pending in pending_list:
@@ -63,3 +69,18 @@ def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
             for name in sorted(set(have) - expected_names):
                 report.mismatches.append(f"{group}: {name} is in the bundle but not derived from the source")
     return report
+
+
+def _check_same_model(bundle: BundleConfig, source: BundleConfig, bundle_dir: str | Path, path: str | Path) -> None:
+    """A checkpoint of another family, kind or size is not a source with differences: say which it is instead of
+    listing every tensor as a mismatch."""
+    def what(config: BundleConfig) -> str:
+        enc = config.encoder_args
+        return (f"{config.family} {config.kind} model ({enc['encoder_num_layers']} layers, "
+                f"{enc['encoder_embed_dim']} wide)")
+
+    if what(bundle) != what(source):
+        raise ConversionError(path, f"is a {what(source)} checkpoint, but {bundle_dir} holds a {what(bundle)}: it "
+                                    "cannot be the bundle's source",
+                              hint="Pass --against the checkpoint the bundle was converted from (its provenance "
+                                   f"names it: {bundle.provenance.get('source_file', 'unknown')})")

@@ -55,7 +55,7 @@ def test_all_argument_problems_are_reported_at_once_before_anything_starts(setup
     result = CliRunner().invoke(cli, ["pretrain", "--config", str(config), "--init-from", str(bundle),
                                       "--resume", str(tmp_path / "none.ckpt"), "--kmeans", str(KMEANS)])
     assert result.exit_code == 1
-    for needle in ["unknown options ['surprise']", "--train-data is required", "--output-dir is required",
+    for needle in ["unknown option 'surprise'", "--train-data is required", "--output-dir is required",
                    "needs --kmeans-layer", "exactly one of init_from", "max_steps must be >= 1"]:
         assert needle in result.output, needle
     assert "Traceback" not in result.output

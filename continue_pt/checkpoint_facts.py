@@ -1,0 +1,63 @@
+"""``continue-pt inspect CKPT``: what a training checkpoint of ``continue-pt pretrain`` holds, as plain facts
+(read with ``weights_only=True`` like every checkpoint here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bundles.errors import BundleError
+from continue_pt.export import read_training_checkpoint
+from continue_pt.module_base import CHECKPOINT_KEY
+
+
+def describe_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Step, family, starting bundle, teacher and k-means, data, schedule of a training checkpoint."""
+    path = Path(path)
+    checkpoint = read_training_checkpoint(path)
+    extra = checkpoint[CHECKPOINT_KEY]
+    try:
+        options = json.loads(extra.get("options", "{}"))
+        config = json.loads(extra["bundle_config"])
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise BundleError(path, f"its stored options are unreadable ({exc})",
+                          hint="Pass a .ckpt written by `continue-pt pretrain`") from None
+    family = extra.get("family", "hubert")
+    steps = int(extra.get("steps", 0))
+    facts: dict[str, Any] = {
+        "what": "continue-pt training checkpoint",
+        "family": family,
+        "step": checkpoint.get("global_step"),
+        "epoch": checkpoint.get("epoch"),
+        "from_bundle": options.get("bundle"),
+        "num_updates": (config.get("num_updates") or 0) + steps,
+        "data": (checkpoint.get("AudioDataModule") or {}).get("train_source"),
+    }
+    if family == "hubert":
+        offline = bool(options.get("offline_labels"))
+        facts["teacher"] = None if offline else (options.get("teacher") or options.get("bundle"))
+        stored = extra.get("kmeans") if isinstance(extra.get("kmeans"), dict) else {}
+        facts["targets"] = "offline frame labels" if offline else \
+            f"online: k-means {options.get('kmeans') or 'of the teacher bundle'}"
+        facts["num_classes"] = extra.get("num_classes")
+        if stored.get("layer") is not None:
+            facts["kmeans_layer"] = stored.get("layer")
+        facts["label_head_reinitialised"] = bool(options.get("reinit_label_head"))
+    else:
+        facts["targets"] = "contrastive: the model's own Gumbel quantizer"
+    facts.update({"loss_norm": extra.get("loss_norm"), "peak_lr": options.get("lr"),
+                  "warmup_steps": options.get("warmup_steps"), "schedule": options.get("schedule"),
+                  "seed": options.get("seed"), "lightning_version": checkpoint.get("pytorch-lightning_version")})
+    return facts
+
+
+def is_training_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a checkpoint ``continue-pt pretrain`` wrote (read safely; False for anything else)."""
+    if not Path(path).is_file():
+        return False
+    try:
+        read_training_checkpoint(path)
+    except BundleError:
+        return False
+    return True

@@ -1,0 +1,466 @@
+"""``PretrainOptions``: the options of ``continue-pt pretrain`` and every check on them.
+
+This module imports neither torch nor Lightning (they take seconds to import): the CLI shows the defaults in
+``--help`` and reports argument mistakes from here at once. The checks run in two phases, both before anything
+starts: :meth:`PretrainOptions.structural_problems` (types, ranges, choices, exclusive and required options, paths
+that must exist; no import) and :meth:`PretrainOptions.validate`, which adds what needs the bundles read (family,
+kind, the k-means' K, layer and width against the label head and the teacher).
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+import warnings
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from bundles.errors import BundleError, FileProblem
+
+DEFAULT_PEAK_LR = 5e-5
+"""Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
+published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
+the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
+learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
+
+TRAINABLE_FAMILIES = ("hubert", "wav2vec2")
+"""The bundle families ``continue_pt.pretrain.MODULES`` continues (a test keeps the two equal)."""
+LOSS_NORMS = ("fairseq", "torchaudio", "per-term")
+"""``continue_pt.hubert_objective.LOSS_MODES``, named here without importing torch (a test keeps them equal)."""
+SCHEDULES = ("linear", "cosine")
+PRECISIONS = ("bf16-mixed", "32-true", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
+"""What Lightning's Trainer accepts, less transformer-engine (an extra package)."""
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+_HUBERT_ONLY = ("teacher", "kmeans", "labels", "label_dict", "val_labels", "reinit_label_head", "head_only_steps",
+                "unmasked_weight")
+_MUST_EXIST = ("train_data", "val_data", "init_from", "resume", "teacher", "kmeans", "labels", "label_dict",
+               "val_labels")
+
+
+class PretrainOptionsError(FileProblem, ValueError):
+    """The options cannot work; ``problems`` lists every reason."""
+
+
+class PretrainOptionsWarning(UserWarning):
+    """The options work but probably not as meant (the CLI prints these as one ``Warning:`` line each)."""
+
+
+@dataclass
+class PretrainOptions:
+    """Options of ``continue-pt pretrain`` (one field per flag)."""
+
+    train_data: str
+    """A directory of audio files or a fairseq manifest (.tsv)."""
+    output_dir: str
+    """Gets ``metrics.csv`` (CSVLogger), ``checkpoints/`` and the exported ``bundle/``."""
+    init_from: str | None = None
+    """Bundle to start from (weights only; a fresh optimiser). Exclusive with ``resume``."""
+    resume: str | None = None
+    """A training checkpoint (``checkpoints/last.ckpt``) to continue, with optimiser, schedule and data position."""
+    val_data: str | None = None
+    val_fraction: float = 0.02
+    """Without ``val_data``: the share of ``train_data`` files held out for validation (chosen by file name)."""
+    max_steps: int = 10_000
+    lr: float = DEFAULT_PEAK_LR
+    warmup_steps: int = 1000
+    schedule: str = "linear"
+    max_batch_seconds: float = 87.5
+    max_sample_size: int = 250_000
+    min_seconds: float = 2.0
+    accumulate: int = 1
+    precision: str | None = None
+    """None: "bf16-mixed" on CUDA, "32-true" on CPU. "16-mixed" is allowed with a warning (fp16 goes NaN)."""
+    devices: int | str = 1
+    accelerator: str = "auto"
+    strategy: str = "auto"
+    seed: int = 0
+    loss_norm: str = "fairseq"
+    unmasked_weight: float | None = None
+    """Weight of the unmasked frames' loss (fairseq's pred_nomask_weight); None: the checkpoint's (0 for HuBERT)."""
+    feature_penalty_weight: float | None = None
+    """Weight of the feature penalty (fairseq's loss_weights[0] for HuBERT, [1] for wav2vec 2.0); None: the
+    checkpoint's criterion, else 10."""
+    diversity_weight: float | None = None
+    """wav2vec 2.0: weight of the codebook diversity loss (fairseq's loss_weights[0]); None: the checkpoint's."""
+    num_negatives: int | None = None
+    """wav2vec 2.0: distractors per masked frame; None: the checkpoint's (100 in the published recipes)."""
+    codebook_warn_threshold: float = 0.1
+    """wav2vec 2.0: warn when the code perplexity falls below this fraction of the usable codewords."""
+    teacher: str | None = None
+    kmeans: str | None = None
+    """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""
+    labels: str | None = None
+    """fairseq frame labels for ``train_data`` (a .km file) instead of online targets; needs ``label_dict``."""
+    label_dict: str | None = None
+    val_labels: str | None = None
+    """fairseq frame labels for ``val_data`` (needed with ``labels`` and a separate ``val_data``)."""
+    reinit_label_head: bool = False
+    head_only_steps: int = 0
+    freeze_feature_extractor_steps: int = 0
+    feature_grad_mult: float | None = None
+    masking: dict[str, Any] = field(default_factory=dict)
+    gradient_clip_val: float | None = 10.0
+    num_workers: int = 4
+    val_check_interval: int | None = None
+    checkpoint_every: int = 1000
+    log_every: int = 50
+    overwrite: bool = False
+    deterministic: bool | str = "warn"
+    progress_bar: bool = True
+
+    def resolved_precision(self) -> str:
+        if self.precision is not None:
+            return self.precision
+        import torch  # only here: choosing the default needs to know whether CUDA is there
+
+        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
+        return "bf16-mixed" if on_gpu else "32-true"
+
+    # -- checks -----------------------------------------------------------------------------------------------
+
+    def structural_problems(self) -> list[str]:
+        """Every problem visible without reading a file or importing torch: types, ranges, choices, options that
+        exclude or need each other, paths that must exist. Also warns (:class:`PretrainOptionsWarning`) about
+        options that work but will not do what is probably meant."""
+        problems = type_problems(self)
+        if problems:  # the range checks below would compare strings with numbers
+            return problems
+        if (self.init_from is None) == (self.resume is None):
+            problems.append("give exactly one of init_from (a bundle: weights only, fresh optimiser) and resume "
+                            "(a training checkpoint: full state)" if self.init_from is not None
+                            else "give init_from (a bundle) or resume (a training checkpoint)")
+        for name in _MUST_EXIST:
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                problems.append(f"{name}: {value} does not exist")
+        problems += _range_problems(self)
+        problems += _choice_problems(self)
+        problems += self._target_option_problems()
+        problems += self._starting_bundle_problems()
+        out = Path(self.output_dir)
+        if self.output_dir and self.resume is None and (out / "bundle").exists() and not self.overwrite:
+            problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
+        if not problems and self.init_from is not None and self.warmup_steps > self.max_steps:
+            warnings.warn(warmup_warning(self), PretrainOptionsWarning, stacklevel=2)
+        return problems
+
+    def _target_option_problems(self) -> list[str]:
+        problems = []
+        if (self.labels is None) != (self.label_dict is None):
+            problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
+        if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
+            problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
+        if self.val_labels is not None and self.labels is None:
+            problems.append("val_labels (a .km file for val_data) goes with labels (offline targets)")
+        if self.labels is not None and self.val_data is not None and self.val_labels is None:
+            problems.append(f"val_data {self.val_data} has no frame labels while train_data has (labels): pass "
+                            "--val-labels (the .km file written for it), or leave out --val-data to hold out "
+                            "val_fraction of train_data")
+        if self.head_only_steps and not self.reinit_label_head:
+            problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
+        return problems
+
+    def validate(self, kmeans: Any = None, kmeans_name: str | None = None) -> None:
+        """Raise one :class:`PretrainOptionsError` listing every problem: the structural ones first; when there
+        are none, also what needs the bundles, checkpoint and k-means read (this imports torch).
+
+        ``kmeans``: a :class:`~bundles.kmeans.KMeansModel` the targets will come from instead of ``self.kmeans``
+        (the CLI reads a fairseq .bin before anything is written), named ``kmeans_name`` in messages; a name
+        without a model means the caller could not read it (and says so): its checks are skipped."""
+        problems = self.structural_problems()
+        if not type_problems(self):  # every problem at once; the CLI stops after the structural ones (fast)
+            problems += self.bundle_problems(kmeans, kmeans_name)
+        if problems:
+            raise PretrainOptionsError(self.output_dir, problems, hint="Nothing was started")
+
+    def bundle_problems(self, kmeans: Any = None, kmeans_name: str | None = None) -> list[str]:
+        """Problems that need the starting bundle, the checkpoint, the teacher and the k-means read (files that do
+        not exist are left to :meth:`structural_problems`)."""
+        from bundles.loading import load_bundle
+        from continue_pt.export import read_training_checkpoint, training_teacher
+
+        problems: list[str] = []
+        bundle = None
+        if self.init_from is not None and Path(self.init_from).exists():
+            try:
+                bundle = load_bundle(self.init_from)
+            except BundleError as exc:
+                problems.append(str(exc))
+            if bundle is not None and bundle.kind == "pretrain" and bundle.family == "wav2vec2":
+                problems += self._wav2vec2_masking_problems(bundle)
+        if self.resume is not None and Path(self.resume).exists():
+            try:
+                read_training_checkpoint(self.resume)
+            except BundleError as exc:
+                problems.append(str(exc))
+        from continue_pt.trainer_config import trainer_problems
+
+        if not _choice_problems(self):  # a precision or devices Lightning does not know is reported already
+            problems += trainer_problems(self)
+        if self.resolved_precision() in ("16-mixed", "16", "16-true"):
+            warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
+                          "fairseq#3750); bf16-mixed is the maintainers' advice", PretrainOptionsWarning,
+                          stacklevel=2)
+        if bundle is not None and bundle.family == "hubert" and self.teacher is None and self.labels is None:
+            previous = training_teacher(bundle.config)
+            if previous is not None:
+                warnings.warn(f"{self.init_from} was continued on targets from the features of {previous}; without "
+                              "teacher this run labels with its own, moved, features: other ids than the label head "
+                              f"learnt. Pass teacher {previous} to keep the same targets", PretrainOptionsWarning,
+                              stacklevel=2)
+        if self._online_targets_checkable(bundle, kmeans, kmeans_name):
+            from continue_pt.target_checks import online_target_problems
+
+            problems += online_target_problems(self, bundle, kmeans, kmeans_name)
+        return problems
+
+    def _online_targets_checkable(self, bundle: Any, kmeans: Any, kmeans_name: str | None) -> bool:
+        """A HuBERT run with online targets whose teacher and k-means can be read (missing files are reported by
+        the structural checks; a k-means the caller could not read, by the caller)."""
+        if bundle is None or bundle.kind != "pretrain" or bundle.family != "hubert" or self.labels is not None:
+            return False
+        if kmeans is None and kmeans_name is not None:
+            return False
+        paths = [self.teacher, None if kmeans is not None else self.kmeans]
+        return all(p is None or Path(p).exists() for p in paths)
+
+    def _starting_bundle_problems(self) -> list[str]:
+        """What the starting bundle's config.json (read without torch) says about the options: its kind and
+        family, and the options that belong to the other family."""
+        if self.init_from is None or not Path(self.init_from).is_dir():
+            return []  # a missing path is reported above; load_bundle says what else is wrong with it
+        from bundles.config import BundleConfig
+
+        try:
+            config = BundleConfig.read(Path(self.init_from))
+        except BundleError as exc:
+            return [str(exc)]
+        if config.kind == "ctc":
+            return [f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; continue from the "
+                    "pre-trained checkpoint it was fine-tuned from (e.g. hubert_large_ll60k for "
+                    "hubert_large_ll60k_ft_ls960), or fine-tune it instead"]
+        if config.family not in TRAINABLE_FAMILIES:
+            return [f"{self.init_from} is a {config.family} bundle; continuation is implemented for "
+                    f"{list(TRAINABLE_FAMILIES)}"]
+        if config.family == "hubert":
+            return ["diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no quantizer or "
+                    "negatives"] if self.diversity_weight is not None or self.num_negatives is not None else []
+        problems = [f"{name} is a HuBERT option; wav2vec 2.0 learns from its own quantizer (no k-means, labels or "
+                    "label head)" for name in _HUBERT_ONLY if getattr(self, name)]
+        if self.loss_norm != "fairseq":
+            problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
+                            "the step's masked frames (fairseq's sample_size)")
+        return problems
+
+    def _wav2vec2_masking_problems(self, bundle: Any) -> list[str]:
+        from continue_pt.masking import HubertMasking
+        from continue_pt.wav2vec2_module import unsupported_wav2vec2_options
+
+        try:
+            masking = HubertMasking.from_options({**(bundle.config.objective or {}), **self.masking})
+        except TypeError as exc:
+            return [f"masking: {exc}"]
+        return [f"{self.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
+
+    def module_options(self) -> Any:
+        from continue_pt.module_base import ModuleOptions
+
+        return ModuleOptions(
+            bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
+            offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
+            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
+            unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
+            masking=dict(self.masking),
+            feature_grad_mult=self.feature_grad_mult, diversity_weight=self.diversity_weight,
+            num_negatives=self.num_negatives, codebook_warn_threshold=self.codebook_warn_threshold,
+            freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
+            warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
+
+
+def option_default(name: str) -> Any:
+    """The default of a :class:`PretrainOptions` field (the one source of the defaults ``--help`` shows)."""
+    for f in fields(PretrainOptions):
+        if f.name == name:
+            if f.default is not MISSING:
+                return f.default
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            raise KeyError(f"{name} has no default")
+    raise KeyError(name)
+
+
+def warmup_warning(options: PretrainOptions) -> str:
+    reached = options.lr * options.max_steps / options.warmup_steps
+    return (f"warmup_steps ({options.warmup_steps}) is larger than max_steps ({options.max_steps}): the learning "
+            f"rate would still be warming up when the run ends, reaching {reached:.2g} instead of the peak lr "
+            f"{options.lr:g}, and the weights would barely move. Pass --warmup-steps "
+            f"{max(1, options.max_steps // 10)} (a tenth of --max-steps) or fewer")
+
+
+# -- types ----------------------------------------------------------------------------------------------------
+
+_TYPES = typing.get_type_hints(PretrainOptions)
+
+
+def _allowed(annotation: Any) -> tuple[type, ...]:
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return tuple(a for arg in typing.get_args(annotation) for a in _allowed(arg))
+    origin = typing.get_origin(annotation)
+    return (origin if origin is not None else annotation,)
+
+
+def _describe_types(allowed: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
+             type(None): "null"}
+    return " or ".join(names.get(t, t.__name__) for t in allowed)
+
+
+def coerce_value(name: str, value: Any) -> Any:
+    """``value`` as the type ``name`` is declared with; ValueError says what was expected.
+
+    YAML 1.1 reads ``1e-4`` (no dot) as a string and ``1.0e4`` as a float: numbers written either way are taken,
+    and a float that is a whole number is taken where an integer is expected (``max_steps: 1e4``)."""
+    allowed = _allowed(_TYPES[name])
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ValueError(f"{name} needs {_describe_types(allowed)}, got nothing (null)")
+    for kind in allowed:
+        converted = _convert(value, kind)
+        if converted is not _NO:
+            return converted
+    raise ValueError(f"{name} needs {_describe_types(tuple(t for t in allowed if t is not type(None)))}, "
+                     f"got {value!r}")
+
+
+_NO = object()
+
+
+def _convert(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
+            return value.strip().lower() in ("true", "yes")
+        return _NO
+    if isinstance(value, bool):  # True is an int in Python, not a number of steps
+        return str(value).lower() if kind is str else _NO
+    if kind is int:
+        number = _number(value)
+        return int(number) if number is not None and float(number).is_integer() else _NO
+    if kind is float:
+        number = _number(value)
+        return float(number) if number is not None else _NO
+    if kind is str:
+        return str(value) if isinstance(value, (str, int, float, Path)) else _NO
+    if kind is dict:
+        return value if isinstance(value, dict) else _NO
+    return value if isinstance(value, kind) else _NO
+
+
+def _number(value: Any) -> float | int | None:
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return number if number == number and abs(number) != float("inf") else None
+    return None
+
+
+def coerce_options(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Each known option coerced to its declared type, and one problem per value that cannot be."""
+    coerced, problems = {}, []
+    for name, value in values.items():
+        if name not in _TYPES:
+            coerced[name] = value
+            continue
+        try:
+            coerced[name] = coerce_value(name, value)
+        except ValueError as exc:
+            problems.append(str(exc))
+    return coerced, problems
+
+
+def type_problems(options: PretrainOptions) -> list[str]:
+    """Fields whose value is not of the declared type (the Python API gets the CLI's type checks too)."""
+    problems = []
+    for f in fields(options):
+        value, allowed = getattr(options, f.name), _allowed(_TYPES[f.name])
+        if not _has_type(value, allowed):
+            problems.append(f"{f.name} needs {_describe_types(allowed)}, got {value!r}")
+    return problems
+
+
+def _has_type(value: Any, allowed: tuple[type, ...]) -> bool:
+    if isinstance(value, bool):
+        return bool in allowed
+    if isinstance(value, int) and float in allowed:
+        return True
+    return isinstance(value, allowed)
+
+
+def unknown_option_problem(name: str, known: set[str]) -> str:
+    """``name`` is not an option: the valid ones, the closest match first."""
+    ranked = sorted(known, key=lambda k: (-difflib.SequenceMatcher(None, name, k).ratio(), k))
+    return f"unknown option {name!r}; valid options (closest first): {', '.join(ranked)}"
+
+
+# -- ranges and choices ---------------------------------------------------------------------------------------
+
+_AT_LEAST = {"max_steps": 1, "accumulate": 1, "checkpoint_every": 1, "log_every": 1, "max_sample_size": 1,
+             "warmup_steps": 0, "head_only_steps": 0, "num_workers": 0, "freeze_feature_extractor_steps": 0,
+             "min_seconds": 0, "unmasked_weight": 0, "feature_penalty_weight": 0, "diversity_weight": 0,
+             "num_negatives": 1, "gradient_clip_val": 0, "val_check_interval": 1, "codebook_warn_threshold": 0}
+_ABOVE = {"lr": 0, "max_batch_seconds": 0}
+
+
+def _range_problems(options: PretrainOptions) -> list[str]:
+    problems = []
+    for name, low in _AT_LEAST.items():
+        value = getattr(options, name)
+        if value is not None and value < low:
+            problems.append(f"{name} must be >= {low}, got {value}")
+    for name, low in _ABOVE.items():
+        value = getattr(options, name)
+        if value is not None and not value > low:
+            problems.append(f"{name} must be > {low}, got {value}")
+    if not 0 <= options.val_fraction < 1:
+        problems.append(f"val_fraction must be in [0, 1) (0.02 holds out 2 % of the files), got {options.val_fraction}")
+    return problems
+
+
+def _choice_problems(options: PretrainOptions) -> list[str]:
+    problems = []
+    for name, choices in (("loss_norm", LOSS_NORMS), ("schedule", SCHEDULES), ("accelerator", ACCELERATORS)):
+        if getattr(options, name) not in choices:
+            problems.append(f"{name} is {getattr(options, name)!r}; expected one of {', '.join(choices)}")
+    if options.precision is not None and options.precision not in PRECISIONS:
+        problems.append(f"precision is {options.precision!r}; expected one of {', '.join(PRECISIONS)} "
+                        "(bf16-mixed on a GPU, 32-true on a CPU)")
+    devices = devices_problem(options.devices)
+    if devices:
+        problems.append(devices)
+    return problems
+
+
+def devices_problem(devices: int | str) -> str | None:
+    """Lightning's ``devices``: a count >= 1, -1 or "auto" (all), or a comma-separated list of GPU ids."""
+    text = str(devices).strip()
+    if text == "auto" or text == "-1":
+        return None
+    if text.isdigit() and int(text) >= 1:
+        return None
+    ids = [part.strip() for part in text.split(",") if part.strip()]
+    if "," in text and ids and all(part.isdigit() for part in ids):
+        return None
+    return (f"devices is {devices!r}; expected a number of devices >= 1 (e.g. 1 or 4), -1 or auto for all of them, "
+            "or a comma-separated list of GPU ids (e.g. 0,1)")
