@@ -151,6 +151,8 @@ _PRETRAIN_FLAGS = [
     click.option("--seed", type=int, help="Seed of data order, crops and masks."),
     click.option("--num-workers", type=int, help="Data loader worker processes."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
+    click.option("--max-bad-steps", type=int,
+                 help="Stop after this many consecutive skipped steps with a non-finite loss or gradient (default 10)."),
 ]
 
 

@@ -31,6 +31,7 @@ from continue_pt.hubert_objective import LOSS_MODES
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.masking import HubertMasking
 from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
+from continue_pt.step_guard import DEFAULT_MAX_BAD_STEPS, TrainingStopped
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining, unsupported_wav2vec2_options
 
 MODULES: dict[str, type[ContinuedPretrainingBase]] = {
@@ -107,6 +108,9 @@ class PretrainOptions:
     overwrite: bool = False
     deterministic: bool | str = "warn"
     progress_bar: bool = True
+    max_bad_steps: int = DEFAULT_MAX_BAD_STEPS
+    """A step with a non-finite loss or gradient is skipped (no update; it still counts towards max_steps); after
+    this many consecutive ones the run stops with ``checkpoints/last.ckpt`` at the last good state."""
 
     def resolved_precision(self) -> str:
         if self.precision is not None:
@@ -156,7 +160,7 @@ class PretrainOptions:
             problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
         if self.loss_norm not in LOSS_MODES:
             problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
-        for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
+        for name in ("max_steps", "accumulate", "checkpoint_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
@@ -265,6 +269,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(options.seed, workers=True, verbose=False)
     module = build_module(options)
+    module.bad_steps.max_bad_steps = options.max_bad_steps
     datamodule = AudioDataModule(
         options.train_data, options.val_data, sample_rate=module.sample_rate,
         normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
@@ -296,6 +301,9 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
     if trainer.is_global_zero:
         _point_last_at(final)
+    if module.stop_reason is not None:  # no bundle: the user resumes from last.ckpt with other settings
+        raise TrainingStopped(checkpoint_dir / "last.ckpt", module.stop_reason,
+                              hint=f"Resume: continue-pt pretrain --resume {checkpoint_dir / 'last.ckpt'} ...")
     bundle_dir = out / "bundle"
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,
