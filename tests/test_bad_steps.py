@@ -248,3 +248,35 @@ def test_two_process_ddp_skips_the_same_step_on_every_rank(bundle_dir, tmp_path)
         assert result["adam_steps"] == [1]  # one update: the second step; the first was skipped
         assert not _same(result["start"], result["weights"])
     assert _same(ranks[0]["weights"], ranks[1]["weights"])
+
+
+def test_the_cli_flag_reaches_the_options(bundle_dir, audio_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    result = CliRunner().invoke(cli, ["pretrain", "--init-from", str(bundle_dir), "--train-data", str(audio_dir),
+                                      "--output-dir", str(tmp_path / "run"), "--max-bad-steps", "0"])
+    assert result.exit_code == 1
+    assert "Error:" in result.output and "max_bad_steps must be >= 1, got 0" in result.output
+    assert not (tmp_path / "run").exists()
+
+
+def test_wav2vec2_skips_a_non_finite_step_too(tmp_path):
+    from converters.convert import convert_checkpoint
+    from continue_pt.demo import WAV2VEC2_CHECKPOINT
+
+    bundle = convert_checkpoint(WAV2VEC2_CHECKPOINT, tmp_path / "w2v")
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i in range(8):
+        sf.write(audio / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
+    snaps = Snapshots()
+    with pytest.warns(SkippedStepWarning, match="step 2: non-finite"):
+        run = run_pretraining(_options(bundle, audio, tmp_path / "run", max_steps=4, lr=5e-4),
+                              callbacks=[PoisonSteps({2}), snaps])
+    rows = logged_rows(run.metrics_csv)
+    assert [int(float(r["train/skipped_steps"])) for r in rows] == [0, 0, 1, 1]
+    assert _same(snaps.after[2], snaps.after[3]) and not _same(snaps.after[3], snaps.after[4])
+    assert _adam_steps(run.checkpoint_dir / "last.ckpt") == {3}
+    assert all(torch.isfinite(t).all() for t in load_bundle(run.bundle_dir).state_dict().values())
