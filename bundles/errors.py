@@ -25,3 +25,7 @@ class FileProblem(Exception):
 
 class BundleError(FileProblem):
     """A bundle (or a k-means file) could not be read, or a bundle could not be written."""
+
+
+class DiskFull(FileProblem):
+    """A file could not be written for lack of space (ENOSPC, or a quota); what was there before is intact."""

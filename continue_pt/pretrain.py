@@ -22,9 +22,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from bundles.atomic import disk_full
 from bundles.errors import BundleError, FileProblem
 from bundles.kmeans import load_kmeans
 from bundles.loading import load_bundle
+from continue_pt.checkpoint_io import AtomicCheckpointIO
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint, training_teacher
 from continue_pt.hubert_objective import LOSS_MODES
@@ -256,10 +258,17 @@ def _point_last_at(final: Path) -> None:
     tmp = final.with_name(".last.ckpt.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(final, tmp)
-    except OSError:
-        shutil.copyfile(final, tmp)
-    os.replace(tmp, last)
+        try:
+            os.link(final, tmp)
+        except OSError:
+            shutil.copyfile(final, tmp)
+        os.replace(tmp, last)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(last, exc, lambda: final.stat().st_size)
+        if full is not None:
+            raise full from exc
+        raise
 
 
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
@@ -289,6 +298,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
         deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],  # checkpoints written atomically; a full disk is a DiskFull error
         default_root_dir=out)
     with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
