@@ -56,7 +56,8 @@ def disk_full(path: str | Path, exc: BaseException, needed: int | Callable[[], i
     free = _free_bytes(path)
     need = f"needs {human_bytes(needed)} ({needed} bytes)" if needed is not None else "needs more space"
     have = f", {human_bytes(free)} free there" if free is not None else ""
-    return DiskFull(path, f"no space left on the device while writing it: it {need}{have}",
+    reason = exc.strerror or "no space left on the device"
+    return DiskFull(path, f"could not be written ({reason}): it {need}{have}",
                     hint="Free some space (or write elsewhere) and run again; the previous file, if any, is unchanged")
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save
+from safetensors.torch import save, save_file
 
 from .atomic import atomic_write
 from .errors import BundleError, DiskFull
@@ -120,10 +120,10 @@ def save_kmeans(model: KMeansModel, path: str | Path) -> None:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "layer": "" if model.layer is None else str(model.layer), **model.metadata}
     tensors = {CENTROIDS_KEY: model.centroids.detach().to("cpu", torch.float32).contiguous()}
-    data = save(tensors, metadata=metadata)  # small (K x D): serialised first, so its size is known
     hint = "Check that the folder exists, is writable and has free space"
     try:
-        atomic_write(path, lambda tmp: tmp.write_bytes(data), needed=len(data))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                     needed=lambda: len(save(tensors, metadata=metadata)))  # small (K x D): the exact size
     except DiskFull:
         raise
     except (OSError, SafetensorError) as exc:
