@@ -152,7 +152,7 @@ _PRETRAIN_FLAGS = [
     click.option("--num-workers", type=int, help="Data loader worker processes."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
     click.option("--max-bad-steps", type=int,
-                 help="Stop after this many consecutive skipped steps with a non-finite loss or gradient (default 10)."),
+                 help="Stop after this many consecutive steps with a non-finite loss or gradient (default 10)."),
 ]
 
 

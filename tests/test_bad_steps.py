@@ -280,3 +280,18 @@ def test_wav2vec2_skips_a_non_finite_step_too(tmp_path):
     assert _same(snaps.after[2], snaps.after[3]) and not _same(snaps.after[3], snaps.after[4])
     assert _adam_steps(run.checkpoint_dir / "last.ckpt") == {3}
     assert all(torch.isfinite(t).all() for t in load_bundle(run.bundle_dir).state_dict().values())
+
+
+def test_adamw_is_fused_only_with_every_parameter_on_cuda_and_no_grad_scaler():
+    from types import SimpleNamespace
+
+    from continue_pt.module_base import ContinuedPretrainingBase
+
+    def fused(devices, scaler=None):
+        params = [SimpleNamespace(is_cuda=d == "cuda") for d in devices]
+        module = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)))
+        return ContinuedPretrainingBase._fused_adamw(module, params)
+
+    assert fused(["cuda", "cuda"]) == {"fused": True}  # bf16-mixed / 32-bit on GPU
+    assert fused(["cuda", "cuda"], scaler=object()) == {}  # 16-mixed: Lightning unscales and clips itself
+    assert fused(["cuda", "cpu"]) == {} and fused(["cpu"]) == {}  # CPU: torch's default, results unchanged
