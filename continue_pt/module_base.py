@@ -156,10 +156,13 @@ class ContinuedPretrainingBase(pl.LightningModule):
         """Set when the guard stopped training (too many consecutive bad steps)."""
 
     def log_step(self, metrics: dict[str, float], optimizer: torch.optim.Optimizer, audio_seconds: float,
-                 grad_norm: float) -> None:
+                 grad_norm: float | None = None) -> None:
         """Log one optimizer step's ``metrics`` with the learning rate, audio seconds per second of wall time
-        since the previous step, the global gradient norm (after normalisation, before clipping) and the number
-        of steps skipped so far."""
+        since the previous step, the global gradient norm (after normalisation, before clipping; ``None``: computed
+        here, one more host read, for callers without :meth:`read_step`) and the number of steps skipped so far."""
+        if grad_norm is None:
+            norm = fused_grad_norm(gradients(self.parameters()))
+            grad_norm = float(norm) if norm is not None else 0.0
         now = time.perf_counter()
         elapsed, self._step_started = now - self._step_started, now
         metrics = {**metrics, "train/lr": optimizer.param_groups[0]["lr"],

@@ -157,3 +157,17 @@ def test_a_full_disk_mid_training_keeps_the_last_checkpoint(tmp_path, monkeypatc
     assert sorted(p.name for p in checkpoints.iterdir()) == ["last.ckpt", "step-step=2.ckpt"]
     assert torch.load(checkpoints / "last.ckpt", weights_only=True, map_location="cpu")["global_step"] == 2
     assert not (out / "bundle").exists()
+
+
+def test_the_cli_reports_a_full_disk_in_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    import bundles.writing as writing
+    from continue_pt.cli import cli
+
+    monkeypatch.setattr(writing, "write_safetensors_streaming", _no_space)
+    result = CliRunner().invoke(cli, ["convert", str(CHECKPOINT), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and "model.safetensors: could not be written (No space left on device)" in lines[0]
+    assert "Traceback" not in result.output and list(tmp_path.iterdir()) == []
