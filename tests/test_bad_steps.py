@@ -297,3 +297,27 @@ def test_adamw_is_fused_only_with_every_parameter_on_cuda_and_no_grad_scaler():
     assert fused(["cuda", "cuda"]) == {"fused": True}  # bf16-mixed / 32-bit on GPU
     assert fused(["cuda", "cuda"], scaler=object()) == {}  # 16-mixed: Lightning unscales and clips itself
     assert fused(["cuda", "cpu"]) == {} and fused(["cpu"]) == {}  # CPU: torch's default, results unchanged
+
+
+def test_fp16_grad_scaler_overflows_are_skipped_and_counted_without_stopping_the_run(bundle_dir):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+    from tests.test_pretrain import _ddp_batches, _ListData
+
+    _, _, whole = _ddp_batches(bundle_dir)
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0))
+    module.bad_steps.max_bad_steps = 1  # an overflow while the scaler looks for its scale must not count
+    # fp16 autocast on CPU through Lightning's own GradScaler path, starting at a scale far too high
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 40, backoff_factor=2.0 ** -10)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                         limit_val_batches=0, gradient_clip_val=10.0,
+                         plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    with pytest.warns(SkippedStepWarning, match="fp16 gradient overflow at loss scale"):
+        trainer.fit(module, datamodule=_ListData([[whole] * 5]))
+    skipped = module.bad_steps.skipped_steps
+    assert 1 <= skipped < 5 and module.stop_reason is None and trainer.global_step == 5
+    assert {int(s["step"]) for s in trainer.optimizers[0].state.values()} == {5 - skipped}
+    assert scaler.get_scale() < 2.0 ** 40
+    assert all(torch.isfinite(p).all() for p in module.student.parameters())
