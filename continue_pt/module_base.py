@@ -35,20 +35,6 @@ CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
 STEP_GUARD_KEY = "continue_pt_step_guard"
 """Key of the skipped-step counters in a Lightning checkpoint (an exact resume continues them)."""
 
-
-class SkippedStepWarning(RuntimeWarning):
-    """An optimizer step was skipped because its loss or gradient was not finite."""
-
-
-@dataclass
-class StepHealth:
-    """What the one host read of an optimizer step says besides its statistics."""
-
-    grads_finite: bool
-    """On every rank (all-reduced)."""
-    grad_norm: float
-    """Of the gradients as they are in ``on_before_optimizer_step`` (before the division by the sample size)."""
-
 DEFAULT_PEAK_LR = 5e-5
 """Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
 published models are already at the end of a decayed schedule; a fresh optimiser with warm-up to a lower peak is
@@ -138,6 +124,20 @@ class ModuleOptions:
 
 def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2 ** 63))
+
+
+class SkippedStepWarning(RuntimeWarning):
+    """An optimizer step was skipped because its loss or gradient was not finite."""
+
+
+@dataclass
+class StepHealth:
+    """What the one host read of an optimizer step says besides its statistics."""
+
+    grads_finite: bool
+    """On every rank (all-reduced)."""
+    grad_norm: float
+    """Of the gradients as they are in ``on_before_optimizer_step`` (before the division by the sample size)."""
 
 
 class ContinuedPretrainingBase(pl.LightningModule):
