@@ -25,3 +25,8 @@ class FileProblem(Exception):
 
 class BundleError(FileProblem):
     """A bundle (or a k-means file) could not be read, or a bundle could not be written."""
+
+
+class DiskFull(BundleError):
+    """A file (of a bundle, a k-means, a training run) could not be written for lack of space (ENOSPC, or a quota);
+    what was there before is intact."""

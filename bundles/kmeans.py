@@ -9,16 +9,15 @@ the stdlib only, so labelling works where sklearn is not installed.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save, save_file
 
-from .errors import BundleError
+from .atomic import atomic_write
+from .errors import BundleError, DiskFull
 
 FORMAT = "continue-pt-kmeans"
 FORMAT_VERSION = "1"
@@ -121,21 +120,14 @@ def save_kmeans(model: KMeansModel, path: str | Path) -> None:
     metadata = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "layer": "" if model.layer is None else str(model.layer), **model.metadata}
     tensors = {CENTROIDS_KEY: model.centroids.detach().to("cpu", torch.float32).contiguous()}
-    # The temporary file sits beside the target so that os.replace is a rename on one file system.
     hint = "Check that the folder exists, is writable and has free space"
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise BundleError(path, f"could not be written: {exc}", hint=hint) from exc
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, (OSError, SafetensorError)):
-            raise BundleError(path, f"could not be written: {exc}", hint=hint) from exc
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata),
+                     needed=lambda: len(save(tensors, metadata=metadata)))  # small (K x D): the exact size
+    except DiskFull:
         raise
+    except (OSError, SafetensorError) as exc:
+        raise BundleError(path, f"could not be written: {exc}", hint=hint) from exc
 
 
 def load_kmeans(path: str | Path) -> KMeansModel:

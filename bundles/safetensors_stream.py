@@ -49,16 +49,7 @@ def write_safetensors_streaming(path: Path, tensors: Iterable[PendingTensor], me
     """Write ``tensors`` to ``path`` (which the caller makes atomic). Each produced tensor must match its
     announced shape and dtype; a mismatch raises ``ValueError`` naming the tensor."""
     pending = list(tensors)
-    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
-    offset = 0
-    for t in pending:
-        if t.dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {t.name}: dtype {t.dtype} cannot be stored")
-        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    encoded += b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
+    encoded = _header(pending, metadata)
     sources: dict[Path, int] = {}
     try:
         with open(path, "wb", buffering=0) as fh:
@@ -71,6 +62,24 @@ def write_safetensors_streaming(path: Path, tensors: Iterable[PendingTensor], me
     finally:
         for fd in sources.values():
             os.close(fd)
+
+
+def _header(pending: list[PendingTensor], metadata: dict[str, str]) -> bytes:
+    header: dict[str, object] = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    offset = 0
+    for t in pending:
+        if t.dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {t.name}: dtype {t.dtype} cannot be stored")
+        header[t.name] = {"dtype": SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    return encoded + b" " * (-len(encoded) % 8)  # the data must start 8-byte aligned
+
+
+def safetensors_file_size(tensors: list[PendingTensor], metadata: dict[str, str]) -> int:
+    """The size in bytes of the file :func:`write_safetensors_streaming` writes for ``tensors``."""
+    return 8 + len(_header(tensors, metadata)) + sum(t.nbytes for t in tensors)
 
 
 def _tensor_bytes(t: PendingTensor) -> memoryview:

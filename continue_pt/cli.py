@@ -238,6 +238,9 @@ _PRETRAIN_FLAGS = [
                  help=_shown("Write OUTPUT/checkpoints/step-step=N.ckpt every N steps (last.ckpt is always the final "
                              "state).", _default("checkpoint_every"))),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
+    click.option("--max-bad-steps", type=int,
+                 help=_shown("Stop after this many consecutive steps with a non-finite loss or gradient (each is "
+                             "skipped: no update).", _default("max_bad_steps"))),
 ]
 
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from bundles.atomic import atomic_write
 from bundles.errors import FileProblem
 
 PANELS: tuple[tuple[str, Callable[[str], bool]], ...] = (
@@ -108,11 +107,4 @@ def write_curves(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
 
 
 def _atomic_write(path: Path, write: Callable[[str], object]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: write(str(tmp)))

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bundles.atomic import disk_full, file_mode
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from continue_pt.audio import AudioError, read_audio
@@ -129,6 +130,7 @@ def _label_file(targets: OnlineTargets, item: AudioItem, rate: int, device, skip
 def _write_all_atomically(files: dict[Path, str]) -> None:
     """Write each text to a temporary sibling, then rename them all into place (none is left half-written)."""
     temps: dict[Path, str] = {}
+    path = next(iter(files))
     try:
         for path, text in files.items():
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -137,8 +139,14 @@ def _write_all_atomically(files: dict[Path, str]) -> None:
                 fh.write(text)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, file_mode())  # mkstemp's 0600 would survive the rename: give the umask's permissions
         for path, tmp in temps.items():
             os.replace(tmp, path)
+    except OSError as exc:
+        full = disk_full(path, exc, len(files[path].encode("utf-8")))
+        if full is not None:
+            raise full from exc
+        raise
     finally:
         for tmp in temps.values():
             Path(tmp).unlink(missing_ok=True)

@@ -317,24 +317,25 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide every gradient by the step's sample size over all micro-batches and ranks (fairseq's
-        ``multiply_grads``), then log the step. Runs after fp16 unscaling and before clipping."""
+        ``multiply_grads``), or skip the step if its loss or gradient is not finite, then log the step. Runs after
+        fp16 unscaling and before clipping."""
         stats = self._step_stats
         self._step_stats = None
         self._micro_index = 0
         self._step_plan = None
         if stats is None:
             return
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
-        (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = stats.tolist()
-        divisor = size if size > 0 else 1.0
-        if self.options.loss_norm == "per-term":
-            divisor = 1.0
-        self.divide_gradients(divisor)
         if self.global_step < self.options.head_only_steps:
             head = {id(p) for p in self.head_parameters()}
             for p in self.parameters():
                 if id(p) not in head:
                     p.grad = None  # AdamW skips parameters without gradient: no update, no weight decay
+        values, health = self.read_step(stats)
+        (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = values
+        divisor = size if size > 0 else 1.0
+        if self.options.loss_norm == "per-term":
+            divisor = 1.0
+        self.step_or_skip(loss_sum, health, divisor)
 
         metrics = {
             "train/loss": loss_sum / divisor,
@@ -345,7 +346,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             "train/feature_penalty": pen_sum / frames if frames else float("nan"),
             "train/sample_size": size,
         }
-        self.log_step(metrics, optimizer, audio_seconds)
+        self.log_step(metrics, optimizer, audio_seconds, health.grad_norm / divisor)
 
     def head_parameters(self) -> list[nn.Parameter]:
         params = list(self.student.logit_generator.parameters())
@@ -368,6 +369,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add what export needs (bundle config, steps, the k-means of the targets); leave out the frozen
         teacher (it is rebuilt from its bundle)."""
+        super().on_save_checkpoint(checkpoint)
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("targets.")]:
             del state[key]
@@ -386,6 +388,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         checkpoint[CHECKPOINT_KEY] = extra
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("state_dict")
         if state is not None and self.targets is not None:
             for key, value in self.targets.state_dict().items():

@@ -47,6 +47,9 @@ class PretrainOptionsWarning(UserWarning):
     """The options work but probably not as meant (the CLI prints these as one ``Warning:`` line each)."""
 
 
+DEFAULT_MAX_BAD_STEPS = 10
+"""Consecutive non-finite steps after which a run stops (``--max-bad-steps``)."""
+
 @dataclass
 class PretrainOptions:
     """Options of ``continue-pt pretrain`` (one field per flag)."""
@@ -109,6 +112,9 @@ class PretrainOptions:
     overwrite: bool = False
     deterministic: bool | str = "warn"
     progress_bar: bool = True
+    max_bad_steps: int = DEFAULT_MAX_BAD_STEPS
+    """A step with a non-finite loss or gradient is skipped (no update; it still counts towards max_steps); after
+    this many consecutive ones the run stops with ``checkpoints/last.ckpt`` at the last good state."""
 
     def resolved_precision(self) -> str:
         if self.precision is not None:
@@ -416,7 +422,7 @@ def unknown_option_problem(name: str, known: set[str]) -> str:
 
 # -- ranges and choices ---------------------------------------------------------------------------------------
 
-_AT_LEAST = {"max_steps": 1, "accumulate": 1, "checkpoint_every": 1, "log_every": 1, "max_sample_size": 1,
+_AT_LEAST = {"max_steps": 1, "accumulate": 1, "max_bad_steps": 1, "checkpoint_every": 1, "log_every": 1, "max_sample_size": 1,
              "warmup_steps": 0, "head_only_steps": 0, "num_workers": 0, "freeze_feature_extractor_steps": 0,
              "min_seconds": 0, "unmasked_weight": 0, "feature_penalty_weight": 0, "diversity_weight": 0,
              "num_negatives": 1, "gradient_clip_val": 0, "val_check_interval": 1, "codebook_warn_threshold": 0}

@@ -20,14 +20,17 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
+from bundles.atomic import disk_full
 from bundles.errors import BundleError
 from bundles.loading import load_bundle
+from continue_pt.checkpoint_io import AtomicCheckpointIO
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
 from continue_pt.run_output import removed_on_early_failure
+from continue_pt.step_guard import TrainingStopped
 from continue_pt.trainer_config import built_trainer
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
 
@@ -69,10 +72,17 @@ def _point_last_at(final: Path) -> None:
     tmp = final.with_name(".last.ckpt.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        os.link(final, tmp)
-    except OSError:
-        shutil.copyfile(final, tmp)
-    os.replace(tmp, last)
+        try:
+            os.link(final, tmp)
+        except OSError:
+            shutil.copyfile(final, tmp)
+        os.replace(tmp, last)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        full = disk_full(last, exc, lambda: final.stat().st_size)
+        if full is not None:
+            raise full from exc
+        raise
 
 
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
@@ -89,6 +99,7 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     out.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(options.seed, workers=True, verbose=False)
     module = build_module(options)
+    module.bad_steps.max_bad_steps = options.max_bad_steps
     datamodule = AudioDataModule(
         options.train_data, options.val_data, sample_rate=module.sample_rate,
         normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
@@ -109,6 +120,7 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
         deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        plugins=[AtomicCheckpointIO()],  # checkpoints written atomically; a full disk is a DiskFull error
         default_root_dir=out)
     with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
@@ -121,6 +133,9 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
     if trainer.is_global_zero:
         _point_last_at(final)
+    if module.stop_reason is not None:  # no bundle: the user resumes from last.ckpt with other settings
+        raise TrainingStopped(checkpoint_dir / "last.ckpt", module.stop_reason,
+                              hint=f"Resume: continue-pt pretrain --resume {checkpoint_dir / 'last.ckpt'} ...")
     bundle_dir = out / "bundle"
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,

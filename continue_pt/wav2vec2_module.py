@@ -226,14 +226,16 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Divide every gradient by the step's masked frames over all micro-batches and ranks (fairseq's
-        ``multiply_grads``), log the step and watch the codebook. Runs after fp16 unscaling, before clipping."""
+        ``multiply_grads``), or skip the step if its loss or gradient is not finite, log the step and watch the
+        codebook. Runs after fp16 unscaling, before clipping."""
         stats, self._step_stats, self._micro_index = self._step_stats, None, 0
         if stats is None:
             return
-        stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        values, health = self.read_step(stats)
         (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
-         audio_seconds) = stats.tolist()
-        self.divide_gradients(size if size > 0 else 1.0)
+         audio_seconds) = values
+        divisor = size if size > 0 else 1.0
+        self.step_or_skip(loss_sum, health, divisor)
         code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
         quantizer = self.student.quantizer
         usage = codebook_usage(code_ppl, quantizer.groups, quantizer.num_vars, size / batches)
@@ -249,7 +251,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             "train/gumbel_temperature": quantizer.temperature,
             "train/sample_size": size,
         }
-        self.log_step(metrics, optimizer, audio_seconds)
+        self.log_step(metrics, optimizer, audio_seconds, health.grad_norm / divisor)
         self._watch_codebook(usage, code_ppl, size / batches)
 
     def _watch_codebook(self, usage: float, code_ppl: float, masked_per_batch: float) -> None:
@@ -284,6 +286,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add what export needs: the bundle config it started from and the steps trained."""
+        super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "family": "wav2vec2",
