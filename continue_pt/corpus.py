@@ -33,12 +33,15 @@ class AudioItem:
     ``num_samples`` is its length at the *target* sample rate (after resampling). ``name`` is its path relative to
     the scanned directory or as the manifest lists it (stable across machines: the validation split hashes it).
     ``manifest_entry`` is its 0-based entry number in a manifest (= its line in a ``.km`` label file), else None.
+    ``file_frames`` is its length in the file's own frames (at the file's own rate): what a fairseq manifest lists
+    for it (fairseq's ``wav2vec_manifest.py`` writes ``soundfile.info(path).frames``); None when unknown.
     """
 
     path: Path
     num_samples: int
     name: str = ""
     manifest_entry: int | None = None
+    file_frames: int | None = None
 
 
 @dataclass
@@ -89,11 +92,12 @@ def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_thre
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         probes = list(pool.map(lambda p: _probe(p, sample_rate, min_seconds), paths))
     result = ScanResult([], [], source=source)
-    for path, (num_samples, reason) in zip(paths, probes):
+    for path, (num_samples, reason, frames) in zip(paths, probes):
         if reason:
             result.skipped.append((path, reason))
         else:
-            result.items.append(AudioItem(path, num_samples, path.relative_to(source).as_posix()))
+            result.items.append(AudioItem(path, num_samples, path.relative_to(source).as_posix(),
+                                          file_frames=frames))
     return result
 
 
@@ -121,29 +125,28 @@ def _scan_manifest(source: Path, sample_rate: int, min_seconds: float, read_head
     if not entries:
         raise FileProblem(source, "lists no audio files (only the root directory line)", SOURCE_HINT)
 
-    def check(entry: tuple[str, int]) -> tuple[int, str]:
+    def check(entry: tuple[str, int]) -> tuple[int, str, int]:
         name, frames = entry
         if _ZIP_SLICE.search(name):
-            return 0, "unsupported: fairseq zip slices (file.zip:offset:length) are not read; unpack the audio"
+            return 0, "unsupported: fairseq zip slices (file.zip:offset:length) are not read; unpack the audio", 0
         path = root / name
         if not read_headers:
             if not path.is_file():
-                return 0, "missing: listed in the manifest but not found"
+                return 0, "missing: listed in the manifest but not found", 0
             if frames == 0:
-                return 0, "empty: the manifest lists 0 frames"
-            return _length_check(frames, min_seconds, sample_rate)
-        num_samples, reason = _probe(path, sample_rate, min_seconds, listed_frames=frames)
-        return num_samples, reason
+                return 0, "empty: the manifest lists 0 frames", 0
+            return (*_length_check(frames, min_seconds, sample_rate), frames)
+        return _probe(path, sample_rate, min_seconds, listed_frames=frames)
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         probes = list(pool.map(check, entries))
     result = ScanResult([], [], source=source, manifest_entries=len(entries))
-    for entry, ((name, _), (num_samples, reason)) in enumerate(zip(entries, probes)):
+    for entry, ((name, _), (num_samples, reason, frames)) in enumerate(zip(entries, probes)):
         path = root / name
         if reason:
             result.skipped.append((path, reason))
         else:
-            result.items.append(AudioItem(path, num_samples, name, entry))
+            result.items.append(AudioItem(path, num_samples, name, entry, file_frames=frames))
     return result
 
 
@@ -158,20 +161,27 @@ def _manifest_root(source: Path, root_line: str) -> Path:
                       "The first line of a fairseq manifest is the directory the listed paths are relative to")
 
 
-def _probe(path: Path, sample_rate: int, min_seconds: float, listed_frames: int | None = None) -> tuple[int, str]:
-    """``(num_samples at sample_rate, "")`` for a usable file, else ``(0, "category: detail")``."""
+def _probe(path: Path, sample_rate: int, min_seconds: float,
+           listed_frames: int | None = None) -> tuple[int, str, int]:
+    """``(num_samples at sample_rate, "", the file's own frames)`` for a usable file, else
+    ``(0, "category: detail", 0)``.
+
+    A manifest's frame count is compared with the file's own frames (at its own rate), the convention of
+    fairseq's manifests and of the ``.tsv`` that ``labels dump`` writes.
+    """
     if not path.exists():
-        return 0, "missing: no such file" if listed_frames is None else "missing: listed in the manifest but not found"
+        missing = "missing: no such file" if listed_frames is None else "missing: listed in the manifest but not found"
+        return 0, missing, 0
     try:
         frames, file_rate, _ = audio_info(path)
     except AudioError as error:
-        return 0, f"unreadable: {error.problems[0]}"
+        return 0, f"unreadable: {error.problems[0]}", 0
     if frames == 0:
-        return 0, "empty: 0 frames"
+        return 0, "empty: 0 frames", 0
     if listed_frames is not None and listed_frames != frames:
         return 0, (f"stale manifest entry: the manifest lists {listed_frames} frames, the file has {frames} "
-                   "(labels written for the listed audio would be misaligned)")
-    return _length_check(resampled_length(frames, file_rate, sample_rate), min_seconds, sample_rate)
+                   f"at its own {file_rate} Hz (labels written for the listed audio would be misaligned)"), 0
+    return (*_length_check(resampled_length(frames, file_rate, sample_rate), min_seconds, sample_rate), frames)
 
 
 def _length_check(num_samples: int, min_seconds: float, sample_rate: int) -> tuple[int, str]:

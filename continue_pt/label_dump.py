@@ -4,8 +4,10 @@ The same labels :class:`continue_pt.targets.OnlineTargets` computes during train
 fairseq's ``HubertPretrainingTask`` reads (``examples/hubert/simple_kmeans/dump_km_label.py`` and the manifest of
 ``examples/wav2vec/wav2vec_manifest.py``):
 
-* ``{split}.tsv``: the root directory on line 1, then ``relative_path<TAB>num_samples`` per readable file, in scan
-  order (``num_samples`` at the teacher's sample rate);
+* ``{split}.tsv``: the root directory on line 1, then ``relative_path<TAB>num_frames`` per readable file, in scan
+  order (``num_frames`` = the file's own frame count at its own rate, as fairseq's ``wav2vec_manifest.py`` writes
+  and as ``scan_audio`` checks: a 48 kHz file lists its 48 kHz frames, while its ``.km`` line has the frames of the
+  audio resampled to the teacher's rate, which is what training reads);
 * ``{split}.km``: line i = the space-separated cluster ids of file i, one per frame of the convolutional front end
   run on the *whole* file (50 Hz for 16 kHz audio: ``(n - 400) // 320 + 1`` frames for BASE/LARGE);
 * ``dict.km.txt``: ``c count`` for c = 0..K-1 in that order (fairseq's ``Dictionary`` format: symbol, space, count;
@@ -94,7 +96,8 @@ def dump_labels(teacher: Bundle, kmeans: KMeansModel, audio: str | Path, out_dir
     for done, item in enumerate(scan.items, start=1):
         labels = _label_file(targets, item, rate, device, skipped)
         if labels is not None:
-            tsv_lines.append(f"{item.name}\t{item.num_samples}")
+            frames = item.file_frames if item.file_frames is not None else item.num_samples
+            tsv_lines.append(f"{item.name}\t{frames}")
             km_lines.append(" ".join(map(str, labels.tolist())))
             counts += torch.bincount(labels, minlength=kmeans.num_clusters)
         if progress:

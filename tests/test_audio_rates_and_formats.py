@@ -1,0 +1,67 @@
+"""Audio at other sample rates and in other formats: ``labels dump`` output read back by training at 8/16/44.1/48 kHz
+(mono and stereo), compressed formats (mp3, opus) and every skipped file named, windowed reads of long files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+import torchaudio
+
+from bundles import load_bundle
+from continue_pt.audio import read_audio
+from continue_pt.data import AudioDataModule
+from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
+from continue_pt.kmeans_fit import conv_frames
+from continue_pt.label_dump import dump_labels
+from converters.convert import convert_checkpoint
+
+MODEL_RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rates") / "b"
+    return load_bundle(convert_checkpoint(CHECKPOINT, out, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER))
+
+
+def _write_at(path: Path, seconds: float, rate: int, channels: int, seed: int) -> None:
+    """Generated speech-like audio stored at ``rate`` with ``channels`` channels (16-bit PCM)."""
+    wav = torchaudio.functional.resample(demo_audio(seconds, seed)[0], MODEL_RATE, rate)
+    data = torch.stack([wav * (1 - 0.3 * c) for c in range(channels)], dim=1).numpy()
+    sf.write(path, data, rate)
+
+
+@pytest.mark.parametrize("channels", [1, 2], ids=["mono", "stereo"])
+@pytest.mark.parametrize("rate", [8000, 16000, 44100, 48000])
+def test_dumped_labels_train_at_any_file_rate(bundle, tmp_path, rate, channels):
+    audio = tmp_path / "audio"
+    audio.mkdir()
+    for i, seconds in enumerate([2.3, 2.71]):
+        _write_at(audio / f"u{i}.wav", seconds, rate, channels, seed=300 + i)
+    out = tmp_path / "labels"
+    result = dump_labels(bundle, bundle.get_kmeans(), audio, out)
+    assert result.files_labelled == 2 and not result.files_skipped
+
+    # the manifest lists each file's own frames (fairseq's convention), not its length after resampling
+    rows = [line.split("\t") for line in (out / "train.tsv").read_text().splitlines()[1:]]
+    assert [int(frames) for _, frames in rows] == [sf.info(audio / name).frames for name, _ in rows]
+
+    data = AudioDataModule(out / "train.tsv", sample_rate=MODEL_RATE, normalize=False, max_batch_seconds=10.0,
+                           min_seconds=1.0, val_fraction=0.0, train_labels=out / "train.km",
+                           label_dict=out / "dict.km.txt", num_workers=0)
+    data.setup("fit")
+    dataset = data.train_dataset
+    assert len(dataset) == 2  # before the fix every file was a "stale manifest entry" unless rate == 16000
+    teacher = bundle.get_model()
+    for i in range(len(dataset)):
+        wav = read_audio(dataset.items[i].path, MODEL_RATE)
+        assert dataset.items[i].num_samples == len(wav)
+        # one label per conv frame of the audio as training reads it (resampled to the model's rate)
+        assert len(dataset[i]["labels"]) == conv_frames(teacher, len(wav))
+    batch = next(iter(data.train_dataloader()))
+    frames = conv_frames(teacher, batch["waveforms"].shape[1])
+    assert batch["labels"].shape == (2, frames) or batch["labels"].shape == (2, frames - 1)
