@@ -28,6 +28,7 @@ from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint, training_teacher
 from continue_pt.hubert_objective import LOSS_MODES
+from continue_pt.labels import bundle_label_rate, label_head_problems, label_set_size
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.masking import HubertMasking
 from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
@@ -191,6 +192,10 @@ class PretrainOptions:
                 problems.append(f"the k-means has {k_means} clusters but the label head of {self.init_from} has "
                                 f"{k_head}: these are different label sets; pass --reinit-label-head to train a "
                                 "new label head (with --head-only-steps N to warm it up first)")
+        if bundle is not None and bundle.family == "hubert" and bundle.kind == "pretrain" \
+                and self.label_dict is not None and Path(self.label_dict).exists():
+            problems += label_head_problems(self.label_dict, (bundle.config.pretrain_args or {}).get("num_classes"),
+                                            str(self.init_from), self.reinit_label_head)
         out = Path(self.output_dir)
         if self.resume is None and (out / "bundle").exists() and not self.overwrite:
             problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
@@ -214,6 +219,7 @@ class PretrainOptions:
         return ModuleOptions(
             bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
             offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
+            num_classes=label_set_size(self.label_dict) if self.labels is not None else None,
             head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
             unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
             masking=dict(self.masking),
@@ -270,7 +276,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
         max_sample_size=options.max_sample_size, min_seconds=options.min_seconds,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
-        label_rate=float((module.bundle_config.objective or {}).get("label_rate", 50.0)),
+        label_rate=bundle_label_rate(module.bundle_config.objective),
         num_workers=options.num_workers, seed=options.seed)
     checkpoint_dir = out / "checkpoints"
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
