@@ -88,3 +88,24 @@ def test_a_checkpoint_without_label_rate_converts_to_fairseqs_50_hz(tmp_path, ca
         assert bundle_label_rate({}) == 50.0
     assert "assuming fairseq's 50 Hz" in caplog.text
     assert bundle_label_rate({"label_rate": 100}) == 100.0
+
+
+def test_inspect_says_a_km_file_holds_frame_labels(labelled, tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    root, _ = labelled
+    km = root / "labels" / "train.km"
+    result = CliRunner().invoke(cli, ["inspect", str(km), "--json"])
+    assert result.exit_code == 0, result.output  # before: routed to the k-means reader, "Error: ... joblib ..."
+    facts = json.loads(result.output)
+    lines = km.read_text().splitlines()
+    assert facts["what"].startswith("fairseq frame labels")
+    assert facts["lines"] == len(lines) == 4
+    assert facts["frames"] == sum(len(line.split()) for line in lines)
+    assert facts["label_range"][1] <= 19
+    # a k-means that happens to be named .km is still read as one
+    (tmp_path / "model.km").write_bytes(Path(KMEANS).read_bytes())
+    facts = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path / "model.km"), "--json"]).output)
+    assert facts["what"] == "k-means" and facts["num_clusters"] == 20
