@@ -109,3 +109,26 @@ def test_inspect_says_a_km_file_holds_frame_labels(labelled, tmp_path):
     (tmp_path / "model.km").write_bytes(Path(KMEANS).read_bytes())
     facts = json.loads(CliRunner().invoke(cli, ["inspect", str(tmp_path / "model.km"), "--json"]).output)
     assert facts["what"] == "k-means" and facts["num_clusters"] == 20
+
+
+def test_the_teacher_sees_the_students_cropped_normalised_input(tmp_path):
+    from torch.nn import functional as F
+
+    from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+
+    ckpt = torch.load(CHECKPOINT, weights_only=False)  # the suite's own trusted asset
+    ckpt["cfg"]["task"]["normalize"] = True  # a LARGE-style model: student and teacher normalise
+    torch.save(ckpt, tmp_path / "norm.pt")
+    bundle_dir = convert_checkpoint(tmp_path / "norm.pt", tmp_path / "b", kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir)))
+    assert module.data_normalizes and not module.normalize_student_input
+    whole = demo_audio(4.0, seed=5)[0] * 3 + 0.2
+    data = F.layer_norm(whole, whole.shape)  # what AudioDataset gives: normalised over the whole utterance
+    crop = data[16000:40000][None]  # a crop's own mean and variance are not 0 and 1
+    seen = []
+    teacher = module.targets.teacher
+    extract = teacher.extract_features
+    teacher.extract_features = lambda w, *a, **k: (seen.append(w.clone()), extract(w, *a, **k))[1]
+    labels = module.targets(crop, torch.tensor([crop.shape[1]]))
+    assert torch.equal(seen[0], crop)  # the student's input, not the crop normalised again
+    assert labels.shape[1] > 0
