@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from bundles.errors import BundleError
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from continue_pt.audio import AudioError, read_audio
@@ -63,17 +64,25 @@ def manifest_root(scan: ScanResult) -> Path:
     return Path(os.path.abspath(item.path.parents[depth - 1])) if depth else Path(os.path.abspath(item.path.parent))
 
 
-def dump_labels(teacher: Bundle, kmeans: KMeansModel, audio: str | Path, out_dir: str | Path, split: str = "train",
+def dump_labels(teacher: Bundle, kmeans: KMeansModel | None, audio: str | Path, out_dir: str | Path,
+                split: str = "train",
                 *, layer: int | None = None, device: torch.device | str = "cpu", min_seconds: float = 0.0,
                 progress: Callable[[int, int], None] | None = None) -> DumpResult:
     """Label every readable file of ``audio`` (directory or fairseq manifest) with ``teacher`` to layer
     ``kmeans.layer`` (or ``layer``, which must agree with it when the k-means records one) + nearest centroid,
-    and write ``{split}.tsv``, ``{split}.km`` and ``dict.km.txt`` into ``out_dir``.
+    and write ``{split}.tsv``, ``{split}.km`` and ``dict.km.txt`` into ``out_dir``. ``kmeans=None``: the teacher
+    bundle's own k-means (as ``kmeans check`` does).
 
     Unreadable files are skipped (not listed in the ``.tsv``) and reported in ``files_skipped``.
     ``progress(files_done, files_total)`` is called after each file.
     """
     audio, out_dir = Path(audio), Path(out_dir)
+    if kmeans is None:
+        if not teacher.has_kmeans:
+            raise BundleError(teacher.path, "holds no k-means to label with",
+                              hint="Pass --kmeans (a km.safetensors, or a fairseq .bin with --layer), or convert the "
+                                   "teacher with --kmeans")
+        kmeans = teacher.get_kmeans()
     if layer is not None:
         if kmeans.layer is not None and kmeans.layer != int(layer):
             raise ValueError(f"the k-means was fitted on layer {kmeans.layer}, not layer {layer}")

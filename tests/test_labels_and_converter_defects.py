@@ -132,3 +132,21 @@ def test_the_teacher_sees_the_students_cropped_normalised_input(tmp_path):
     labels = module.targets(crop, torch.tensor([crop.shape[1]]))
     assert torch.equal(seen[0], crop)  # the student's input, not the crop normalised again
     assert labels.shape[1] > 0
+
+
+def test_labels_dump_uses_the_teachers_own_kmeans_without_kmeans(labelled, tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    root, bundle_dir = labelled
+    result = CliRunner().invoke(cli, ["labels", "dump", "--teacher", str(bundle_dir), "--audio",
+                                      str(root / "audio"), "-o", str(tmp_path / "own")])
+    assert result.exit_code == 0, result.output  # before: "Missing option '--kmeans'"
+    for name in ("train.tsv", "train.km", "dict.km.txt"):  # the same labels as with the k-means passed explicitly
+        assert (tmp_path / "own" / name).read_text() == (root / "labels" / name).read_text()
+    plain = convert_checkpoint(CHECKPOINT, tmp_path / "no_km")
+    result = CliRunner().invoke(cli, ["labels", "dump", "--teacher", str(plain), "--audio", str(root / "audio"),
+                                      "-o", str(tmp_path / "none")])
+    assert result.exit_code == 1 and "holds no k-means to label with" in result.output
+    assert result.output.startswith("Error:") and not (tmp_path / "none").exists()
