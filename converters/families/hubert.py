@@ -150,7 +150,7 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
     def special_rows() -> torch.Tensor:
         return embs.load()[other_rows].contiguous()
 
-    tensors = direct_tensors(ckpt, result.mapped, skip={"label_embs_concat"})
+    tensors = direct_tensors(ckpt, result.mapped, skip={"label_embs_concat"}) + common.derived
     tensors.append(PendingTensor("logit_generator.label_embeddings", (k, dim), embs.dtype, cluster_rows))
     extras = [PendingTensor("label_embeddings_non_cluster", (len(other_rows), dim), embs.dtype, special_rows)]
     return ConversionPlan(config, tensors, extras, key_map_result=result)
