@@ -1,6 +1,7 @@
 """Reading audio files for training: mono float32 at the model's sample rate.
 
-Anything libsndfile reads (wav, flac, ogg, ...) is supported through ``soundfile``; torchaudio ≥ 2.9 has no
+Anything libsndfile reads (wav, flac, ogg/vorbis, opus, mp3 (libsndfile >= 1.1), aiff, ...) is supported
+through ``soundfile``; torchaudio ≥ 2.9 has no
 audio I/O. Channels are averaged (as fairseq's datasets do) and other sample rates are resampled with
 ``torchaudio.functional.resample`` (fairseq refuses them instead).
 """
@@ -44,7 +45,7 @@ def audio_info(path: str | Path) -> tuple[int, int, int]:
         info = soundfile.info(str(path))
     except Exception as error:  # soundfile raises LibsndfileError, RuntimeError, TypeError, OSError, ...
         raise AudioError(path, f"cannot be read as audio ({_one_line(error)})",
-                         "Supported are the formats libsndfile reads (wav, flac, ogg, ...)") from error
+                         "Supported are the formats libsndfile reads (wav, flac, ogg, opus, mp3, ...)") from error
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
@@ -57,7 +58,7 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
         samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except Exception as error:  # corrupt or truncated data, unknown format, I/O errors
         raise AudioError(path, f"cannot be read as audio ({_one_line(error)})",
-                         "Supported are the formats libsndfile reads (wav, flac, ogg, ...)") from error
+                         "Supported are the formats libsndfile reads (wav, flac, ogg, opus, mp3, ...)") from error
     if samples.shape[0] == 0:
         raise AudioError(path, "holds no samples (0 frames)")
     waveform = torch.from_numpy(samples).mean(dim=1)  # [frames, channels] -> [frames]

@@ -17,9 +17,10 @@ from continue_pt.audio import AudioError, audio_info, resampled_length
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg; searched recursively) or a fairseq manifest "
-               "(.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".caf", ".w64", ".rf64")
+"""What a directory scan reads: formats libsndfile (>= 1.1: MP3, Opus) decodes. Any other file is skipped and named."""
+SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg, .opus, .mp3, ...; searched recursively) or a "
+               "fairseq manifest (.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
 MAX_LISTED_PROBLEMS = 20
 _ZIP_SLICE = re.compile(r"\.zip:\d+:\d+$")
 
@@ -84,20 +85,27 @@ def scan_audio(source: str | Path, sample_rate: int, min_seconds: float = 2.0, *
 
 
 def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_threads: int) -> ScanResult:
-    paths = sorted((p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(source).as_posix())
+    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix())
+    paths = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
+    others = [p for p in files if p.suffix.lower() not in AUDIO_EXTENSIONS]
     if not paths:
-        raise FileProblem(source, f"holds no audio files ({', '.join(AUDIO_EXTENSIONS)}), in it or below it",
+        found = f"; it holds {len(others)} other files ({_suffixes(others)})" if others else ""
+        raise FileProblem(source, f"holds no audio files ({', '.join(AUDIO_EXTENSIONS)}), in it or below it{found}",
                           SOURCE_HINT)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         probes = list(pool.map(lambda p: _probe(p, sample_rate, min_seconds), paths))
     result = ScanResult([], [], source=source)
+    # named, not silently left out: e.g. .m4a/.aac/.wma, which libsndfile does not decode
+    result.skipped.extend((path, f"unsupported: {path.suffix or 'a file without extension'} is not a format read "
+                                 f"here ({', '.join(AUDIO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN OUT.flac")
+                          for path in others)
     for path, (num_samples, reason, frames) in zip(paths, probes):
         if reason:
             result.skipped.append((path, reason))
         else:
             result.items.append(AudioItem(path, num_samples, path.relative_to(source).as_posix(),
                                           file_frames=frames))
+    result.skipped.sort(key=lambda skipped: skipped[0].relative_to(source).as_posix())
     return result
 
 
@@ -188,6 +196,11 @@ def _length_check(num_samples: int, min_seconds: float, sample_rate: int) -> tup
     if num_samples < min_seconds * sample_rate:
         return 0, f"shorter than {_seconds(min_seconds)} s: {num_samples / sample_rate:.2f} s"
     return num_samples, ""
+
+
+def _suffixes(paths: list[Path]) -> str:
+    counts = Counter(p.suffix.lower() or "no extension" for p in paths)
+    return ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common(5))
 
 
 def _seconds(value: float) -> str:

@@ -65,3 +65,44 @@ def test_dumped_labels_train_at_any_file_rate(bundle, tmp_path, rate, channels):
     batch = next(iter(data.train_dataloader()))
     frames = conv_frames(teacher, batch["waveforms"].shape[1])
     assert batch["labels"].shape == (2, frames) or batch["labels"].shape == (2, frames - 1)
+
+
+def test_a_mixed_folder_reads_mp3_and_opus_and_names_every_skipped_file(tmp_path, caplog):
+    import logging
+
+    from continue_pt.corpus import scan_audio
+
+    assert {"MP3", "OGG"} <= set(sf.available_formats()) and "OPUS" in sf.available_subtypes("OGG")
+    audio = tmp_path / "mixed"
+    (audio / "sub").mkdir(parents=True)
+    _write_at(audio / "a.wav", 2.1, 16000, 1, seed=1)
+    _write_at(audio / "b.flac", 2.2, 22050, 1, seed=2)
+    speech = torchaudio.functional.resample(demo_audio(2.3, seed=3)[0], MODEL_RATE, 44100).numpy()
+    sf.write(audio / "sub" / "c.mp3", np.stack([speech, 0.5 * speech], 1), 44100, format="MP3")  # Common Voice
+    speech = torchaudio.functional.resample(demo_audio(2.4, seed=4)[0], MODEL_RATE, 48000).numpy()
+    sf.write(audio / "d.opus", speech, 48000, format="OGG", subtype="OPUS")
+    _write_at(audio / "e.ogg", 2.5, 16000, 1, seed=5)
+    (audio / "f.m4a").write_bytes(b"\x00\x00\x00\x20ftypM4A " + bytes(64))  # AAC: libsndfile cannot decode it
+    (audio / "notes.txt").write_text("recorded in 2024\n")
+    (audio / "broken.mp3").write_bytes(b"ID3" + bytes(200))
+    _write_at(audio / "short.wav", 0.2, 16000, 1, seed=6)
+
+    scan = scan_audio(audio, MODEL_RATE, min_seconds=1.0)
+    assert [item.name for item in scan.items] == ["a.wav", "b.flac", "d.opus", "e.ogg", "sub/c.mp3"]
+    skipped = {path.name: reason.split(":")[0] for path, reason in scan.skipped}
+    assert skipped == {"broken.mp3": "unreadable", "f.m4a": "unsupported", "notes.txt": "unsupported",
+                       "short.wav": "shorter than 1.0 s"}
+    assert scan.summary() == "skipped 4 of 9 files: 2 unsupported, 1 shorter than 1.0 s, 1 unreadable"
+    for item, seconds in zip(scan.items, [2.1, 2.2, 2.4, 2.5, 2.3]):
+        wav = read_audio(item.path, MODEL_RATE)  # decoded, channels averaged, resampled
+        assert len(wav) == item.num_samples and abs(len(wav) / MODEL_RATE - seconds) < 0.01
+    mp3 = read_audio(audio / "sub" / "c.mp3", MODEL_RATE)
+    original = demo_audio(2.3, seed=3)[0] * 0.75  # the mean of the two channels
+    assert torch.corrcoef(torch.stack([mp3, original[:len(mp3)]]))[0, 1] > 0.95  # lossy, but the same audio
+
+    data = AudioDataModule(audio, sample_rate=MODEL_RATE, min_seconds=1.0, val_fraction=0.0, num_workers=0)
+    with caplog.at_level(logging.INFO):
+        data.setup("fit")
+    assert len(data.train_dataset) == 5
+    for name in ("broken.mp3", "f.m4a", "notes.txt", "short.wav"):
+        assert f"{name}: " in caplog.text, name
