@@ -9,7 +9,9 @@ audio I/O. Channels are averaged (as fairseq's datasets do) and other sample rat
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
+from typing import Any
 
 import soundfile
 import torch
@@ -67,6 +69,27 @@ def read_audio(path: str | Path, sample_rate: int) -> Tensor:
     if file_rate != sample_rate:
         waveform = torchaudio.functional.resample(waveform, int(file_rate), int(sample_rate))
     return waveform.contiguous()
+
+
+class SampleRateWarning(UserWarning):
+    """Audio at another sample rate than the model's was resampled for it."""
+
+
+def load_audio(path: str | Path, model: Any) -> Tensor:
+    """The file at ``path`` as the model expects its input: ``[1, samples]`` float32, mono, at the model's rate.
+
+    ``model`` is a bundle (``bundles.load_bundle(...)``: its ``sample_rate``) or a sample rate in Hz. Any format
+    libsndfile reads works (torchaudio >= 2.9 has no audio I/O without TorchCodec). A file at another rate is
+    resampled and a :class:`SampleRateWarning` says so: HuBERT and wav2vec 2.0 only work at the rate they were
+    trained at (16 kHz), and 44.1/48 kHz audio fed to them unresampled gives wrong features without any error.
+    The waveform is not normalised: a bundle's ``get_model()`` does that itself when its checkpoint expects it.
+    """
+    rate = int(getattr(model, "sample_rate", model))
+    _, file_rate, _ = audio_info(path)
+    if file_rate != rate:
+        warnings.warn(f"{path} is at {file_rate} Hz; resampled to the model's {rate} Hz", SampleRateWarning,
+                      stacklevel=2)
+    return read_audio(path, rate)[None]
 
 
 def _one_line(error: BaseException) -> str:

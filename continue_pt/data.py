@@ -163,6 +163,9 @@ class AudioDataModule(pl.LightningDataModule):
         for path, reason in scan.skipped:
             self._log(f"skipped {path}: {reason}", logging.WARNING)
         self._log(f"{source}: {scan.summary()}", logging.WARNING if scan.skipped else logging.INFO)
+        note = scan.resampling_note(self.sample_rate)
+        if note:
+            self._log(f"{source}: {note}", logging.WARNING)
         if not scan.items:
             raise FileProblem(source, f"holds no usable audio ({scan.summary()})",
                               "See the reasons logged above for each file")

@@ -106,3 +106,30 @@ def test_a_mixed_folder_reads_mp3_and_opus_and_names_every_skipped_file(tmp_path
     assert len(data.train_dataset) == 5
     for name in ("broken.mp3", "f.m4a", "notes.txt", "short.wav"):
         assert f"{name}: " in caplog.text, name
+
+
+def test_load_audio_gives_the_models_rate_and_warns_when_it_resamples(bundle, tmp_path, caplog):
+    import logging
+    import warnings
+
+    from continue_pt.audio import SampleRateWarning, load_audio
+
+    _write_at(tmp_path / "at48k.wav", 1.5, 48000, 2, seed=8)
+    _write_at(tmp_path / "at16k.wav", 1.5, 16000, 1, seed=9)
+    with pytest.warns(SampleRateWarning, match="at48k.wav is at 48000 Hz; resampled to the model's 16000 Hz"):
+        wav = load_audio(tmp_path / "at48k.wav", bundle)
+    assert wav.shape == (1, 24000) and wav.dtype == torch.float32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the model's own rate: no warning
+        same = load_audio(tmp_path / "at16k.wav", 16000)
+    assert same.shape == (1, 24000)
+    with torch.no_grad():  # what the README shows
+        layers, _ = bundle.get_model().extract_features(wav)
+    assert layers[0].shape[:2] == (1, conv_frames(bundle.get_model(), 24000))
+
+    data = AudioDataModule(tmp_path, sample_rate=MODEL_RATE, min_seconds=1.0, val_fraction=0.0, num_workers=0)
+    with caplog.at_level(logging.INFO):
+        data.setup("fit")
+    note = next(r for r in caplog.records if "not at the model's" in r.getMessage())
+    assert note.levelno == logging.WARNING
+    assert "1 of 2 files are not at the model's 16000 Hz (1 at 48000 Hz)" in note.getMessage()
