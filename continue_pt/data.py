@@ -206,6 +206,7 @@ class AudioDataModule(pl.LightningDataModule):
         collater = BatchCollater(self.max_sample_size, self.label_rate, self.sample_rate, self.seed,
                                  self.train_sampler)
         self.train_collater = collater
+        self.train_dataset.crop_planner = collater.crop  # decode only the crop windows
         return _ResumableLoader(self, self.train_dataset, batch_sampler=self.train_sampler, collate_fn=collater,
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -240,6 +241,7 @@ class AudioDataModule(pl.LightningDataModule):
             self.max_sample_size, shuffle=False, seed=self.seed, num_replicas=num_replicas, rank=rank,
             bucket_seconds=self.bucket_seconds)
         collater = BatchCollater(self.max_sample_size, self.label_rate, self.sample_rate, self.seed)
+        self.val_dataset.crop_planner = collater.crop
         return DataLoader(self.val_dataset, batch_sampler=sampler, collate_fn=collater, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 

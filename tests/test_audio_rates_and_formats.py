@@ -133,3 +133,43 @@ def test_load_audio_gives_the_models_rate_and_warns_when_it_resamples(bundle, tm
     note = next(r for r in caplog.records if "not at the model's" in r.getMessage())
     assert note.levelno == logging.WARNING
     assert "1 of 2 files are not at the model's 16000 Hz (1 at 48000 Hz)" in note.getMessage()
+
+
+def test_training_batches_decode_only_the_crop_window_and_equal_whole_file_crops(tmp_path, monkeypatch):
+    audio = tmp_path / "long"
+    audio.mkdir()
+    _write_at(audio / "a.wav", 20.0, 44100, 2, seed=11)
+    _write_at(audio / "b.flac", 14.0, 16000, 1, seed=12)
+    _write_at(audio / "c.ogg", 17.5, 48000, 1, seed=13)
+    speech = torchaudio.functional.resample(demo_audio(16.0, seed=14)[0], MODEL_RATE, 48000).numpy()
+    sf.write(audio / "d.mp3", speech, 48000, format="MP3")  # decoded from the start (no exact seek in mpg123)
+    crop = 40000  # 2.5 s of files of 14-20 s
+    data = AudioDataModule(audio, sample_rate=MODEL_RATE, max_batch_seconds=6.0, max_sample_size=crop,
+                           min_seconds=1.0, val_fraction=0.0, num_workers=0, seed=3)
+    data.setup("fit")
+    dataset = data.train_dataset
+    decoded = []
+    original_read = sf.SoundFile.read
+    monkeypatch.setattr(sf.SoundFile, "read", lambda self, frames=-1, *a, **k: (
+        decoded.append((Path(self.name).name, frames)), original_read(self, frames, *a, **k))[1])
+    loader = data.train_dataloader()
+    batches = list(loader)
+    monkeypatch.setattr(sf.SoundFile, "read", original_read)
+    assert len(batches) == 2 and sum(len(b["indices"]) for b in batches) == 4
+    for name, frames in decoded:  # a window: the crop (+ the resampler's margin), never the whole file
+        whole = sf.info(audio / name).frames
+        if name == "d.mp3":
+            assert frames < whole  # up to the window's end only
+        else:
+            rate = sf.info(audio / name).samplerate
+            assert 0 < frames <= crop * rate // MODEL_RATE + rate // 20, (name, frames, whole)  # margin < 50 ms
+
+    # the same crops, bit for bit, as the collater cuts from whole files (the seeded crop is unchanged)
+    collater = data.train_collater
+    for batch in batches:
+        indices = batch["indices"].tolist()
+        whole = collater([dataset[i] for i in indices])
+        assert torch.equal(batch["starts"], whole["starts"]) and batch["waveforms"].shape[1] == crop
+        assert torch.equal(batch["waveforms"], whole["waveforms"])
+    plans = data.micro_batch_plans(0, 2)  # what per-term normalisation counts before loading: the same shapes
+    assert [p["num_samples"] for p in plans] == [b["waveforms"].shape[1] for b in batches]
