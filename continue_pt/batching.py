@@ -39,7 +39,10 @@ class AudioDataset(Dataset):
     With a ``crop_planner`` (the loaders set :meth:`BatchCollater.crop`), a batch fetched whole (``__getitems__``,
     which the DataLoader calls with each batch of the batch sampler) decodes only each utterance's crop window,
     the crop the collater would otherwise cut from the whole file (same seed, epoch and indices), and marks it
-    with ``crop_start``. Data normalised over the whole utterance still read whole files: the statistics need them.
+    with ``crop_start``. Normalised data need the whole utterance's mean and variance: a file is read whole the
+    first time, its statistics kept (float64), and every window is normalised with them as
+    ``(x - mean) / sqrt(var + 1e-5)`` (``F.layer_norm``'s formula; equal to it within float32 rounding), whether
+    the file was read whole or not, so a resumed run gets the same samples.
     """
 
     crop_planner: Callable[[Sequence[int], Sequence[int]], tuple[int, list[int]]] | None = None
@@ -53,6 +56,10 @@ class AudioDataset(Dataset):
         self.normalize = normalize
         self.labels = labels
         self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # per file: whole-utterance mean and variance (float64) once known, for normalising crop windows; in shared
+        # memory, so what one data-loader worker learns the others use
+        self._norm_stats = torch.zeros(max(1, len(self.items)), 2, dtype=torch.float64).share_memory_()
+        self._norm_known = torch.zeros(max(1, len(self.items)), dtype=torch.bool).share_memory_()
 
     @property
     def failures(self) -> int:
@@ -77,7 +84,7 @@ class AudioDataset(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | None]:
         """A whole batch: only the crop windows are decoded when a ``crop_planner`` is set (see the class)."""
-        if self.crop_planner is None or self.normalize or not indices:
+        if self.crop_planner is None or not indices:
             return [self[i] for i in indices]
         audio_size, starts = self.crop_planner(indices, [self.items[i].num_samples for i in indices])
         return [self._window(i, start, audio_size) for i, start in zip(indices, starts)]
@@ -85,11 +92,23 @@ class AudioDataset(Dataset):
     def _window(self, index: int, start: int, size: int) -> dict[str, Any] | None:
         item = self.items[index]
         try:
-            waveform = read_audio_window(item.path, self.sample_rate, start, size)
+            if self.normalize and not bool(self._norm_known[index]):
+                whole = read_audio(item.path, self.sample_rate)  # once: the statistics need every sample
+                self._norm_stats[index] = torch.stack([whole.double().mean(), whole.double().var(correction=0)])
+                self._norm_known[index] = True
+                waveform = whole[start:start + size]  # = read_audio_window(...), bit for bit
+                if len(waveform) != size:
+                    raise AudioError(item.path, f"holds {len(whole)} samples, fewer than the window {start}.."
+                                                f"{start + size} it was scanned for", "Restart the run to rescan it")
+            else:
+                waveform = read_audio_window(item.path, self.sample_rate, start, size)
         except AudioError as error:
             self._failures += 1
             logger.warning("%s; left out of its batch (%d read failures so far)", error, self.failures)
             return None
+        if self.normalize:
+            mean, var = self._norm_stats[index]
+            waveform = ((waveform.double() - mean) / torch.sqrt(var + 1e-5)).float()
         labels = self.labels[index] if self.labels is not None else None
         return {"index": index, "waveform": waveform, "labels": labels, "crop_start": start}
 

@@ -173,3 +173,33 @@ def test_training_batches_decode_only_the_crop_window_and_equal_whole_file_crops
         assert torch.equal(batch["waveforms"], whole["waveforms"])
     plans = data.micro_batch_plans(0, 2)  # what per-term normalisation counts before loading: the same shapes
     assert [p["num_samples"] for p in plans] == [b["waveforms"].shape[1] for b in batches]
+
+
+def test_normalised_crop_windows_use_the_whole_utterances_statistics(tmp_path):
+    audio = tmp_path / "long"
+    audio.mkdir()
+    for i, (seconds, rate) in enumerate([(9.0, 44100), (7.5, 16000), (8.2, 48000)]):
+        wav = torchaudio.functional.resample(demo_audio(seconds, seed=20 + i)[0], MODEL_RATE, rate)
+        sf.write(audio / f"u{i}.flac", (wav * (1 + i) + 0.1 * i).numpy(), rate)  # other scales and offsets
+
+    def epoch_batches(data):
+        loader = data.train_dataloader()
+        return {tuple(b["indices"].tolist()): b for b in loader}
+
+    def module():
+        data = AudioDataModule(audio, sample_rate=MODEL_RATE, normalize=True, max_batch_seconds=3.0,
+                               max_sample_size=24000, min_seconds=1.0, val_fraction=0.0, num_workers=0, seed=1)
+        data.setup("fit")
+        return data
+
+    cold = module()
+    first = epoch_batches(cold)  # files read whole once: statistics learnt
+    assert bool(cold.train_dataset._norm_known.all())
+    again = epoch_batches(cold)  # windows only, normalised with the kept statistics
+    for key, batch in first.items():
+        assert torch.equal(batch["waveforms"], again[key]["waveforms"])  # the same samples, read either way
+        whole = cold.train_collater([cold.train_dataset[i] for i in key])  # F.layer_norm(whole file), then cut
+        assert torch.equal(batch["starts"], whole["starts"])
+        torch.testing.assert_close(batch["waveforms"], whole["waveforms"], atol=2e-6, rtol=0)
+        crop = batch["waveforms"]
+        assert crop.abs().mean() > 0.1 and not torch.allclose(crop.mean(1), torch.zeros(len(key)), atol=1e-3)
