@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
-from continue_pt.audio import AudioError, read_audio
+from continue_pt.audio import AudioError, read_audio, read_audio_window
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,17 @@ class AudioDataset(Dataset):
     utterance before any cropping (fairseq: ``F.layer_norm(wav, wav.shape)``). A file that cannot be read any
     more (deleted or corrupted after the scan) gives None: one warning line names it, ``failures`` counts it (in
     shared memory, so reads in data-loader workers count too) and the collater drops it.
+
+    With a ``crop_planner`` (the loaders set :meth:`BatchCollater.crop`), a batch fetched whole (``__getitems__``,
+    which the DataLoader calls with each batch of the batch sampler) decodes only each utterance's crop window,
+    the crop the collater would otherwise cut from the whole file (same seed, epoch and indices), and marks it
+    with ``crop_start``. Normalised data need the whole utterance's mean and variance: a file is read whole the
+    first time, its statistics kept (float64), and every window is normalised with them as
+    ``(x - mean) / sqrt(var + 1e-5)`` (``F.layer_norm``'s formula; equal to it within float32 rounding), whether
+    the file was read whole or not, so a resumed run gets the same samples.
     """
+
+    crop_planner: Callable[[Sequence[int], Sequence[int]], tuple[int, list[int]]] | None = None
 
     def __init__(self, items: Sequence[AudioItem], sample_rate: int, normalize: bool,
                  labels: Sequence[Tensor] | None = None):
@@ -46,6 +56,10 @@ class AudioDataset(Dataset):
         self.normalize = normalize
         self.labels = labels
         self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # per file: whole-utterance mean and variance (float64) once known, for normalising crop windows; in shared
+        # memory, so what one data-loader worker learns the others use
+        self._norm_stats = torch.zeros(max(1, len(self.items)), 2, dtype=torch.float64).share_memory_()
+        self._norm_known = torch.zeros(max(1, len(self.items)), dtype=torch.bool).share_memory_()
 
     @property
     def failures(self) -> int:
@@ -67,6 +81,36 @@ class AudioDataset(Dataset):
                 waveform = F.layer_norm(waveform, waveform.shape)
         labels = self.labels[index] if self.labels is not None else None
         return {"index": index, "waveform": waveform, "labels": labels}
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any] | None]:
+        """A whole batch: only the crop windows are decoded when a ``crop_planner`` is set (see the class)."""
+        if self.crop_planner is None or not indices:
+            return [self[i] for i in indices]
+        audio_size, starts = self.crop_planner(indices, [self.items[i].num_samples for i in indices])
+        return [self._window(i, start, audio_size) for i, start in zip(indices, starts)]
+
+    def _window(self, index: int, start: int, size: int) -> dict[str, Any] | None:
+        item = self.items[index]
+        try:
+            if self.normalize and not bool(self._norm_known[index]):
+                whole = read_audio(item.path, self.sample_rate)  # once: the statistics need every sample
+                self._norm_stats[index] = torch.stack([whole.double().mean(), whole.double().var(correction=0)])
+                self._norm_known[index] = True
+                waveform = whole[start:start + size]  # = read_audio_window(...), bit for bit
+                if len(waveform) != size:
+                    raise AudioError(item.path, f"holds {len(whole)} samples, fewer than the window {start}.."
+                                                f"{start + size} it was scanned for", "Restart the run to rescan it")
+            else:
+                waveform = read_audio_window(item.path, self.sample_rate, start, size)
+        except AudioError as error:
+            self._failures += 1
+            logger.warning("%s; left out of its batch (%d read failures so far)", error, self.failures)
+            return None
+        if self.normalize:
+            mean, var = self._norm_stats[index]
+            waveform = ((waveform.double() - mean) / torch.sqrt(var + 1e-5)).float()
+        labels = self.labels[index] if self.labels is not None else None
+        return {"index": index, "waveform": waveform, "labels": labels, "crop_start": start}
 
 
 def crop_window(lengths: Sequence[int], max_sample_size: int, rng: np.random.Generator) -> tuple[int, list[int]]:
@@ -104,8 +148,12 @@ def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int
     if not samples:
         return None
     waveforms = [s["waveform"] for s in samples]
-    audio_size, starts = crop_window([len(w) for w in waveforms], max_sample_size, rng)
-    batch_waveforms = torch.stack([w[s:s + audio_size] for w, s in zip(waveforms, starts)])
+    if all("crop_start" in s for s in samples):  # read as crop windows already (AudioDataset.__getitems__)
+        audio_size, starts = min(len(w) for w in waveforms), [int(s["crop_start"]) for s in samples]
+        batch_waveforms = torch.stack([w[:audio_size] for w in waveforms])
+    else:
+        audio_size, starts = crop_window([len(w) for w in waveforms], max_sample_size, rng)
+        batch_waveforms = torch.stack([w[s:s + audio_size] for w, s in zip(waveforms, starts)])
 
     labels = [s["labels"] for s in samples]
     if all(t is None for t in labels):
@@ -148,6 +196,11 @@ class BatchCollater:
     def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None] | None:
         indices = [s["index"] for s in samples if s is not None]
         return collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, self._rng(indices))
+
+    def crop(self, indices: Sequence[int], lengths: Sequence[int]) -> tuple[int, list[int]]:
+        """The crop ``__call__`` takes of the batch ``indices`` (utterances of ``lengths`` samples), known before
+        any audio is read: ``(audio_size, starts)`` (see :func:`crop_window`)."""
+        return crop_window(lengths, self.max_sample_size, self._rng(indices))
 
     def plan(self, indices: Sequence[int], lengths: Sequence[int],
              label_lengths: Sequence[int] | None = None) -> dict[str, Any]:

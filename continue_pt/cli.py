@@ -507,16 +507,16 @@ def labels() -> None:
               help="Bundle whose layer-L features the k-means labels.")
 @click.option("--layer", type=click.IntRange(min=1),
               help="Teacher layer (1-based); must agree with the k-means file's; needed for a .bin.")
-@click.option("--kmeans", "kmeans_path", required=True, type=click.Path(path_type=Path),
-              help="km.safetensors or a fairseq/sklearn .bin.")
+@click.option("--kmeans", "kmeans_path", type=click.Path(path_type=Path),
+              help="km.safetensors or a fairseq/sklearn .bin; default: the teacher bundle's own k-means.")
 @click.option("--audio", required=True, type=click.Path(path_type=Path),
               help="A directory of audio files or a fairseq .tsv manifest.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for {split}.tsv, {split}.km and dict.km.txt.")
 @click.option("--split", default="train", show_default=True, help="Name of the split (file names).")
 @click.option("--device", help="Where the teacher runs (default: cuda if available, else cpu).")
-def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path, audio: Path, output_dir: Path, split: str,
-                device: str | None) -> None:
+def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path | None, audio: Path, output_dir: Path,
+                split: str, device: str | None) -> None:
     """Label every file with the teacher to layer L + nearest centroid and write fairseq's {split}.tsv,
     {split}.km and dict.km.txt (what HubertPretrainingTask reads; also `pretrain --labels`)."""
     from bundles import load_bundle
@@ -524,8 +524,9 @@ def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path, audio: 
     from converters.convert import read_kmeans_file
 
     teacher = load_bundle(teacher_dir)
-    km = read_kmeans_file(kmeans_path)  # keeps the layer a km.safetensors records; dump_labels checks --layer
-    if km.layer is None and layer is None:
+    # keeps the layer a km.safetensors records; dump_labels checks --layer. None: the teacher's own k-means
+    km = read_kmeans_file(kmeans_path) if kmeans_path is not None else None
+    if km is not None and km.layer is None and layer is None:
         raise FileProblem(kmeans_path, "a joblib k-means does not record which layer it clusters",
                           hint="Pass --layer L (1-based, fairseq numbering; 9 for hubert_base_ls960_L9_km500.bin)")
     try:

@@ -11,15 +11,17 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from bundles.errors import FileProblem
 from continue_pt.audio import AudioError, audio_info, resampled_length
 
 logger = logging.getLogger(__name__)
 
-AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
-SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg; searched recursively) or a fairseq manifest "
-               "(.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".caf", ".w64", ".rf64")
+"""What a directory scan reads: formats libsndfile (>= 1.1: MP3, Opus) decodes. Any other file is skipped and named."""
+SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg, .opus, .mp3, ...; searched recursively) or a "
+               "fairseq manifest (.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
 MAX_LISTED_PROBLEMS = 20
 _ZIP_SLICE = re.compile(r"\.zip:\d+:\d+$")
 
@@ -33,12 +35,17 @@ class AudioItem:
     ``num_samples`` is its length at the *target* sample rate (after resampling). ``name`` is its path relative to
     the scanned directory or as the manifest lists it (stable across machines: the validation split hashes it).
     ``manifest_entry`` is its 0-based entry number in a manifest (= its line in a ``.km`` label file), else None.
+    ``file_frames`` is its length in the file's own frames (at the file's own rate ``file_rate``): what a fairseq
+    manifest lists for it (fairseq's ``wav2vec_manifest.py`` writes ``soundfile.info(path).frames``); None when
+    unknown (a manifest scanned without reading headers).
     """
 
     path: Path
     num_samples: int
     name: str = ""
     manifest_entry: int | None = None
+    file_frames: int | None = None
+    file_rate: int | None = None
 
 
 @dataclass
@@ -58,6 +65,17 @@ class ScanResult:
         counts = Counter(reason.split(":", 1)[0] for _, reason in self.skipped)
         parts = ", ".join(f"{n} {category}" for category, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
         return f"skipped {len(self.skipped)} of {total} files: {parts}"
+
+    def resampling_note(self, sample_rate: int) -> str | None:
+        """One line when some usable files are at another rate than ``sample_rate`` (they are resampled when
+        read, which the model needs and which costs data-loading time), else None."""
+        rates = Counter(item.file_rate for item in self.items if item.file_rate not in (None, sample_rate))
+        if not rates:
+            return None
+        listed = ", ".join(f"{n} at {rate} Hz" for rate, n in sorted(rates.items(), key=lambda kv: -kv[1]))
+        return (f"{sum(rates.values())} of {len(self.items)} files are not at the model's {sample_rate} Hz "
+                f"({listed}): they are resampled to {sample_rate} Hz each time they are read; resample them once "
+                "beforehand to save data-loading time")
 
 
 def scan_audio(source: str | Path, sample_rate: int, min_seconds: float = 2.0, *, read_headers: bool = True,
@@ -81,19 +99,27 @@ def scan_audio(source: str | Path, sample_rate: int, min_seconds: float = 2.0, *
 
 
 def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_threads: int) -> ScanResult:
-    paths = sorted((p for p in source.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file()),
-                   key=lambda p: p.relative_to(source).as_posix())
+    files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix())
+    paths = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
+    others = [p for p in files if p.suffix.lower() not in AUDIO_EXTENSIONS]
     if not paths:
-        raise FileProblem(source, f"holds no audio files ({', '.join(AUDIO_EXTENSIONS)}), in it or below it",
+        found = f"; it holds {len(others)} other files ({_suffixes(others)})" if others else ""
+        raise FileProblem(source, f"holds no audio files ({', '.join(AUDIO_EXTENSIONS)}), in it or below it{found}",
                           SOURCE_HINT)
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         probes = list(pool.map(lambda p: _probe(p, sample_rate, min_seconds), paths))
     result = ScanResult([], [], source=source)
-    for path, (num_samples, reason) in zip(paths, probes):
-        if reason:
-            result.skipped.append((path, reason))
+    # named, not silently left out: e.g. .m4a/.aac/.wma, which libsndfile does not decode
+    result.skipped.extend((path, f"unsupported: {path.suffix or 'a file without extension'} is not a format read "
+                                 f"here ({', '.join(AUDIO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN OUT.flac")
+                          for path in others)
+    for path, probe in zip(paths, probes):
+        if probe.reason:
+            result.skipped.append((path, probe.reason))
         else:
-            result.items.append(AudioItem(path, num_samples, path.relative_to(source).as_posix()))
+            result.items.append(AudioItem(path, probe.num_samples, path.relative_to(source).as_posix(),
+                                          file_frames=probe.frames, file_rate=probe.rate))
+    result.skipped.sort(key=lambda skipped: skipped[0].relative_to(source).as_posix())
     return result
 
 
@@ -121,29 +147,31 @@ def _scan_manifest(source: Path, sample_rate: int, min_seconds: float, read_head
     if not entries:
         raise FileProblem(source, "lists no audio files (only the root directory line)", SOURCE_HINT)
 
-    def check(entry: tuple[str, int]) -> tuple[int, str]:
+    def check(entry: tuple[str, int]) -> _Probe:
         name, frames = entry
         if _ZIP_SLICE.search(name):
-            return 0, "unsupported: fairseq zip slices (file.zip:offset:length) are not read; unpack the audio"
+            return _Probe(0, "unsupported: fairseq zip slices (file.zip:offset:length) are not read; unpack the audio")
         path = root / name
         if not read_headers:
             if not path.is_file():
-                return 0, "missing: listed in the manifest but not found"
+                return _Probe(0, "missing: listed in the manifest but not found")
             if frames == 0:
-                return 0, "empty: the manifest lists 0 frames"
-            return _length_check(frames, min_seconds, sample_rate)
-        num_samples, reason = _probe(path, sample_rate, min_seconds, listed_frames=frames)
-        return num_samples, reason
+                return _Probe(0, "empty: the manifest lists 0 frames")
+            return _Probe(*_length_check(frames, min_seconds, sample_rate), frames=None, rate=None)
+        return _probe(path, sample_rate, min_seconds, listed_frames=frames)
 
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         probes = list(pool.map(check, entries))
     result = ScanResult([], [], source=source, manifest_entries=len(entries))
-    for entry, ((name, _), (num_samples, reason)) in enumerate(zip(entries, probes)):
+    for entry, ((name, listed), probe) in enumerate(zip(entries, probes)):
         path = root / name
-        if reason:
-            result.skipped.append((path, reason))
+        if probe.reason:
+            result.skipped.append((path, probe.reason))
         else:
-            result.items.append(AudioItem(path, num_samples, name, entry))
+            # without headers the listed frames are trusted to be at sample_rate (fairseq's behaviour)
+            frames = probe.frames if read_headers else listed
+            result.items.append(AudioItem(path, probe.num_samples, name, entry, file_frames=frames,
+                                          file_rate=probe.rate))
     return result
 
 
@@ -158,26 +186,46 @@ def _manifest_root(source: Path, root_line: str) -> Path:
                       "The first line of a fairseq manifest is the directory the listed paths are relative to")
 
 
-def _probe(path: Path, sample_rate: int, min_seconds: float, listed_frames: int | None = None) -> tuple[int, str]:
-    """``(num_samples at sample_rate, "")`` for a usable file, else ``(0, "category: detail")``."""
+class _Probe(NamedTuple):
+    """What a file's header says: its length at the model's rate, or why it is skipped (``reason``)."""
+
+    num_samples: int
+    reason: str
+    frames: int | None = None
+    rate: int | None = None
+
+
+def _probe(path: Path, sample_rate: int, min_seconds: float, listed_frames: int | None = None) -> _Probe:
+    """The file's length at ``sample_rate``, its own frames and rate; or the one-line reason it is unusable.
+
+    A manifest's frame count is compared with the file's own frames (at its own rate), the convention of
+    fairseq's manifests and of the ``.tsv`` that ``labels dump`` writes.
+    """
     if not path.exists():
-        return 0, "missing: no such file" if listed_frames is None else "missing: listed in the manifest but not found"
+        missing = "missing: no such file" if listed_frames is None else "missing: listed in the manifest but not found"
+        return _Probe(0, missing)
     try:
         frames, file_rate, _ = audio_info(path)
     except AudioError as error:
-        return 0, f"unreadable: {error.problems[0]}"
+        return _Probe(0, f"unreadable: {error.problems[0]}")
     if frames == 0:
-        return 0, "empty: 0 frames"
+        return _Probe(0, "empty: 0 frames")
     if listed_frames is not None and listed_frames != frames:
-        return 0, (f"stale manifest entry: the manifest lists {listed_frames} frames, the file has {frames} "
-                   "(labels written for the listed audio would be misaligned)")
-    return _length_check(resampled_length(frames, file_rate, sample_rate), min_seconds, sample_rate)
+        return _Probe(0, f"stale manifest entry: the manifest lists {listed_frames} frames, the file has {frames} "
+                         f"at its own {file_rate} Hz (labels written for the listed audio would be misaligned)")
+    num_samples, reason = _length_check(resampled_length(frames, file_rate, sample_rate), min_seconds, sample_rate)
+    return _Probe(num_samples, reason, frames, file_rate)
 
 
 def _length_check(num_samples: int, min_seconds: float, sample_rate: int) -> tuple[int, str]:
     if num_samples < min_seconds * sample_rate:
         return 0, f"shorter than {_seconds(min_seconds)} s: {num_samples / sample_rate:.2f} s"
     return num_samples, ""
+
+
+def _suffixes(paths: list[Path]) -> str:
+    counts = Counter(p.suffix.lower() or "no extension" for p in paths)
+    return ", ".join(f"{n} {suffix}" for suffix, n in counts.most_common(5))
 
 
 def _seconds(value: float) -> str:

@@ -32,13 +32,37 @@ from continue_pt.corpus import AudioItem, ScanResult, scan_audio
 from continue_pt.labels import FrameLabels, read_label_dictionary, read_label_file
 
 __all__ = ["AudioDataModule", "AudioDataset", "AudioItem", "BatchCollater", "BucketBatchSampler", "FrameLabels",
-           "ScanResult", "collate_audio", "read_label_dictionary", "read_label_file", "scan_audio",
-           "validation_share"]
+           "ScanResult", "collate_audio", "held_out_files", "read_label_dictionary", "read_label_file",
+           "scan_audio", "validation_share"]
 
 
 def validation_share(name: str) -> float:
     """A stable number in [0, 1) for a file name (sha1): files below ``val_fraction`` are held out."""
     return int.from_bytes(hashlib.sha1(name.encode("utf-8")).digest()[:8], "big") / 2 ** 64
+
+
+MIN_FILES_TO_HOLD_OUT = 10
+"""With at least this many files, the held-out split is never empty (one file is held out when the fraction rounds
+to none); below it every file trains."""
+
+
+def _no_validation_hint(num_files: int, val_fraction: float) -> str:
+    why = (f"{num_files} files are too few to hold out {val_fraction:.0%}" if val_fraction > 0
+           else "no fraction of the training files is held out")
+    return (f": no validation loss will be logged ({why}); pass --val-data with held-out audio (a directory or "
+            "a manifest) to validate")
+
+
+def held_out_files(names: Sequence[str], val_fraction: float) -> list[bool]:
+    """Which files the validation split holds out: those whose :func:`validation_share` is below ``val_fraction``
+    (stable when files are added). When that holds out none of a corpus of at least :data:`MIN_FILES_TO_HOLD_OUT`
+    files (2 % of 33 files is usually none), the file with the smallest share is held out, so a small corpus still
+    gets a validation loss."""
+    shares = [validation_share(name) for name in names]
+    held_out = [share < val_fraction for share in shares]
+    if val_fraction > 0 and not any(held_out) and len(names) >= MIN_FILES_TO_HOLD_OUT:
+        held_out[shares.index(min(shares))] = True
+    return held_out
 
 
 class AudioDataModule(pl.LightningDataModule):
@@ -117,7 +141,7 @@ class AudioDataModule(pl.LightningDataModule):
             val_items, val_labels = val.items, self._labels(self.val_labels, val)
             train_items = train.items
         else:
-            held_out = [validation_share(item.name) < self.val_fraction for item in train.items]
+            held_out = held_out_files([item.name for item in train.items], self.val_fraction)
             train_positions = [i for i, out in enumerate(held_out) if not out]
             val_positions = [i for i, out in enumerate(held_out) if out]
             train_items = [train.items[i] for i in train_positions]
@@ -128,7 +152,9 @@ class AudioDataModule(pl.LightningDataModule):
             raise FileProblem(self.train_source, "leaves no training audio once the validation files are held out",
                               "Add audio or lower val_fraction")
         self._log(f"training on {len(train_items)} files ({self._hours(train_items)} h), validating on "
-                  f"{len(val_items)} files ({self._hours(val_items)} h)")
+                  f"{len(val_items)} files ({self._hours(val_items)} h)"
+                  + ("" if val_items else _no_validation_hint(len(train_items), self.val_fraction)),
+                  logging.INFO if val_items else logging.WARNING)
         self.train_dataset = AudioDataset(train_items, self.sample_rate, self.normalize, train_labels)
         self.val_dataset = AudioDataset(val_items, self.sample_rate, self.normalize, val_labels)
 
@@ -137,6 +163,9 @@ class AudioDataModule(pl.LightningDataModule):
         for path, reason in scan.skipped:
             self._log(f"skipped {path}: {reason}", logging.WARNING)
         self._log(f"{source}: {scan.summary()}", logging.WARNING if scan.skipped else logging.INFO)
+        note = scan.resampling_note(self.sample_rate)
+        if note:
+            self._log(f"{source}: {note}", logging.WARNING)
         if not scan.items:
             raise FileProblem(source, f"holds no usable audio ({scan.summary()})",
                               "See the reasons logged above for each file")
@@ -177,6 +206,7 @@ class AudioDataModule(pl.LightningDataModule):
         collater = BatchCollater(self.max_sample_size, self.label_rate, self.sample_rate, self.seed,
                                  self.train_sampler)
         self.train_collater = collater
+        self.train_dataset.crop_planner = collater.crop  # decode only the crop windows
         return _ResumableLoader(self, self.train_dataset, batch_sampler=self.train_sampler, collate_fn=collater,
                                 num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
 
@@ -211,6 +241,7 @@ class AudioDataModule(pl.LightningDataModule):
             self.max_sample_size, shuffle=False, seed=self.seed, num_replicas=num_replicas, rank=rank,
             bucket_seconds=self.bucket_seconds)
         collater = BatchCollater(self.max_sample_size, self.label_rate, self.sample_rate, self.seed)
+        self.val_dataset.crop_planner = collater.crop
         return DataLoader(self.val_dataset, batch_sampler=sampler, collate_fn=collater, num_workers=self.num_workers,
                           pin_memory=torch.cuda.is_available())
 

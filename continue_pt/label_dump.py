@@ -4,8 +4,10 @@ The same labels :class:`continue_pt.targets.OnlineTargets` computes during train
 fairseq's ``HubertPretrainingTask`` reads (``examples/hubert/simple_kmeans/dump_km_label.py`` and the manifest of
 ``examples/wav2vec/wav2vec_manifest.py``):
 
-* ``{split}.tsv``: the root directory on line 1, then ``relative_path<TAB>num_samples`` per readable file, in scan
-  order (``num_samples`` at the teacher's sample rate);
+* ``{split}.tsv``: the root directory on line 1, then ``relative_path<TAB>num_frames`` per readable file, in scan
+  order (``num_frames`` = the file's own frame count at its own rate, as fairseq's ``wav2vec_manifest.py`` writes
+  and as ``scan_audio`` checks: a 48 kHz file lists its 48 kHz frames, while its ``.km`` line has the frames of the
+  audio resampled to the teacher's rate, which is what training reads);
 * ``{split}.km``: line i = the space-separated cluster ids of file i, one per frame of the convolutional front end
   run on the *whole* file (50 Hz for 16 kHz audio: ``(n - 400) // 320 + 1`` frames for BASE/LARGE);
 * ``dict.km.txt``: ``c count`` for c = 0..K-1 in that order (fairseq's ``Dictionary`` format: symbol, space, count;
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 from bundles.atomic import disk_full, file_mode
+from bundles.errors import BundleError
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from continue_pt.audio import AudioError, read_audio
@@ -62,17 +65,25 @@ def manifest_root(scan: ScanResult) -> Path:
     return Path(os.path.abspath(item.path.parents[depth - 1])) if depth else Path(os.path.abspath(item.path.parent))
 
 
-def dump_labels(teacher: Bundle, kmeans: KMeansModel, audio: str | Path, out_dir: str | Path, split: str = "train",
+def dump_labels(teacher: Bundle, kmeans: KMeansModel | None, audio: str | Path, out_dir: str | Path,
+                split: str = "train",
                 *, layer: int | None = None, device: torch.device | str = "cpu", min_seconds: float = 0.0,
                 progress: Callable[[int, int], None] | None = None) -> DumpResult:
     """Label every readable file of ``audio`` (directory or fairseq manifest) with ``teacher`` to layer
     ``kmeans.layer`` (or ``layer``, which must agree with it when the k-means records one) + nearest centroid,
-    and write ``{split}.tsv``, ``{split}.km`` and ``dict.km.txt`` into ``out_dir``.
+    and write ``{split}.tsv``, ``{split}.km`` and ``dict.km.txt`` into ``out_dir``. ``kmeans=None``: the teacher
+    bundle's own k-means (as ``kmeans check`` does).
 
     Unreadable files are skipped (not listed in the ``.tsv``) and reported in ``files_skipped``.
     ``progress(files_done, files_total)`` is called after each file.
     """
     audio, out_dir = Path(audio), Path(out_dir)
+    if kmeans is None:
+        if not teacher.has_kmeans:
+            raise BundleError(teacher.path, "holds no k-means to label with",
+                              hint="Pass --kmeans (a km.safetensors, or a fairseq .bin with --layer), or convert the "
+                                   "teacher with --kmeans")
+        kmeans = teacher.get_kmeans()
     if layer is not None:
         if kmeans.layer is not None and kmeans.layer != int(layer):
             raise ValueError(f"the k-means was fitted on layer {kmeans.layer}, not layer {layer}")
@@ -95,7 +106,8 @@ def dump_labels(teacher: Bundle, kmeans: KMeansModel, audio: str | Path, out_dir
     for done, item in enumerate(scan.items, start=1):
         labels = _label_file(targets, item, rate, device, skipped)
         if labels is not None:
-            tsv_lines.append(f"{item.name}\t{item.num_samples}")
+            frames = item.file_frames if item.file_frames is not None else item.num_samples
+            tsv_lines.append(f"{item.name}\t{frames}")
             km_lines.append(" ".join(map(str, labels.tolist())))
             counts += torch.bincount(labels, minlength=kmeans.num_clusters)
         if progress:

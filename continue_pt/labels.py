@@ -97,6 +97,45 @@ def read_label_dictionary(dict_path: str | Path) -> dict[str, int]:
     return symbols
 
 
+def label_set_size(dict_path: str | Path) -> int:
+    """K of the label set ``dict_path`` (fairseq's ``dict.km.txt``) describes: the label head needs a row for every
+    cluster id it lists, so K = the largest id + 1 (= the number of symbols when it lists 0..K-1, as ``labels dump``
+    and fairseq's recipes write it)."""
+    return max(read_label_dictionary(dict_path).values()) + 1
+
+
+def label_head_problems(dict_path: str | Path, head_classes: int | None, bundle_name: str,
+                        reinit_label_head: bool) -> list[str]:
+    """What is wrong with training the label head of ``bundle_name`` (``head_classes`` rows) on the offline labels
+    of ``dict_path``: another K is a different label set, as with a k-means of another K (the ids would index rows
+    the head lacks, or rows of the old clusters)."""
+    try:
+        k = label_set_size(dict_path)
+    except FileProblem as error:
+        return [str(error)]
+    if reinit_label_head or head_classes is None or k == head_classes:
+        return []
+    return [f"the label dictionary {dict_path} lists {k} clusters but the label head of {bundle_name} has "
+            f"{head_classes}: these are different label sets; pass --reinit-label-head to train a new label head "
+            "for them (with --head-only-steps N to warm it up first)"]
+
+
+DEFAULT_LABEL_RATE = 50.0
+"""fairseq's HuBERT label rate (``label_rate: 50`` in every published HuBERT configuration: k-means of 20 ms
+features); used when a checkpoint's configuration gives none."""
+
+
+def bundle_label_rate(objective: dict[str, Any] | None) -> float:
+    """The label rate (Hz) of a bundle's ``objective``; :data:`DEFAULT_LABEL_RATE`, with a warning, when the
+    checkpoint it was converted from had none (then ``label_rate`` is missing or null in ``config.json``)."""
+    value = (objective or {}).get("label_rate")
+    if value is None or float(value) <= 0:
+        logger.warning("the bundle's configuration gives no label_rate; assuming fairseq's %g Hz (one label per "
+                       "20 ms feature frame)", DEFAULT_LABEL_RATE)
+        return DEFAULT_LABEL_RATE
+    return float(value)
+
+
 def read_label_file(km_path: str | Path, dict_path: str | Path, items: Sequence[AudioItem], *, label_rate: float,
                     sample_rate: int, manifest_entries: int | None = None,
                     tolerance_seconds: float = 0.1) -> FrameLabels:

@@ -105,6 +105,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         teacher_normalizes = self.targets.normalize_waveform if self.targets is not None else student_normalizes
         self.data_normalizes = student_normalizes and teacher_normalizes
         self.normalize_student_input = student_normalizes and not self.data_normalizes
+        if self.targets is not None:  # normalised data: the teacher takes the student's input as it is
+            self.targets.input_normalized = self.data_normalizes
         num_classes = self.student.logit_generator.label_embeddings.shape[0]
         new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.num_classes or num_classes)
         if options.reinit_label_head:

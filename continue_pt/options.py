@@ -220,6 +220,12 @@ class PretrainOptions:
             from continue_pt.target_checks import online_target_problems
 
             problems += online_target_problems(self, bundle, kmeans, kmeans_name)
+        if bundle is not None and bundle.family == "hubert" and bundle.kind == "pretrain" \
+                and self.label_dict is not None and Path(self.label_dict).exists():
+            from continue_pt.labels import label_head_problems
+
+            problems += label_head_problems(self.label_dict, (bundle.config.pretrain_args or {}).get("num_classes"),
+                                            str(self.init_from), self.reinit_label_head)
         return problems
 
     def _online_targets_checkable(self, bundle: Any, kmeans: Any, kmeans_name: str | None) -> bool:
@@ -271,11 +277,13 @@ class PretrainOptions:
         return [f"{self.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
 
     def module_options(self) -> Any:
+        from continue_pt.labels import label_set_size
         from continue_pt.module_base import ModuleOptions
 
         return ModuleOptions(
             bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
             offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
+            num_classes=label_set_size(self.label_dict) if self.labels is not None else None,
             head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
             unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
             masking=dict(self.masking),

@@ -24,9 +24,14 @@ class OnlineTargets(nn.Module):
         teacher: the encoder whose layer ``kmeans.layer`` (1-based) output is clustered; frozen here.
         kmeans: centroids fitted on that layer's output.
         normalize_waveform: whether the teacher expects normalised waveforms (its bundle says).
+        input_normalized: the waveforms it is given are already normalised, each over its *whole* utterance before
+            cropping (the training data of a student that normalises too, as fairseq's dataset does): they are then
+            used as they are, so the teacher sees exactly the student's input and what fairseq's label dump sees,
+            instead of each crop normalised again over itself.
     """
 
-    def __init__(self, teacher: nn.Module, kmeans: KMeansModel, normalize_waveform: bool):
+    def __init__(self, teacher: nn.Module, kmeans: KMeansModel, normalize_waveform: bool,
+                 input_normalized: bool = False):
         super().__init__()
         if kmeans.layer is None:
             raise ValueError("the k-means model does not say which layer it clusters")
@@ -41,6 +46,7 @@ class OnlineTargets(nn.Module):
         del self.teacher.encoder.transformer.layers[kmeans.layer:]
         self.kmeans = kmeans
         self.normalize_waveform = normalize_waveform
+        self.input_normalized = input_normalized
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, kmeans: KMeansModel | None = None) -> "OnlineTargets":
@@ -56,7 +62,7 @@ class OnlineTargets(nn.Module):
 
     @torch.inference_mode()
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
-        if self.normalize_waveform:
+        if self.normalize_waveform and not self.input_normalized:
             waveforms = normalize_waveforms(waveforms, lengths)
         layers, frame_lengths = self.teacher.extract_features(waveforms, lengths, num_layers=self.kmeans.layer)
         labels = self.kmeans(layers[-1])  # the k-means keeps a copy of its centroids on each device it sees

@@ -63,6 +63,8 @@ def describe(path: str | Path) -> dict[str, Any]:
         return facts
     if not path.exists():
         raise ConversionError(path, "no such file or directory", hint="Check the path")
+    if path.suffix == ".km" and _looks_like_text(path):
+        return describe_label_file(path)
     if path.suffix in (".bin", ".km", ".joblib") or path.name.endswith("kmeans.safetensors") or \
             path.suffix == ".safetensors":
         km = read_kmeans_file(path)
@@ -77,3 +79,38 @@ def describe(path: str | Path) -> dict[str, Any]:
         if dropped:
             facts["dropped"] = dropped
         return facts
+
+
+def _looks_like_text(path: Path) -> bool:
+    """A fairseq label file is text; a joblib/safetensors k-means someone named ``.km`` is binary."""
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    return not head or all(32 <= b < 127 or b in b"\t\r\n" for b in head)
+
+
+def describe_label_file(path: Path) -> dict[str, Any]:
+    """Facts about a fairseq frame-label file (``train.km``: one line of space-separated labels per manifest line,
+    as ``dump_km_label.py`` and ``continue-pt labels dump`` write it), which is not a k-means model."""
+    lines = frames = 0
+    symbols: set[str] = set()
+    shortest = longest = None
+    try:
+        with open(path, encoding="utf-8") as stream:
+            for line in stream:
+                tokens = line.split()
+                lines += 1
+                frames += len(tokens)
+                symbols.update(tokens)
+                shortest = len(tokens) if shortest is None else min(shortest, len(tokens))
+                longest = len(tokens) if longest is None else max(longest, len(tokens))
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConversionError(path, f"cannot be read as a fairseq label file ({error})",
+                              hint="A .km file holds one line of space-separated cluster ids per manifest line") \
+            from None
+    ids = sorted(int(s) for s in symbols if s.isdigit())
+    return {"what": "fairseq frame labels (one line per manifest line; not a k-means model)",
+            "lines": lines, "frames": frames, "frames_per_line": [shortest, longest],
+            "distinct_labels": len(symbols), "label_range": [ids[0], ids[-1]] if ids else None,
+            "non_numeric_labels": sorted(s for s in symbols if not s.isdigit())[:10],
+            "use": "continue-pt pretrain --labels FILE --label-dict dict.km.txt (with --train-data the manifest "
+                   "the labels were written for)"}

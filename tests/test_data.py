@@ -114,12 +114,13 @@ def test_scan_directory_keeps_usable_files_and_says_why_others_are_skipped(messy
     assert [item.name for item in scan.items] == ["a.wav", "b.WAV", "sub/c.flac", "sub/deeper/d.ogg"]
     assert [item.num_samples for item in scan.items] == [40000, 48000, math.ceil(97020 * SR / 44100), 33600]
     reasons = {path.name: reason for path, reason in scan.skipped}
-    assert set(reasons) == {"corrupt.wav", "empty.wav", "short.flac"}
+    assert set(reasons) == {"corrupt.wav", "empty.wav", "short.flac", "notes.txt"}  # every file not read, named
+    assert reasons["notes.txt"].startswith("unsupported: .txt is not a format read here")
     assert reasons["corrupt.wav"].startswith("unreadable: cannot be read as audio (")
     assert reasons["empty.wav"] == "empty: 0 frames"
     assert reasons["short.flac"] == "shorter than 2.0 s: 0.50 s"
     assert all("\n" not in reason for reason in reasons.values())
-    assert scan.summary() == "skipped 3 of 7 files: 1 empty, 1 shorter than 2.0 s, 1 unreadable"
+    assert scan.summary() == "skipped 4 of 8 files: 1 empty, 1 shorter than 2.0 s, 1 unreadable, 1 unsupported"
     # each item's num_samples is what read_audio returns
     assert [len(read_audio(item.path, SR)) for item in scan.items] == [item.num_samples for item in scan.items]
     # min_seconds is the flag for corpora of short utterances
@@ -461,8 +462,10 @@ def test_datamodule_logs_skips_and_holds_out_a_stable_validation_share(tmp_path,
     lines = [r.getMessage() for r in caplog.records]
     assert f"skipped {messy_dir / 'corrupt.wav'}: unreadable: " in lines[0]
     assert lines[1] == f"skipped {messy_dir / 'empty.wav'}: empty: 0 frames"
-    assert lines[2] == f"skipped {messy_dir / 'short.flac'}: shorter than 2.0 s: 0.50 s"
-    assert lines[3] == f"{messy_dir}: skipped 3 of 7 files: 1 empty, 1 shorter than 2.0 s, 1 unreadable"
+    assert lines[2].startswith(f"skipped {messy_dir / 'notes.txt'}: unsupported: ")
+    assert lines[3] == f"skipped {messy_dir / 'short.flac'}: shorter than 2.0 s: 0.50 s"
+    assert lines[4] == (f"{messy_dir}: skipped 4 of 8 files: 1 empty, 1 shorter than 2.0 s, 1 unreadable, "
+                        "1 unsupported")
     names = [item.name for item in module.train_dataset.items + module.val_dataset.items]
     assert sorted(names) == ["a.wav", "b.WAV", "sub/c.flac", "sub/deeper/d.ogg"]
     val_before = {item.name for item in module.val_dataset.items}

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from bundles.config import BundleConfig
 from bundles.safetensors_stream import PendingTensor
 
@@ -42,6 +44,8 @@ class EncoderPlan:
     normalize: bool
     provenance: dict[str, Any]
     key_map_result: KeyMapResult
+    derived: list[PendingTensor] = field(default_factory=list)
+    """Tensors the checkpoint does not hold but the torchaudio model needs (see identity_feature_projection)."""
 
 
 def plan_encoder(ckpt: FairseqCheckpoint, kind: str, key_map: KeyMap, problems: list[str]) -> EncoderPlan:
@@ -51,7 +55,40 @@ def plan_encoder(ckpt: FairseqCheckpoint, kind: str, key_map: KeyMap, problems: 
     enc = encoder_args(model_cfg, problems)
     rate, normalize, normalize_source = audio_settings(ckpt, cfg_section(ckpt, "model"))
     result = classify_keys(ckpt, key_map, problems)
-    return EncoderPlan(model_cfg, enc, rate, normalize, provenance(ckpt, normalize_source), result)
+    common = EncoderPlan(model_cfg, enc, rate, normalize, provenance(ckpt, normalize_source), result)
+    common.derived = identity_feature_projection(ckpt, common)
+    return common
+
+
+FEATURE_PROJECTION = "encoder.feature_projection."
+
+
+def identity_feature_projection(ckpt: FairseqCheckpoint, common: EncoderPlan) -> list[PendingTensor]:
+    """An identity ``projection`` (weight I, bias 0) when fairseq has no ``post_extract_proj``.
+
+    fairseq builds ``post_extract_proj`` only when the conv front end's width differs from the encoder's
+    (``self.embed != cfg.encoder_embed_dim``) and otherwise feeds the layer-normed features on unchanged;
+    torchaudio's ``FeatureProjection`` always has the linear layer. ``x @ I + 0`` is exactly ``x``, so the
+    torchaudio model computes what fairseq does. Nothing is derived when the checkpoint has the projection, or when
+    the widths differ (then the missing projection is reported as such).
+    """
+    mapped = common.key_map_result.mapped
+    if any(target.endswith(FEATURE_PROJECTION + "projection.weight") for target in mapped.values()):
+        return []
+    conv_layers = common.encoder_args.get("extractor_conv_layer_config") or []
+    width = int(common.encoder_args.get("encoder_embed_dim", 0))
+    if not conv_layers or int(conv_layers[-1][0]) != width:
+        return []
+    norm_target = next((t for t in mapped.values() if t.endswith(FEATURE_PROJECTION + "layer_norm.weight")), None)
+    if norm_target is None:
+        return []
+    prefix = norm_target[:-len("layer_norm.weight")]
+    dtype = ckpt.state[next(s for s, t in mapped.items() if t == norm_target)].dtype
+    common.provenance["identity_feature_projection"] = (
+        f"the checkpoint has no post_extract_proj (conv output width = encoder width = {width}: fairseq feeds the "
+        "features on unchanged); the bundle's feature projection is the identity (weight I, bias 0)")
+    return [PendingTensor(prefix + "projection.weight", (width, width), dtype, lambda: torch.eye(width, dtype=dtype)),
+            PendingTensor(prefix + "projection.bias", (width,), dtype, lambda: torch.zeros(width, dtype=dtype))]
 
 
 def plan_ctc(ckpt: FairseqCheckpoint, family: str, common: EncoderPlan, problems: list[str]) -> ConversionPlan | None:
@@ -66,7 +103,7 @@ def plan_ctc(ckpt: FairseqCheckpoint, family: str, common: EncoderPlan, problems
     config = BundleConfig(family=family, kind="ctc", encoder_args=common.encoder_args, pretrain_args=None,
                           sample_rate=common.sample_rate, normalize_waveform=common.normalize,
                           num_updates=ckpt.num_updates, provenance=common.provenance)
-    return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped),
+    return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped) + common.derived,
                           key_map_result=common.key_map_result)
 
 

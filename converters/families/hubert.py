@@ -69,6 +69,22 @@ def _default_dictionary(num_rows: int) -> LabelDictionary:
                            nspecial=len(SPECIALS), unk_index=3)
 
 
+DEFAULT_LABEL_RATE = 50.0
+"""fairseq's HuBERT label rate: every published HuBERT configuration labels 20 ms feature frames (50 Hz)."""
+
+
+def _label_rate(*values: object) -> dict[str, object]:
+    """The objective's ``label_rate``: the first positive number of ``values`` (the model's, then the task's: the
+    model's may be an unresolved ``${task.label_rate}``); fairseq's 50 Hz, with a note saying so, when there is none
+    (the task's -1 default means "sequence labels", which masked prediction cannot use either)."""
+    for value in values:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return {"label_rate": float(value)}
+    return {"label_rate": DEFAULT_LABEL_RATE,
+            "label_rate_note": f"assumed: the checkpoint's configuration gives no label_rate ({values[-1]!r}); "
+                               f"fairseq's HuBERT recipes label at {DEFAULT_LABEL_RATE:g} Hz"}
+
+
 def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionPlan | None:
     key_map = PRETRAIN_KEY_MAP if kind == "pretrain" else CTC_KEY_MAP
     common = plan_encoder(ckpt, kind, key_map, problems)
@@ -111,7 +127,7 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
     objective = {
         "feature_grad_mult": fgm,
         "logit_temp": float(model_cfg.get("logit_temp", 0.1)),
-        "label_rate": model_cfg.get("label_rate") or cfg_section(ckpt, "task").get("label_rate"),
+        **_label_rate(model_cfg.get("label_rate"), cfg_section(ckpt, "task").get("label_rate")),
         "untie_final_proj": bool(model_cfg.get("untie_final_proj", False)),
         "labels": labels,
         "criterion": cfg_section(ckpt, "criterion") or None,
@@ -134,7 +150,7 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
     def special_rows() -> torch.Tensor:
         return embs.load()[other_rows].contiguous()
 
-    tensors = direct_tensors(ckpt, result.mapped, skip={"label_embs_concat"})
+    tensors = direct_tensors(ckpt, result.mapped, skip={"label_embs_concat"}) + common.derived
     tensors.append(PendingTensor("logit_generator.label_embeddings", (k, dim), embs.dtype, cluster_rows))
     extras = [PendingTensor("label_embeddings_non_cluster", (len(other_rows), dim), embs.dtype, special_rows)]
     return ConversionPlan(config, tensors, extras, key_map_result=result)

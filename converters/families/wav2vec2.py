@@ -83,4 +83,4 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
     config = BundleConfig(family=NAME, kind="pretrain", encoder_args=enc, pretrain_args=pretrain_args,
                           objective=objective, sample_rate=common.sample_rate, normalize_waveform=common.normalize,
                           num_updates=ckpt.num_updates, provenance=common.provenance)
-    return ConversionPlan(config, direct_tensors(ckpt, result.mapped), key_map_result=result)
+    return ConversionPlan(config, direct_tensors(ckpt, result.mapped) + common.derived, key_map_result=result)
