@@ -151,6 +151,9 @@ _PRETRAIN_FLAGS = [
     click.option("--seed", type=int, help="Seed of data order, crops and masks."),
     click.option("--num-workers", type=int, help="Data loader worker processes."),
     click.option("--overwrite", is_flag=True, default=None, help="Replace an existing OUTPUT/bundle."),
+    click.option("--strategy", help="Lightning strategy (default auto: DDP on several devices, with "
+                 "find_unused_parameters when layer drop or a frozen extractor leaves parameters unused; "
+                 "e.g. ddp when none can be)."),
 ]
 
 

@@ -21,6 +21,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import StrategyRegistry
 
 from bundles.errors import BundleError, FileProblem
 from bundles.kmeans import load_kmeans
@@ -30,6 +31,7 @@ from continue_pt.export import export_checkpoint, read_training_checkpoint, trai
 from continue_pt.hubert_objective import LOSS_MODES
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.masking import HubertMasking
+from continue_pt.trainer_choice import choose_strategy, default_deterministic, default_precision
 from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining, unsupported_wav2vec2_options
 
@@ -70,10 +72,13 @@ class PretrainOptions:
     min_seconds: float = 2.0
     accumulate: int = 1
     precision: str | None = None
-    """None: "bf16-mixed" on CUDA, "32-true" on CPU. "16-mixed" is allowed with a warning (fp16 goes NaN)."""
+    """None: "bf16-mixed" on a GPU with native bf16 (compute capability >= 8.0), else "32-true" (V100/T4 only
+    emulate bf16; CPU). "16-mixed" is allowed with a warning (fp16 goes NaN)."""
     devices: int | str = 1
     accelerator: str = "auto"
     strategy: str = "auto"
+    """Lightning's strategy name. "auto": DDP on more than one device, with find_unused_parameters=True when layer
+    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice)."""
     seed: int = 0
     loss_norm: str = "fairseq"
     unmasked_weight: float | None = None
@@ -105,14 +110,15 @@ class PretrainOptions:
     checkpoint_every: int = 1000
     log_every: int = 50
     overwrite: bool = False
-    deterministic: bool | str = "warn"
+    deterministic: bool | str | None = None
+    """None: "warn" on CPU (exact resume), False on CUDA (slower kernels and no bit-exact GPU runs anyway)."""
     progress_bar: bool = True
 
     def resolved_precision(self) -> str:
-        if self.precision is not None:
-            return self.precision
-        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
-        return "bf16-mixed" if on_gpu else "32-true"
+        return self.precision if self.precision is not None else default_precision(self.accelerator)
+
+    def resolved_deterministic(self) -> bool | str:
+        return self.deterministic if self.deterministic is not None else default_deterministic(self.accelerator)
 
     def validate(self) -> None:
         """Raise one :class:`PretrainOptionsError` listing every problem."""
@@ -154,6 +160,9 @@ class PretrainOptions:
             problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
         if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
             problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
+        if self.strategy != "auto" and self.strategy not in StrategyRegistry.available_strategies():
+            problems.append(f"strategy is {self.strategy!r}; expected 'auto' or one of Lightning's: "
+                            f"{', '.join(StrategyRegistry.available_strategies())}")
         if self.loss_norm not in LOSS_MODES:
             problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
         for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
@@ -277,13 +286,15 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
     csv_logger = CSVLogger(out, name="", version="")
     trainer = pl.Trainer(
-        accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
+        accelerator=options.accelerator, devices=options.devices,
+        strategy=choose_strategy(options.strategy, options.accelerator, options.devices, module,
+                                 options.freeze_feature_extractor_steps),
         precision=options.resolved_precision(), max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-        deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        deterministic=options.resolved_deterministic(), enable_progress_bar=options.progress_bar, enable_model_summary=False,
         default_root_dir=out)
     with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
