@@ -136,6 +136,7 @@ def hubert_forward(
     channel_mask: Tensor | None = None,
     skip_masked: bool | None = None,
     skip_nomask: bool | None = None,
+    unmasked_grad: bool = True,
 ) -> HubertOutputs:
     """Run torchaudio's HuBERT modules as fairseq's ``HubertModel.forward`` runs its own, with a given mask.
 
@@ -164,6 +165,8 @@ def hubert_forward(
         channel_mask: ``[batch, encoder_embed_dim]`` bool, channels zeroed in every frame
             (:func:`continue_pt.masking.hubert_channel_mask`); None for none (the published setting).
         skip_masked, skip_nomask: compute no masked / unmasked logits. Default: the model's logit generator's.
+        unmasked_grad: False computes the unmasked logits without a graph (for their accuracy only: their loss
+            weight is 0, fairseq's default), which saves the memory and backward of a ``[frames, classes]`` matrix.
 
     Raises:
         ValueError: for inconsistent shapes, and for an unpadded frame whose label is not a cluster id
@@ -234,7 +237,8 @@ def hubert_forward(
         return label_logits(projected, embeddings, logit_temp), labels[frames]
 
     logits_m, targets_m = (None, None) if skip_masked else predict(masked)
-    logits_u, targets_u = (None, None) if skip_nomask else predict(unmasked)
+    with torch.set_grad_enabled(unmasked_grad and torch.is_grad_enabled()):
+        logits_u, targets_u = (None, None) if skip_nomask else predict(unmasked)
     return HubertOutputs(logits_m, targets_m, logits_u, targets_u, feature_penalty, batch * num_frames)
 
 

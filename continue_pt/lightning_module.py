@@ -43,7 +43,9 @@ from torch import Tensor, nn
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
+from continue_pt.empty_batch import is_empty, skip_update, zero_loss
 from continue_pt.hubert_objective import (
+    HubertLossTerms,
     LossWeights,
     StepTotals,
     conv_output_frames,
@@ -202,7 +204,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         mask, channel_mask = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
         out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
                              mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
-                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask)
+                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask,
+                             unmasked_grad=self.weights.unmasked != 0)
         return hubert_loss_terms(out), StepTotals.of_masks(mask, frame_padding)
 
     # ------------------------------------------------------------------------------------------- per-term plan
@@ -262,7 +265,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             loss = loss + terms.unmasked_ce_sum * w.unmasked
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        if is_empty(batch):
+            return self._empty_micro_batch(batch_idx)
         world_size, rank = self._world()
         step = self.global_step
         micro = self._micro_index
@@ -297,6 +302,20 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self._add_stats(terms, logged, size, batch)
         return to_backward
 
+    def _empty_micro_batch(self, batch_idx: int) -> Tensor:
+        """Every file of this micro-batch failed to load: it adds nothing to the step but takes part in the step's
+        collectives like any other micro-batch (see :mod:`continue_pt.empty_batch`)."""
+        micro = self._micro_index
+        self._micro_index += 1
+        nothing = StepTotals(0, 0, 0)
+        if self.options.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
+            self._step_plan = self._plan_step(nothing, batch_idx, int(self.global_step), self._world()[1])
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        none = torch.zeros((), dtype=torch.long, device=self.device)
+        self._add_stats(HubertLossTerms(None, None, zero, 0, 0, 0, none, none), zero, 0.0,
+                        {"waveforms": torch.empty(0, 0), "lengths": None})
+        return zero_loss(self)
+
     def _add_stats(self, terms, loss: Tensor, size: float, batch: dict[str, Any]) -> None:
         def value(t: Tensor | None) -> Tensor:
             return t.detach().double() if t is not None else torch.zeros((), dtype=torch.float64, device=self.device)
@@ -326,6 +345,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             return
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = stats.tolist()
+        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
+            skip_update(self, int(self.global_step))
+            return
         divisor = size if size > 0 else 1.0
         if self.options.loss_norm == "per-term":
             divisor = 1.0
@@ -354,6 +376,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         return params
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if is_empty(batch):  # every file failed to load: nothing to validate on
+            return
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
         terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)

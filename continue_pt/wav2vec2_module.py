@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from bundles.loading import load_bundle
+from continue_pt.empty_batch import is_empty, skip_update, zero_loss
 from continue_pt.hubert_objective import conv_output_frames
 from continue_pt.masking import HubertMasking, hubert_time_mask
 from continue_pt.module_base import (
@@ -55,6 +56,7 @@ __all__ = [
     "unsupported_wav2vec2_options",
 ]
 
+_NUM_STATS = 11  # the step statistics _add_stats sums (an empty micro-batch adds as many zeros)
 # fairseq Wav2Vec2Model options the objective does not implement, with the value every published checkpoint has
 _SUPPORTED = {"codebook_negatives": 0, "negatives_from_everywhere": False}
 
@@ -199,7 +201,12 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             rng=torch.Generator().manual_seed(seed_of(*seeds, 3)))
         return out, wav2vec2_loss_terms(out)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        if is_empty(batch):  # every file failed to load: nothing to add, but take part (continue_pt.empty_batch)
+            self._micro_index += 1
+            stats = torch.zeros(_NUM_STATS, dtype=torch.float64, device=self.device)
+            self._step_stats = stats if self._step_stats is None else self._step_stats
+            return zero_loss(self)
         world_size, rank = self._world()
         step, micro = int(self.global_step), self._micro_index
         self._micro_index += 1
@@ -222,6 +229,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
                   out.code_perplexity.detach().double(), out.prob_perplexity.detach().double(), 1.0,
                   samples / self.sample_rate]
         stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+        assert stats.numel() == _NUM_STATS
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -233,6 +241,9 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
         (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
          audio_seconds) = stats.tolist()
+        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
+            skip_update(self, int(self.global_step))
+            return
         self.divide_gradients(size if size > 0 else 1.0)
         code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
         quantizer = self.student.quantizer
@@ -271,6 +282,8 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             CodebookCollapseWarning, stacklevel=2)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if is_empty(batch):  # every file failed to load: nothing to validate on
+            return
         _, rank = self._world()
         self.student.quantizer.set_num_updates(self.temperature_updates())
         _, terms = self._forward(batch, (self.options.seed, 2, batch_idx, rank), self.objective.feature_grad_mult)
