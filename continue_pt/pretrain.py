@@ -294,13 +294,16 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-        deterministic=options.resolved_deterministic(), enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        deterministic=options.resolved_deterministic(), enable_progress_bar=options.progress_bar,
+        enable_model_summary=False,
         default_root_dir=out)
     with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         # no held-out files (a small corpus, 2 % held out): the data module already says "validating on 0 files"
         warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero.*")
+        # the modules move batches themselves (lengths stay on the CPU, continue_pt.device_batch), on purpose
+        warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
