@@ -160,7 +160,8 @@ class PretrainOptions:
             problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
         if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
             problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
-        if self.strategy != "auto" and self.strategy not in StrategyRegistry.available_strategies():
+        if isinstance(self.strategy, str) and self.strategy != "auto" \
+                and self.strategy not in StrategyRegistry.available_strategies():
             problems.append(f"strategy is {self.strategy!r}; expected 'auto' or one of Lightning's: "
                             f"{', '.join(StrategyRegistry.available_strategies())}")
         if self.loss_norm not in LOSS_MODES:

@@ -67,8 +67,8 @@ def unused_parameter_reasons(module: nn.Module, freeze_feature_extractor_steps: 
     return reasons
 
 
-def choose_strategy(strategy: str, accelerator: str, devices: Any, module: nn.Module,
-                    freeze_feature_extractor_steps: int = 0) -> str:
+def choose_strategy(strategy: Any, accelerator: str, devices: Any, module: nn.Module,
+                    freeze_feature_extractor_steps: int = 0) -> Any:
     """``strategy`` unless it is ``"auto"`` and DDP would hang on parameters without gradient (see the module
     docstring): then :data:`FIND_UNUSED`."""
     if strategy != "auto" or device_count(accelerator, devices) < 2:
