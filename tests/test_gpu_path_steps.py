@@ -1,5 +1,6 @@
 """Issue 15, item 8: no graph for the unmasked logits when their weight is 0; a micro-batch whose files all failed
-to load (``empty_batch()``; Lightning skips a ``None`` batch on that rank only) adds nothing to the step, takes part in DDP's collectives, and a step of nothing makes no update."""
+to load (``empty_batch()``; Lightning skips a ``None`` batch on that rank only) adds nothing to the step, takes part
+in DDP's collectives, and a step of nothing makes no update."""
 
 from __future__ import annotations
 
