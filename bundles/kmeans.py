@@ -101,17 +101,24 @@ class KMeansModel:
         labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
         # Training scripts often allow TF32 matmuls (Lightning suggests it on every tensor-core GPU); TF32's
         # 10-bit mantissa would move frames near a cluster boundary to the other cluster. Label in full float32.
+        # Training runs inside Lightning's bf16 autocast, which would cast this product to bf16 whatever the
+        # .to(float32) says (0.8 % of the tiny model's frames changed cluster): autocast is off here.
         precision = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
         try:
-            for start in range(0, x.shape[0], ROWS_PER_CHUNK):
-                rows = x[start:start + ROWS_PER_CHUNK].to(torch.float32)
-                # c_sq - 2 x c^T in one fused matrix product.
-                distances = torch.addmm(c_sq, rows, c.T, beta=1.0, alpha=-2.0)
-                labels[start:start + rows.shape[0]] = distances.argmin(dim=1)
+            with torch.autocast(device_type=x.device.type, enabled=False):
+                self._label_chunks(x, c, c_sq, labels)
         finally:
             torch.set_float32_matmul_precision(precision)
         return labels.reshape(lead)
+
+    @staticmethod
+    def _label_chunks(x: torch.Tensor, c: torch.Tensor, c_sq: torch.Tensor, labels: torch.Tensor) -> None:
+        for start in range(0, x.shape[0], ROWS_PER_CHUNK):
+            rows = x[start:start + ROWS_PER_CHUNK].to(torch.float32)
+            # c_sq - 2 x c^T in one fused matrix product.
+            distances = torch.addmm(c_sq, rows, c.T, beta=1.0, alpha=-2.0)
+            labels[start:start + rows.shape[0]] = distances.argmin(dim=1)
 
 
 def save_kmeans(model: KMeansModel, path: str | Path) -> None:

@@ -174,6 +174,13 @@ def collate_audio(samples: Sequence[dict[str, Any] | None], max_sample_size: int
     }
 
 
+def empty_batch() -> dict[str, Tensor | None]:
+    """A batch of no utterance (every file of it failed to load): the modules add nothing for it to the step, but
+    take part in the step's collectives (``continue_pt.empty_batch``)."""
+    none = torch.zeros(0, dtype=torch.long)
+    return {"waveforms": torch.zeros(0, 0), "lengths": none, "labels": None, "indices": none, "starts": none.clone()}
+
+
 class BatchCollater:
     """``collate_audio`` with crop offsets drawn from ``(seed, epoch, the batch's indices)``.
 
@@ -193,9 +200,12 @@ class BatchCollater:
         epoch = self.sampler.epoch if self.sampler is not None else 0
         return np.random.default_rng([self.seed, epoch, *(int(i) for i in indices)])
 
-    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None] | None:
+    def __call__(self, samples: Sequence[dict[str, Any] | None]) -> dict[str, Tensor | None]:
+        """The cropped batch; :func:`empty_batch` when every file failed to load (Lightning would skip a None
+        batch on this rank only, and the other ranks would wait for it forever)."""
         indices = [s["index"] for s in samples if s is not None]
-        return collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, self._rng(indices))
+        batch = collate_audio(samples, self.max_sample_size, self.label_rate, self.sample_rate, self._rng(indices))
+        return batch if batch is not None else empty_batch()
 
     def crop(self, indices: Sequence[int], lengths: Sequence[int]) -> tuple[int, list[int]]:
         """The crop ``__call__`` takes of the batch ``indices`` (utterances of ``lengths`` samples), known before

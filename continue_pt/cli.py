@@ -241,6 +241,9 @@ _PRETRAIN_FLAGS = [
     click.option("--max-bad-steps", type=int,
                  help=_shown("Stop after this many consecutive steps with a non-finite loss or gradient (each is "
                              "skipped: no update).", _default("max_bad_steps"))),
+    click.option("--strategy", help="Lightning strategy (default auto: DDP on several devices, with "
+                 "find_unused_parameters when layer drop or a frozen extractor leaves parameters unused; "
+                 "e.g. ddp when none can be)."),
 ]
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 from torchaudio.models import HuBERTPretrainModel
 
 from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.device_batch import to_device
 
 __all__ = [
     "LOSS_MODES",
@@ -136,6 +137,8 @@ def hubert_forward(
     channel_mask: Tensor | None = None,
     skip_masked: bool | None = None,
     skip_nomask: bool | None = None,
+    unmasked_grad: bool = True,
+    check_labels: bool = True,
 ) -> HubertOutputs:
     """Run torchaudio's HuBERT modules as fairseq's ``HubertModel.forward`` runs its own, with a given mask.
 
@@ -164,6 +167,14 @@ def hubert_forward(
         channel_mask: ``[batch, encoder_embed_dim]`` bool, channels zeroed in every frame
             (:func:`continue_pt.masking.hubert_channel_mask`); None for none (the published setting).
         skip_masked, skip_nomask: compute no masked / unmasked logits. Default: the model's logit generator's.
+        unmasked_grad: False computes the unmasked logits without a graph (for their accuracy only: their loss
+            weight is 0, fairseq's default), which saves the memory and backward of a ``[frames, classes]`` matrix.
+        check_labels: check that every unpadded frame's label is a cluster id (a host sync on a GPU). False for
+            labels known to be cluster ids (a k-means' of an unpadded batch).
+
+    ``mask`` and ``channel_mask`` are best given on the CPU (as :mod:`continue_pt.masking` draws them): they are
+    uploaded without blocking, and with no padding the masked frames are picked by indices found on the CPU
+    instead of a boolean index on the GPU (which waits for it).
 
     Raises:
         ValueError: for inconsistent shapes, and for an unpadded frame whose label is not a cluster id
@@ -205,20 +216,22 @@ def hubert_forward(
 
     num_clusters = model.logit_generator.label_embeddings.shape[0]
     outside = ((labels < 0) | (labels >= num_clusters)) & valid.to(labels.device)
-    if bool(outside.any()):  # one sync; the boolean indexing below syncs anyway
+    if check_labels and bool(outside.any()):  # one sync on a GPU
         b, t = (int(v) for v in outside.nonzero()[0])
         raise ValueError(f"label {int(labels[b, t])} at frame {t} of utterance {b} is not a cluster id "
                          f"(0..{num_clusters - 1}); every unpadded frame needs one. fairseq's frame padding "
                          f"(hubert_frame_padding_mask) can count one frame more than the conv-length formula")
 
-    mask = mask.to(device=x.device, dtype=torch.bool)
+    # frames picked by indices found on the CPU (no padding): no boolean indexing on the GPU
+    host_mask = mask.bool() if mask.device.type == "cpu" and lengths is None else None
+    mask = to_device(mask.bool(), x.device)
     masked = mask & valid
     unmasked = ~mask & valid
     x = torch.where(masked[..., None], model.mask_generator.mask_embedding.to(x.dtype), x)
     if channel_mask is not None:
         if tuple(channel_mask.shape) != (batch, x.shape[-1]):
             raise ValueError(f"channel_mask has shape {tuple(channel_mask.shape)}, expected {(batch, x.shape[-1])}")
-        x = x.masked_fill(channel_mask.to(device=x.device, dtype=torch.bool)[:, None, :], 0.0)
+        x = x.masked_fill(to_device(channel_mask.bool(), x.device)[:, None, :], 0.0)
     x = wav2vec2.encoder.transformer(x, attention_mask=attention_mask)
 
     logit_generator = model.logit_generator
@@ -229,12 +242,18 @@ def hubert_forward(
                              f"got {tuple(extra_label_embeddings.shape)}")
         embeddings = torch.cat([embeddings, extra_label_embeddings.to(embeddings.dtype)], dim=0)
 
-    def predict(frames: Tensor) -> tuple[Tensor, Tensor]:
-        projected = logit_generator.final_proj(x[frames])
-        return label_logits(projected, embeddings, logit_temp), labels[frames]
+    def predict(frames: Tensor, host_frames: Tensor | None) -> tuple[Tensor, Tensor]:
+        if host_frames is not None:  # the same frames in the same (batch-major) order
+            b, t = to_device(host_frames.nonzero().T.contiguous(), x.device)
+            rows, targets = x[b, t], labels[b, t]
+        else:
+            rows, targets = x[frames], labels[frames]
+        return label_logits(logit_generator.final_proj(rows), embeddings, logit_temp), targets
 
-    logits_m, targets_m = (None, None) if skip_masked else predict(masked)
-    logits_u, targets_u = (None, None) if skip_nomask else predict(unmasked)
+    logits_m, targets_m = (None, None) if skip_masked else predict(masked, host_mask)
+    with torch.set_grad_enabled(unmasked_grad and torch.is_grad_enabled()):
+        logits_u, targets_u = (None, None) if skip_nomask else predict(
+            unmasked, ~host_mask if host_mask is not None else None)
     return HubertOutputs(logits_m, targets_m, logits_u, targets_u, feature_penalty, batch * num_frames)
 
 

@@ -43,7 +43,10 @@ from torch import Tensor, nn
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
+from continue_pt.device_batch import batch_to_device, to_device
+from continue_pt.empty_batch import is_empty, skip_update, zero_loss
 from continue_pt.hubert_objective import (
+    HubertLossTerms,
     LossWeights,
     StepTotals,
     conv_output_frames,
@@ -61,7 +64,7 @@ from continue_pt.module_base import (  # noqa: F401  (re-exported: older imports
     ModuleOptions,
     seed_of,
 )
-from continue_pt.targets import OnlineTargets
+from continue_pt.targets import OnlineTargets, padded
 
 
 class HubertContinuedPretraining(ContinuedPretrainingBase):
@@ -174,13 +177,15 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
 
     def draw_masks(self, batch: dict[str, Any], shape: tuple[int, int], frame_padding: Tensor | None,
                    rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
-        """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws."""
+        """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws, on the CPU:
+        counted there (no host sync) and uploaded once by :func:`hubert_forward`."""
         time_mask = hubert_time_mask(shape, frame_padding, self.masking, rng=rng)
         channel = hubert_channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
                                       .attention.embed_dim, self.masking, rng=rng)
-        device = batch["waveforms"].device if "waveforms" in batch else self.device
-        return (torch.from_numpy(time_mask).to(device),
-                torch.from_numpy(channel).to(device) if channel is not None else None)
+        return torch.from_numpy(time_mask), torch.from_numpy(channel) if channel is not None else None
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
 
     def _labels(self, batch: dict[str, Any]) -> Tensor:
         if self.targets is not None:
@@ -190,22 +195,38 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             raise ValueError("the batch has no 'labels' and no teacher makes online targets")
         return labels
 
+    def _label_frames(self, batch: dict[str, Any], num_samples: int) -> int:
+        """Frames of the targets, known before they are made: the teacher's conv frames, or the labels' length."""
+        if self.targets is not None:
+            return conv_output_frames(self._teacher_conv_layers, num_samples)
+        labels = batch.get("labels")
+        if labels is None:
+            raise ValueError("the batch has no 'labels' and no teacher makes online targets")
+        return int(labels.shape[1])
+
     def _forward_terms(self, batch: dict[str, Any], rng: np.random.Generator, feature_grad_mult: float):
         waveforms, lengths = batch["waveforms"], batch.get("lengths")
-        if self.normalize_student_input:
-            waveforms = normalize_waveforms(waveforms, lengths)
-        labels = self._labels(batch)
-        conv_frames = conv_output_frames(self.bundle_config.encoder_args["extractor_conv_layer_config"],
-                                         waveforms.shape[1])
-        num_frames = min(conv_frames, labels.shape[1])
+        # Frames, padding and masks are settled on the CPU (the lengths stay there, continue_pt.device_batch) and
+        # before the teacher is launched: none of it waits for the GPU.
+        num_samples = waveforms.shape[1]
+        conv_frames = conv_output_frames(self.bundle_config.encoder_args["extractor_conv_layer_config"], num_samples)
+        num_frames = min(conv_frames, self._label_frames(batch, num_samples))
         frame_padding = None
-        if lengths is not None and bool((lengths < waveforms.shape[1]).any()):
-            frame_padding = hubert_frame_padding_mask(lengths, waveforms.shape[1], num_frames)
+        if padded(lengths, num_samples):
+            frame_padding = hubert_frame_padding_mask(lengths.cpu(), num_samples, num_frames)
         mask, channel_mask = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
+        counts = StepTotals.of_masks(mask.cpu(), frame_padding)
+        if self.normalize_student_input:
+            waveforms = normalize_waveforms(waveforms, to_device(lengths, waveforms.device)
+                                            if lengths is not None else None)
+        labels = self._labels(batch)
         out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
                              mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
-                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask)
-        return hubert_loss_terms(out), StepTotals.of_masks(mask, frame_padding)
+                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask,
+                             unmasked_grad=self.weights.unmasked != 0,
+                             # k-means labels are cluster ids on every unpadded frame: checked only with padding
+                             check_labels=self.targets is None or frame_padding is not None)
+        return hubert_loss_terms(out), counts
 
     # ------------------------------------------------------------------------------------------- per-term plan
 
@@ -264,7 +285,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             loss = loss + terms.unmasked_ce_sum * w.unmasked
         return loss
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        if is_empty(batch):
+            return self._empty_micro_batch(batch_idx)
         world_size, rank = self._world()
         step = self.global_step
         micro = self._micro_index
@@ -299,21 +322,34 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self._add_stats(terms, logged, size, batch)
         return to_backward
 
+    def _empty_micro_batch(self, batch_idx: int) -> Tensor:
+        """Every file of this micro-batch failed to load: it adds nothing to the step but takes part in the step's
+        collectives like any other micro-batch (see :mod:`continue_pt.empty_batch`)."""
+        micro = self._micro_index
+        self._micro_index += 1
+        nothing = StepTotals(0, 0, 0)
+        if self.options.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
+            self._step_plan = self._plan_step(nothing, batch_idx, int(self.global_step), self._world()[1])
+        zero = torch.zeros((), dtype=torch.float64, device=self.device)
+        none = torch.zeros((), dtype=torch.long, device=self.device)
+        self._add_stats(HubertLossTerms(None, None, zero, 0, 0, 0, none, none), zero, 0.0,
+                        {"waveforms": torch.empty(0, 0), "lengths": None})
+        return zero_loss(self)
+
     def _add_stats(self, terms, loss: Tensor, size: float, batch: dict[str, Any]) -> None:
         def value(t: Tensor | None) -> Tensor:
             return t.detach().double() if t is not None else torch.zeros((), dtype=torch.float64, device=self.device)
 
-        lengths = batch.get("lengths")
+        lengths = batch.get("lengths")  # on the CPU: summing it is free
         samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
+        # the host's numbers go up in one non-blocking copy
+        size_t, n_m, n_u, frames, seconds = to_device(torch.tensor(
+            [size, terms.num_masked, terms.num_unmasked, terms.num_feature_frames, samples / self.sample_rate],
+            dtype=torch.float64), self.device)
         stats = torch.stack([
-            loss.double(), torch.tensor(size, dtype=torch.float64, device=self.device),
-            value(terms.masked_correct), torch.tensor(float(terms.num_masked), dtype=torch.float64, device=self.device),
-            value(terms.unmasked_correct),
-            torch.tensor(float(terms.num_unmasked), dtype=torch.float64, device=self.device),
+            loss.double(), size_t, value(terms.masked_correct), n_m, value(terms.unmasked_correct), n_u,
             value(terms.masked_ce_sum), value(terms.unmasked_ce_sum),
-            value(terms.feature_penalty) * terms.num_feature_frames,
-            torch.tensor(float(terms.num_feature_frames), dtype=torch.float64, device=self.device),
-            torch.tensor(samples / self.sample_rate, dtype=torch.float64, device=self.device),
+            value(terms.feature_penalty) * terms.num_feature_frames, frames, seconds,
         ])
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
 
@@ -334,6 +370,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
                     p.grad = None  # AdamW skips parameters without gradient: no update, no weight decay
         values, health = self.read_step(stats)
         (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = values
+        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
+            skip_update(self, int(self.global_step))
+            return
         divisor = size if size > 0 else 1.0
         if self.options.loss_norm == "per-term":
             divisor = 1.0
@@ -357,6 +396,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         return params
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if is_empty(batch):  # every file failed to load: nothing to validate on
+            return
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
         terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)

@@ -74,10 +74,13 @@ class PretrainOptions:
     min_seconds: float = 2.0
     accumulate: int = 1
     precision: str | None = None
-    """None: "bf16-mixed" on CUDA, "32-true" on CPU. "16-mixed" is allowed with a warning (fp16 goes NaN)."""
+    """None: "bf16-mixed" on a GPU with native bf16 (compute capability >= 8.0), else "32-true" (V100/T4 only
+    emulate bf16; CPU). "16-mixed" is allowed with a warning (fp16 goes NaN)."""
     devices: int | str = 1
     accelerator: str = "auto"
     strategy: str = "auto"
+    """Lightning's strategy name. "auto": DDP on more than one device, with find_unused_parameters=True when layer
+    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice)."""
     seed: int = 0
     loss_norm: str = "fairseq"
     unmasked_weight: float | None = None
@@ -110,7 +113,8 @@ class PretrainOptions:
     checkpoint_every: int = 1000
     log_every: int = 50
     overwrite: bool = False
-    deterministic: bool | str = "warn"
+    deterministic: bool | str | None = None
+    """None: "warn" on CPU (exact resume), False on CUDA (slower kernels and no bit-exact GPU runs anyway)."""
     progress_bar: bool = True
     max_bad_steps: int = DEFAULT_MAX_BAD_STEPS
     """A step with a non-finite loss or gradient is skipped (no update; it still counts towards max_steps); after
@@ -119,10 +123,16 @@ class PretrainOptions:
     def resolved_precision(self) -> str:
         if self.precision is not None:
             return self.precision
-        import torch  # only here: choosing the default needs to know whether CUDA is there
+        from continue_pt.trainer_choice import default_precision  # imports torch: only when the default is needed
 
-        on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
-        return "bf16-mixed" if on_gpu else "32-true"
+        return default_precision(self.accelerator)
+
+    def resolved_deterministic(self) -> bool | str:
+        if self.deterministic is not None:
+            return self.deterministic
+        from continue_pt.trainer_choice import default_deterministic
+
+        return default_deterministic(self.accelerator)
 
     # -- checks -----------------------------------------------------------------------------------------------
 

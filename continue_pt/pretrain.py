@@ -32,6 +32,7 @@ from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
 from continue_pt.run_output import removed_on_early_failure
 from continue_pt.step_guard import TrainingStopped
+from continue_pt.trainer_choice import choose_strategy
 from continue_pt.trainer_config import built_trainer
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
 
@@ -114,13 +115,16 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     csv_logger = CSVLogger(out, name="", version="")
     trainer = built_trainer(
         options.output_dir,
-        accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
+        accelerator=options.accelerator, devices=options.devices,
+        strategy=choose_strategy(options.strategy, options.accelerator, options.devices, module,
+                                 options.freeze_feature_extractor_steps),
         precision=options.resolved_precision(), max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
         log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-        deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        deterministic=options.resolved_deterministic(), enable_progress_bar=options.progress_bar,
+        enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],  # checkpoints written atomically; a full disk is a DiskFull error
         default_root_dir=out)
     with warnings.catch_warnings():
@@ -128,6 +132,8 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         # no held-out files (a small corpus, 2 % held out): the data module already says "validating on 0 files"
         warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero.*")
+        # the modules move batches themselves (lengths stay on the CPU, continue_pt.device_batch), on purpose
+        warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.

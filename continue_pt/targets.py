@@ -7,6 +7,9 @@ feature rate (50 Hz for 16 kHz audio) including the last frame, as fairseq's dum
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -15,6 +18,32 @@ from bundles.loading import Bundle
 from bundles.waveform import NormalizingWav2Vec2Model, normalize_waveforms
 
 IGNORE_LABEL = -100  # padded frames (torch's cross_entropy ignore_index)
+
+
+def padded(lengths: Tensor | None, num_samples: int) -> bool:
+    """Whether any utterance of a ``[batch, num_samples]`` batch is shorter than ``num_samples`` (a host sync
+    when ``lengths`` is on a GPU; free on the CPU, where the data loader makes it)."""
+    return lengths is not None and bool((lengths < num_samples).any())
+
+
+def _in_fp32_without_needless_lengths(forward: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``OnlineTargets.forward`` in fp32, even inside a bf16 autocast region (Lightning's bf16-mixed), and with
+    ``lengths`` only when some utterance is padded.
+
+    fp32: ``labels dump`` and ``kmeans fit`` work in fp32, and a bf16 teacher gives other clusters on a share of the
+    frames (``bench/RESULTS.md``, section bench_teacher_precision), so online targets would disagree with the
+    offline labels of the same audio. Lengths: with them torchaudio builds an additive ``[B, 1, T, T]`` attention
+    mask, which rules out flash attention (training batches are cropped, never padded). ``lengths`` is best given
+    on the CPU: checking it is then free.
+    """
+
+    @functools.wraps(forward)
+    def wrapped(self: "OnlineTargets", waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
+        lengths = lengths.to(waveforms.device, non_blocking=True) if padded(lengths, waveforms.shape[-1]) else None
+        with torch.autocast(device_type=waveforms.device.type, enabled=False):
+            return forward(self, waveforms, lengths)
+
+    return wrapped
 
 
 class OnlineTargets(nn.Module):
@@ -60,6 +89,7 @@ class OnlineTargets(nn.Module):
         self.teacher.eval()  # the teacher never trains: no dropout, no layer drop
         return self
 
+    @_in_fp32_without_needless_lengths
     @torch.inference_mode()
     def forward(self, waveforms: Tensor, lengths: Tensor | None = None) -> Tensor:
         if self.normalize_waveform and not self.input_normalized:

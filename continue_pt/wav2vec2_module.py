@@ -30,8 +30,11 @@ import torch
 from torch import Tensor
 
 from bundles.loading import load_bundle
+from continue_pt.device_batch import batch_to_device, to_device
+from continue_pt.empty_batch import is_empty, skip_update, zero_loss
 from continue_pt.hubert_objective import conv_output_frames
 from continue_pt.masking import HubertMasking, hubert_time_mask
+from continue_pt.targets import padded
 from continue_pt.module_base import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_KEY,
@@ -55,6 +58,7 @@ __all__ = [
     "unsupported_wav2vec2_options",
 ]
 
+_NUM_STATS = 11  # the step statistics _add_stats sums (an empty micro-batch adds as many zeros)
 # fairseq Wav2Vec2Model options the objective does not implement, with the value every published checkpoint has
 _SUPPORTED = {"codebook_negatives": 0, "negatives_from_everywhere": False}
 
@@ -179,16 +183,17 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def _forward(self, batch: dict[str, Any], seeds: tuple[int, ...], feature_grad_mult: float
                  ) -> tuple[Wav2Vec2Outputs, Wav2Vec2LossTerms]:
-        waveforms, lengths = batch["waveforms"], batch.get("lengths")
+        waveforms, lengths = batch["waveforms"], batch.get("lengths")  # lengths on the CPU: reading them is free
         num_frames = conv_output_frames(self._conv_layers, waveforms.shape[1])
         frame_padding = None
-        if lengths is not None and bool((lengths < waveforms.shape[1]).any()):
+        if padded(lengths, waveforms.shape[1]):
             frame_lengths = torch.tensor([conv_output_frames(self._conv_layers, int(n)) for n in lengths.tolist()])
             frame_padding = torch.arange(num_frames)[None, :] >= frame_lengths[:, None]
+            lengths = to_device(lengths, waveforms.device)
         else:
             lengths = None
-        mask = self.draw_mask((waveforms.shape[0], num_frames), frame_padding,
-                              np.random.default_rng(list(seeds))).to(waveforms.device)
+        # drawn on the CPU and given as it is: wav2vec2_forward counts it there and uploads it without blocking
+        mask = self.draw_mask((waveforms.shape[0], num_frames), frame_padding, np.random.default_rng(list(seeds)))
         o = self.objective
         negatives, noise = self.draw_negatives_and_noise(batch, mask, seeds)
         out = wav2vec2_forward(
@@ -199,7 +204,15 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             rng=torch.Generator().manual_seed(seed_of(*seeds, 3)))
         return out, wav2vec2_loss_terms(out)
 
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        if is_empty(batch):  # every file failed to load: nothing to add, but take part (continue_pt.empty_batch)
+            self._micro_index += 1
+            stats = torch.zeros(_NUM_STATS, dtype=torch.float64, device=self.device)
+            self._step_stats = stats if self._step_stats is None else self._step_stats
+            return zero_loss(self)
         world_size, rank = self._world()
         step, micro = int(self.global_step), self._micro_index
         self._micro_index += 1
@@ -214,14 +227,17 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def _add_stats(self, out: Wav2Vec2Outputs, terms: Wav2Vec2LossTerms, loss: Tensor,
                    batch: dict[str, Any]) -> None:
-        lengths = batch.get("lengths")
+        lengths = batch.get("lengths")  # on the CPU: summing it is free
         samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
         n = float(terms.num_masked)
-        values = [loss.double(), n, terms.correct.double(), float(terms.count), terms.infonce_sum.detach().double(),
+        # the host's numbers go up in one non-blocking copy
+        n_t, count, one, seconds = to_device(torch.tensor([n, terms.count, 1.0, samples / self.sample_rate],
+                                                          dtype=torch.float64), self.device)
+        values = [loss.double(), n_t, terms.correct.double(), count, terms.infonce_sum.detach().double(),
                   terms.diversity.detach().double() * n, terms.feature_penalty.detach().double() * n,
-                  out.code_perplexity.detach().double(), out.prob_perplexity.detach().double(), 1.0,
-                  samples / self.sample_rate]
-        stats = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device) for v in values])
+                  out.code_perplexity.detach().double(), out.prob_perplexity.detach().double(), one, seconds]
+        stats = torch.stack([v.to(device=self.device, dtype=torch.float64) for v in values])
+        assert stats.numel() == _NUM_STATS
         self._step_stats = stats if self._step_stats is None else self._step_stats + stats
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
@@ -234,6 +250,9 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         values, health = self.read_step(stats)
         (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
          audio_seconds) = values
+        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
+            skip_update(self, int(self.global_step))
+            return
         divisor = size if size > 0 else 1.0
         self.step_or_skip(loss_sum, health, divisor)
         code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
@@ -273,6 +292,8 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             CodebookCollapseWarning, stacklevel=2)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if is_empty(batch):  # every file failed to load: nothing to validate on
+            return
         _, rank = self._world()
         self.student.quantizer.set_num_updates(self.temperature_updates())
         _, terms = self._forward(batch, (self.options.seed, 2, batch_idx, rank), self.objective.feature_grad_mult)

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from bundles.wav2vec2_pretrain import Wav2Vec2PretrainModel
 from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.device_batch import to_device
 
 __all__ = [
     "Wav2Vec2LossTerms",
@@ -188,8 +189,8 @@ def contrastive_logits(context: Tensor, quantized: Tensor, negative_indices: Ten
             q = quantized.detach()
             rows = max(1, _EQUALITY_CHUNK // max(1, num_neg * q.shape[1]))
             same = torch.cat([(q[s:s + rows, None, :] == q[idx[s:s + rows]]).all(-1) for s in range(0, num, rows)])
-        if bool(same.any()):
-            logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, float("-inf"))], dim=1)
+        # unconditionally (asking whether any is equal would wait for the GPU); the same numbers
+        logits = torch.cat([logits[:, :1], logits[:, 1:].masked_fill(same, float("-inf"))], dim=1)
     return logits
 
 
@@ -263,7 +264,9 @@ def wav2vec2_forward(
         valid = torch.arange(num_frames, device=x.device)[None, :] < frame_lengths.to(x.device)[:, None]
     else:
         valid = torch.ones(batch, num_frames, dtype=torch.bool, device=x.device)
-    masked = mask.to(device=x.device, dtype=torch.bool) & valid
+    # counted and indexed on the CPU when the mask comes from there and nothing is padded: no host sync
+    host_mask = mask.bool() if mask.device.type == "cpu" and frame_lengths is None else None
+    masked = to_device(mask.bool(), x.device) & valid
     x = torch.where(masked[..., None], model.mask_embedding.to(x.dtype), x)
     attention_mask = None
     if frame_lengths is not None:  # torchaudio's Encoder._preprocess: zero padded frames, mask them in attention
@@ -272,9 +275,14 @@ def wav2vec2_forward(
         attention_mask = attention_mask.expand(batch, 1, num_frames, num_frames)
     x = wav2vec2.encoder.transformer(x, attention_mask=attention_mask)
 
-    counts = masked.sum(dim=1).tolist()
+    counts = (host_mask if host_mask is not None else masked).sum(dim=1).tolist()
     num_masked = int(sum(counts))
-    q = model.quantizer(unmasked_features[masked].unsqueeze(0), gumbel_noise=gumbel_noise)
+    if host_mask is not None:  # the same frames in the same (batch-major) order as masked's boolean index
+        b, t = to_device(host_mask.nonzero().T.contiguous(), x.device)
+        unmasked_rows, context_rows = unmasked_features[b, t], x[b, t]
+    else:
+        unmasked_rows, context_rows = unmasked_features[masked], x[masked]
+    q = model.quantizer(unmasked_rows.unsqueeze(0), gumbel_noise=gumbel_noise)
     quantized = model.project_q(q.x.squeeze(0))
     if negative_indices is None:
         negative_indices = sample_negative_indices(counts, num_negatives, cross_sample_negatives, rng=rng)
@@ -283,7 +291,7 @@ def wav2vec2_forward(
                          f"got {tuple(negative_indices.shape)}")
     elif negative_indices.numel() and (int(negative_indices.min()) < 0 or int(negative_indices.max()) >= num_masked):
         raise ValueError(f"negative_indices must index the {num_masked} masked frames")
-    context = model.final_proj(x[masked])
+    context = model.final_proj(context_rows)
     logits = contrastive_logits(context, quantized, negative_indices.long(), logit_temp)
     quantizer = model.quantizer
     return Wav2Vec2Outputs(logits=logits, negative_indices=negative_indices, features_penalty=features_penalty,

@@ -1,0 +1,40 @@
+"""Moving a training batch to the device without host syncs (issue 15, item 4).
+
+Lightning's default ``transfer_batch_to_device`` moves every tensor of the batch; then every ``bool()``, ``int()``,
+``.tolist()`` on the lengths (is anything padded? how many frames? how many samples?) waits for the GPU. Here only
+what the model computes with goes to the device (``waveforms``, ``labels``), from pinned memory with
+``non_blocking=True``; ``lengths``, ``indices`` and ``starts`` stay on the CPU, where reading them is free. Masks
+are drawn with numpy on the CPU, counted there and uploaded the same way (:func:`to_device`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+HOST_KEYS = frozenset({"lengths", "indices", "starts"})
+"""Batch entries that stay on the CPU: bookkeeping, read by the host."""
+
+
+def to_device(tensor: Tensor, device: torch.device | str) -> Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to a GPU from pinned memory without blocking the host."""
+    device = torch.device(device)
+    if tensor.device == device:
+        return tensor
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        if not tensor.is_pinned():
+            tensor = tensor.pin_memory()
+        return tensor.to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def batch_to_device(batch: Any, device: torch.device | str) -> Any:
+    """A batch dict with its model inputs on ``device`` and its :data:`HOST_KEYS` left on the CPU."""
+    if not isinstance(batch, dict):
+        from lightning.fabric.utilities.apply_func import move_data_to_device
+
+        return move_data_to_device(batch, device)
+    return {key: value if key in HOST_KEYS or not isinstance(value, Tensor) else to_device(value, device)
+            for key, value in batch.items()}
