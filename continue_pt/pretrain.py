@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from bundles.errors import BundleError, FileProblem
 from bundles.kmeans import load_kmeans
@@ -28,9 +31,13 @@ from bundles.loading import load_bundle
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint, training_teacher
 from continue_pt.hubert_objective import LOSS_MODES
+from continue_pt.interruption import RunInterrupted, StopOnSignal
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.masking import HubertMasking
 from continue_pt.module_base import CHECKPOINT_KEY, DEFAULT_PEAK_LR, ContinuedPretrainingBase, ModuleOptions
+from continue_pt.progress import StepProgressBar
+from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes, resume_problems
+from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger, auto_log_every
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining, unsupported_wav2vec2_options
 
 MODULES: dict[str, type[ContinuedPretrainingBase]] = {
@@ -100,10 +107,13 @@ class PretrainOptions:
     feature_grad_mult: float | None = None
     masking: dict[str, Any] = field(default_factory=dict)
     gradient_clip_val: float | None = 10.0
-    num_workers: int = 4
+    num_workers: int | None = None
+    """Data-loader workers per device; None: as many as the CPUs allow, at most 4 (see ``resolved_num_workers``)."""
     val_check_interval: int | None = None
     checkpoint_every: int = 1000
-    log_every: int = 50
+    log_every: int | None = None
+    """Log every N optimizer steps (the first and last step always); None: ``min(50, max(1, max_steps // 50))``,
+    every step of a run up to 100 steps."""
     overwrite: bool = False
     deterministic: bool | str = "warn"
     progress_bar: bool = True
@@ -113,6 +123,18 @@ class PretrainOptions:
             return self.precision
         on_gpu = self.accelerator in ("gpu", "cuda") or (self.accelerator == "auto" and torch.cuda.is_available())
         return "bf16-mixed" if on_gpu else "32-true"
+
+    def resolved_log_every(self) -> int:
+        return self.log_every if self.log_every is not None else auto_log_every(self.max_steps)
+
+    def resolved_num_workers(self) -> int:
+        """The CPUs this process may use, shared by the devices of this node, at most 4 per device (more do not
+        speed up reading and cropping audio; more than the CPUs makes torch warn and can stall the loader)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else 1
+        return max(0, min(4, cpus // devices))
 
     def validate(self) -> None:
         """Raise one :class:`PretrainOptionsError` listing every problem."""
@@ -143,7 +165,7 @@ class PretrainOptions:
                                 "quantizer or negatives")
         if self.resume is not None:
             try:
-                read_training_checkpoint(self.resume)
+                problems += resume_problems(read_training_checkpoint(self.resume), self.max_steps)
             except BundleError as exc:
                 problems.append(str(exc))
         for name in ("train_data", "val_data", "teacher", "kmeans", "labels", "label_dict", "val_labels"):
@@ -157,7 +179,7 @@ class PretrainOptions:
         if self.loss_norm not in LOSS_MODES:
             problems.append(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
         for name in ("max_steps", "accumulate", "checkpoint_every", "log_every"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0:
             problems.append("warmup_steps must be >= 0 and lr > 0")
@@ -229,6 +251,8 @@ class RunResult:
     bundle_dir: Path
     checkpoint_dir: Path
     metrics_csv: Path
+    is_global_zero: bool = True
+    """False in the other DDP processes: only rank 0 reports."""
 
 
 def build_module(options: PretrainOptions) -> ContinuedPretrainingBase:
@@ -258,6 +282,40 @@ def _point_last_at(final: Path) -> None:
     os.replace(tmp, last)
 
 
+def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
+    """The command that continues this run from ``checkpoint``: the options given, ``--resume`` for
+    ``--init-from``."""
+    flags = ["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint))]
+    defaults = PretrainOptions(train_data="", output_dir="")
+    for f in fields(PretrainOptions):
+        value = getattr(options, f.name)
+        if f.name in ("init_from", "resume") or value == getattr(defaults, f.name) or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag)
+        elif isinstance(value, (str, int, float, Path)):
+            flags += [flag, shlex.quote(str(value))]
+    return " ".join(flags)
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Without Lightning's advertisement for its cloud logger (printed at every Trainer start)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    quiet = _DropTips()
+    tips.addFilter(quiet)
+    try:
+        yield
+    finally:
+        tips.removeFilter(quiet)
+
+
+class _DropTips(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
     """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's."""
     options.validate()
@@ -271,26 +329,50 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         max_sample_size=options.max_sample_size, min_seconds=options.min_seconds,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
         label_rate=float((module.bundle_config.objective or {}).get("label_rate", 50.0)),
-        num_workers=options.num_workers, seed=options.seed)
+        num_workers=options.resolved_num_workers(), seed=options.seed)
     checkpoint_dir = out / "checkpoints"
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
-    csv_logger = CSVLogger(out, name="", version="")
-    trainer = pl.Trainer(
-        accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
-        precision=options.resolved_precision(), max_steps=options.max_steps,
-        accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
-        use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
-        log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
-        check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-        deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
-        default_root_dir=out)
-    with warnings.catch_warnings():
+    resumed = read_training_checkpoint(options.resume) if options.resume is not None else None
+    start_step = checkpoint_step(resumed) if resumed is not None else 0
+    if resumed is not None:
+        for note in resume_notes(options.resume, resumed, options.max_steps, str(options.train_data)):
+            rank_zero_info(note)
+    lifecycle = [StopOnSignal(checkpoint_dir), FirstAndLastStepLogged(options.resolved_log_every()),
+                 RunSegments(str(options.train_data), earlier_segments(resumed) if resumed else [], start_step)]
+    del resumed
+    if options.progress_bar:
+        lifecycle.append(StepProgressBar())
+    stop = lifecycle[0]
+    # metrics.csv keeps the steps before the resumed checkpoint: curves.png shows the whole run
+    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None)
+    with _quiet_lightning():  # its cloud-logger tip is printed when the Trainer is made
+        trainer = pl.Trainer(
+            accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
+            precision=options.resolved_precision(), max_steps=options.max_steps,
+            accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
+            use_distributed_sampler=False, logger=csv_logger,
+            callbacks=[checkpointing, *lifecycle, *(callbacks or [])],
+            log_every_n_steps=options.resolved_log_every(), val_check_interval=options.val_check_interval,
+            check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
+            deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+            default_root_dir=out)
+    with warnings.catch_warnings(), _quiet_lightning():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         # no held-out files (a small corpus, 2 % held out): the data module already says "validating on 0 files"
         warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero.*")
+        # Lightning's own code calls a deprecated torch API; nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        # the first and last steps are always logged (FirstAndLastStepLogged), whatever the interval
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging "
+                                                  r"interval.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+    if stop.saved is not None:
+        if trainer.is_global_zero:
+            _point_last_at(stop.saved)
+        raise RunInterrupted(stop.signum, stop.step, checkpoint_dir / "last.ckpt",
+                             _resume_command(options, checkpoint_dir / "last.ckpt"), trainer.is_global_zero)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
@@ -300,4 +382,4 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,
                           train_data=str(options.train_data))
-    return RunResult(out, bundle_dir, checkpoint_dir, out / "metrics.csv")
+    return RunResult(out, bundle_dir, checkpoint_dir, out / "metrics.csv", trainer.is_global_zero)
