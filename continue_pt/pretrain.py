@@ -357,6 +357,7 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
             check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
             deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
             default_root_dir=out)
+    csv_logger.trainer = trainer
     with warnings.catch_warnings(), _quiet_lightning():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -367,6 +368,8 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         # the first and last steps are always logged (FirstAndLastStepLogged), whatever the interval
         warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging "
                                                   r"interval.*")
+        if options.resume is not None:  # resuming into the same checkpoints/ is the point; nothing is overwritten
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     if stop.saved is not None:
         if trainer.is_global_zero:

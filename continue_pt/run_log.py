@@ -77,6 +77,15 @@ class ResumableCSVLogger(CSVLogger):
     def __init__(self, save_dir: str | Path, resume_step: int | None = None) -> None:
         super().__init__(save_dir, name="", version="")
         self.resume_step = resume_step
+        self.trainer: pl.Trainer | None = None
+        """Set: rows are stamped with the optimizer step just done (``global_step - 1``) instead of Lightning's
+        ``_batches_that_stepped``, which drifts from it after a resume from an end-of-epoch checkpoint (and the
+        rows of the next attempt are trimmed by the optimizer step)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if self.trainer is not None:
+            step = max(self.trainer.global_step - 1, 0)
+        super().log_metrics(metrics, step)
 
     @property
     @rank_zero_experiment
