@@ -283,20 +283,21 @@ def _point_last_at(final: Path) -> None:
 
 
 def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
-    """The command that continues this run from ``checkpoint``: the options given, ``--resume`` for
-    ``--init-from``."""
-    flags = ["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint))]
+    """The command that continues this run from ``checkpoint``: ``--resume`` with the run's other options, which
+    are written (the ones that differ from the defaults) to ``OUTPUT/resume.yaml``, since not every option has a
+    flag."""
+    import yaml
+
     defaults = PretrainOptions(train_data="", output_dir="")
-    for f in fields(PretrainOptions):
-        value = getattr(options, f.name)
-        if f.name in ("init_from", "resume") or value == getattr(defaults, f.name) or value is None:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(flag)
-        elif isinstance(value, (str, int, float, Path)):
-            flags += [flag, shlex.quote(str(value))]
-    return " ".join(flags)
+    values = {f.name: getattr(options, f.name) for f in fields(PretrainOptions)
+              if f.name not in ("init_from", "resume") and getattr(options, f.name) != getattr(defaults, f.name)}
+    config = Path(options.output_dir) / "resume.yaml"
+    tmp = config.with_name(".resume.yaml.tmp")
+    tmp.write_text("# written when the run was interrupted: its options, for --resume\n"
+                   + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, config)
+    return " ".join(["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint)),
+                     "--config", shlex.quote(str(config))])
 
 
 @contextmanager
@@ -374,8 +375,8 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     if stop.saved is not None:
         if trainer.is_global_zero:
             _point_last_at(stop.saved)
-        raise RunInterrupted(stop.signum, stop.step, checkpoint_dir / "last.ckpt",
-                             _resume_command(options, checkpoint_dir / "last.ckpt"), trainer.is_global_zero)
+        command = _resume_command(options, checkpoint_dir / "last.ckpt") if trainer.is_global_zero else ""
+        raise RunInterrupted(stop.signum, stop.step, checkpoint_dir / "last.ckpt", command, trainer.is_global_zero)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -21,6 +22,7 @@ from bundles import load_bundle
 from bundles.kmeans import KMeansModel, save_kmeans
 from continue_pt.cli import cli
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, write_demo_corpus
+from continue_pt.interruption import RunInterrupted
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, RunResult, run_pretraining
 from continue_pt.progress import PhaseProgress
 from continue_pt.run_log import auto_log_every
@@ -135,10 +137,21 @@ def _wait_for_step(proc: subprocess.Popen, log: Path, step: int, max_steps: int,
     pytest.fail(f"no step {step} within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
+SIGNAL_RUN_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(bundle_dir, audio_dir, tmp_path_factory) -> RunResult:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    return run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, out, max_steps=SIGNAL_RUN_STEPS,
+                                                     log_every=1)))
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_saves_last_ckpt_at_a_step_boundary_and_the_resumed_run_equals_an_uninterrupted_one(
-        bundle_dir, audio_dir, tmp_path, signum):
-    max_steps = 8
+        bundle_dir, audio_dir, tmp_path, signum, uninterrupted):
+    max_steps = SIGNAL_RUN_STEPS
     values = _values(bundle_dir, audio_dir, tmp_path / "run", max_steps=max_steps, progress_bar=True,
                      log_every=1)
     del values["num_workers"]  # the default: data-loader workers, which must not die on the signal first
@@ -153,7 +166,7 @@ def test_a_signal_saves_last_ckpt_at_a_step_boundary_and_the_resumed_run_equals_
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert code == 128 + signum, output[-3000:]
     assert f"{signal.Signals(signum).name} received: stopped after optimizer step" in output
-    assert f"resume with: continue-pt pretrain --resume {last}" in output
+    assert f"resume with: continue-pt pretrain --resume {last} --config {tmp_path / 'run' / 'resume.yaml'}" in output
     assert last.is_file() and not (tmp_path / "run" / "bundle").exists()
     stopped_at = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
     assert 2 <= stopped_at < max_steps
@@ -165,14 +178,41 @@ def test_a_signal_saves_last_ckpt_at_a_step_boundary_and_the_resumed_run_equals_
     # the printed command resumes it; the result equals a run that was never interrupted
     command = output.split("resume with: ")[1].splitlines()[0].split()
     assert command[:2] == ["continue-pt", "pretrain"]
-    result = CliRunner().invoke(cli, command[2:])
+    result = CliRunner().invoke(cli, command[1:])
     assert result.exit_code == 0, result.output
-    full = run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, tmp_path / "full", max_steps=max_steps,
-                                                     log_every=1)))
+    full = uninterrupted
     a, b = load_bundle(full.bundle_dir).state_dict(), load_bundle(tmp_path / "run" / "bundle").state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     losses = [r["train/loss"] for r in logged_rows(tmp_path / "run" / "metrics.csv")]
     assert losses == [r["train/loss"] for r in logged_rows(full.metrics_csv)]
+
+
+class _SignalAfterMicroBatch(pl.Callback):
+    """Sends ``signum`` to this process after the first micro-batch of optimizer step ``step`` (mid-accumulation)."""
+
+    def __init__(self, signum: int, step: int) -> None:
+        self.signum, self.step, self.sent = signum, step, False
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        if not self.sent and trainer.global_step == self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def test_a_signal_mid_accumulation_waits_for_the_optimizer_step(bundle_dir, audio_dir, tmp_path, uninterrupted):
+    out = tmp_path / "run"
+    signalled = _SignalAfterMicroBatch(signal.SIGTERM, 2)
+    with pytest.raises(RunInterrupted) as info:
+        run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, out, max_steps=SIGNAL_RUN_STEPS,
+                                                  log_every=1)), callbacks=[signalled])
+    assert signalled.sent and info.value.step == 3 and info.value.exit_code == 128 + signal.SIGTERM
+    assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+    assert signal.getsignal(signal.SIGTERM) is not None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, out, init_from=None, log_every=1,
+                                                        max_steps=SIGNAL_RUN_STEPS,
+                                                        resume=str(out / "checkpoints" / "last.ckpt"))))
+    a, b = load_bundle(uninterrupted.bundle_dir).state_dict(), load_bundle(resumed.bundle_dir).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 # ------------------------------------------------------------------------------------------------ item 3
