@@ -44,11 +44,14 @@ def main(work: Path) -> None:
         first.wait()
     said = log.read_text(errors="replace")
     print(said[said.index("SIGTERM received: stopped"):].strip())
-    command = shlex.split(said.split("resume with: ")[1].splitlines()[0])[2:]
+    command = shlex.split(said.split("resume with: ")[1].splitlines()[0])[1:]
     if _cli(*command).wait() != 0:
         raise SystemExit("the resumed run failed")
+    from PIL import Image
+
     target = ROOT / "docs" / "resumed_run.png"
-    shutil.copyfile(run / "curves.png", target)
+    with Image.open(run / "curves.png") as png:  # a 64-colour palette: the README's copy stays small
+        png.convert("RGB").quantize(64).save(target, optimize=True)
     print(f"wrote {target}")
 
 
