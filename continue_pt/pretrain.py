@@ -346,7 +346,9 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
         lifecycle.append(StepProgressBar())
     stop = lifecycle[0]
     # metrics.csv keeps the steps before the resumed checkpoint: curves.png shows the whole run
-    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None)
+    earlier_metrics = Path(options.resume).parent.parent / "metrics.csv" if options.resume is not None else None
+    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None,
+                                    earlier=earlier_metrics)
     with _quiet_lightning():  # its cloud-logger tip is printed when the Trainer is made
         trainer = pl.Trainer(
             accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,

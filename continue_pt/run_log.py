@@ -3,7 +3,8 @@
 Lightning's CSVLogger deletes an existing ``metrics.csv`` when it starts ("Previous log files in this directory
 will be deleted"), so a resumed run used to lose every step before the resume and ``curves.png`` started at the
 resumed step. :class:`ResumableCSVLogger` keeps the rows of the steps before the checkpoint it resumes from and
-appends the new ones: one file, the whole run, after any number of resumes. Rows of steps at or after the resumed
+appends the new ones: one file, the whole run, after any number of resumes (resumed into another output directory,
+the earlier rows are copied from the checkpoint's run). Rows of steps at or after the resumed
 step (an attempt that went on after its last checkpoint) are dropped: the resumed attempt trains them again.
 """
 
@@ -54,12 +55,20 @@ def _write_rows(path: Path, header: list[str], rows: list[dict[str, str]]) -> No
 class _AppendingWriter(ExperimentWriter):
     """Lightning's writer without the deletion: keeps the rows before ``resume_step`` and appends after them."""
 
-    def __init__(self, log_dir: str, resume_step: int | None) -> None:
-        self.resume_step = resume_step
+    def __init__(self, log_dir: str, resume_step: int | None, earlier: Path | None) -> None:
+        self.resume_step, self.earlier = resume_step, earlier
         super().__init__(log_dir)
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
+        if not path.is_file() and self.resume_step is not None and self.earlier is not None \
+                and self.earlier.is_file():
+            # resumed into another output directory: the run's earlier steps come along
+            path.parent.mkdir(parents=True, exist_ok=True)
+            header, kept = rows_before(self.earlier, self.resume_step)
+            _write_rows(path, header, kept)
+            self.metrics_keys = sorted(header)
+            return
         if not path.is_file():
             return
         if self.resume_step is None:  # a new run in the same directory (--overwrite): its own metrics only
@@ -74,9 +83,11 @@ class ResumableCSVLogger(CSVLogger):
     """``OUTPUT/metrics.csv`` for the whole run: with ``resume_step`` (the global step of the checkpoint a run
     resumes from) the earlier steps' rows are kept and the new ones appended."""
 
-    def __init__(self, save_dir: str | Path, resume_step: int | None = None) -> None:
+    def __init__(self, save_dir: str | Path, resume_step: int | None = None, earlier: Path | None = None) -> None:
         super().__init__(save_dir, name="", version="")
         self.resume_step = resume_step
+        self.earlier = earlier
+        """The resumed run's ``metrics.csv`` when it was in another directory (copied up to ``resume_step``)."""
         self.trainer: pl.Trainer | None = None
         """Set: rows are stamped with the optimizer step just done (``global_step - 1``) instead of Lightning's
         ``_batches_that_stepped``, which drifts from it after a resume from an end-of-epoch checkpoint (and the
@@ -92,7 +103,7 @@ class ResumableCSVLogger(CSVLogger):
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:
             os.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(self.log_dir, self.resume_step)
+            self._experiment = _AppendingWriter(self.log_dir, self.resume_step, self.earlier)
         return self._experiment
 
 

@@ -108,6 +108,33 @@ def test_resumes_keep_the_metrics_say_what_the_schedule_does_and_record_every_se
     assert training["steps"] == 5
 
 
+def _metrics(path: Path, steps: range) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("epoch,step,train/loss\n" + "".join(f"0,{s},{10 - s}\n" for s in steps))
+
+
+def test_the_log_keeps_the_steps_before_the_resumed_one_and_drops_the_ones_trained_again(tmp_path):
+    from continue_pt.run_log import ResumableCSVLogger
+
+    # the attempt logged steps 0..5 but its last checkpoint is at step 3: steps 3..5 are trained again
+    _metrics(tmp_path / "run" / "metrics.csv", range(6))
+    logger = ResumableCSVLogger(tmp_path / "run", resume_step=3)
+    logger.log_metrics({"train/loss": 1.5, "train/lr": 0.1}, step=3)
+    logger.save()
+    assert [(r["step"], r["train/loss"], r.get("train/lr")) for r in logged_rows(tmp_path / "run" / "metrics.csv")] \
+        == [("0", "10", ""), ("1", "9", ""), ("2", "8", ""), ("3", "1.5", "0.1")]
+    # resumed into another output directory: the earlier steps come from the checkpoint's run
+    other = ResumableCSVLogger(tmp_path / "branch", resume_step=2, earlier=tmp_path / "run" / "metrics.csv")
+    other.log_metrics({"train/loss": 0.5}, step=2)
+    other.save()
+    assert [r["step"] for r in logged_rows(tmp_path / "branch" / "metrics.csv")] == ["0", "1", "2"]
+    # a new run (not a resume) in the same directory starts its own metrics
+    fresh = ResumableCSVLogger(tmp_path / "run")
+    fresh.log_metrics({"train/loss": 7.0}, step=0)
+    fresh.save()
+    assert [r["train/loss"] for r in logged_rows(tmp_path / "run" / "metrics.csv")] == ["7.0"]
+
+
 def test_resume_to_fewer_steps_than_done_is_refused(bundle_dir, audio_dir, tmp_path):
     out = tmp_path / "run"
     run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, out, max_steps=2, accumulate=1)))
