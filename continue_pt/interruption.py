@@ -97,6 +97,8 @@ class StopOnSignal(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
         if trainer.global_step == self._step_before_batch:
             return  # accumulating: the optimizer has not stepped; resuming from here would not be exact
+        if 0 < trainer.max_steps <= trainer.global_step:
+            return  # the last step is done: the run ends normally (export included) rather than asking for a resume
         if not trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False):
             return
         if self.signum is None:  # another rank was signalled: this one stops with it
