@@ -289,8 +289,8 @@ def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
     import yaml
 
     defaults = PretrainOptions(train_data="", output_dir="")
-    values = {f.name: getattr(options, f.name) for f in fields(PretrainOptions)
-              if f.name not in ("init_from", "resume") and getattr(options, f.name) != getattr(defaults, f.name)}
+    values = {f.name: str(v) if isinstance(v, Path) else v for f in fields(PretrainOptions)
+              if f.name not in ("init_from", "resume") and (v := getattr(options, f.name)) != getattr(defaults, f.name)}
     config = Path(options.output_dir) / "resume.yaml"
     tmp = config.with_name(".resume.yaml.tmp")
     tmp.write_text("# written when the run was interrupted: its options, for --resume\n"
