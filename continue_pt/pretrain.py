@@ -14,8 +14,6 @@ import os
 import shlex
 import shutil
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -300,21 +298,40 @@ def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
                      "--config", shlex.quote(str(config))])
 
 
-@contextmanager
-def _quiet_lightning() -> Iterator[None]:
-    """Without Lightning's advertisement for its cloud logger (printed at every Trainer start)."""
-    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    quiet = _DropTips()
-    tips.addFilter(quiet)
-    try:
-        yield
-    finally:
-        tips.removeFilter(quiet)
-
-
-class _DropTips(logging.Filter):
+class _DropLitloggerTip(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return "litlogger" not in record.getMessage()
+
+
+def _drop_litlogger_tip() -> None:
+    """Lightning advertises its cloud logger at every Trainer start; a user cannot act on it (once per process)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitloggerTip) for f in tips.filters):
+        tips.addFilter(_DropLitloggerTip())
+
+
+def _lifecycle(options: PretrainOptions, out: Path, checkpoint_dir: Path
+               ) -> tuple[StopOnSignal, list[pl.Callback], ResumableCSVLogger]:
+    """The run's lifecycle around the Trainer: a stop at a step boundary on SIGINT/SIGTERM, the log interval, the
+    data segments for the provenance, the step progress bar, a metrics.csv that survives resumes; a resume says
+    what it will do."""
+    resumed = read_training_checkpoint(options.resume) if options.resume is not None else None
+    start_step = checkpoint_step(resumed) if resumed is not None else 0
+    if resumed is not None:
+        for note in resume_notes(options.resume, resumed, options.max_steps, str(options.train_data)):
+            rank_zero_info(note)
+    stop = StopOnSignal(checkpoint_dir)
+    callbacks: list[pl.Callback] = [
+        stop, FirstAndLastStepLogged(options.resolved_log_every()),
+        RunSegments(str(options.train_data), earlier_segments(resumed) if resumed else [], start_step)]
+    if options.progress_bar:
+        callbacks.append(StepProgressBar())
+    # metrics.csv keeps the steps before the resumed checkpoint: curves.png shows the whole run
+    earlier_metrics = Path(options.resume).parent.parent / "metrics.csv" if options.resume is not None else None
+    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None,
+                                    earlier=earlier_metrics)
+    _drop_litlogger_tip()
+    return stop, callbacks, csv_logger
 
 
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
@@ -334,34 +351,18 @@ def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | Non
     checkpoint_dir = out / "checkpoints"
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
-    resumed = read_training_checkpoint(options.resume) if options.resume is not None else None
-    start_step = checkpoint_step(resumed) if resumed is not None else 0
-    if resumed is not None:
-        for note in resume_notes(options.resume, resumed, options.max_steps, str(options.train_data)):
-            rank_zero_info(note)
-    lifecycle = [StopOnSignal(checkpoint_dir), FirstAndLastStepLogged(options.resolved_log_every()),
-                 RunSegments(str(options.train_data), earlier_segments(resumed) if resumed else [], start_step)]
-    del resumed
-    if options.progress_bar:
-        lifecycle.append(StepProgressBar())
-    stop = lifecycle[0]
-    # metrics.csv keeps the steps before the resumed checkpoint: curves.png shows the whole run
-    earlier_metrics = Path(options.resume).parent.parent / "metrics.csv" if options.resume is not None else None
-    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None,
-                                    earlier=earlier_metrics)
-    with _quiet_lightning():  # its cloud-logger tip is printed when the Trainer is made
-        trainer = pl.Trainer(
-            accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
-            precision=options.resolved_precision(), max_steps=options.max_steps,
-            accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
-            use_distributed_sampler=False, logger=csv_logger,
-            callbacks=[checkpointing, *lifecycle, *(callbacks or [])],
-            log_every_n_steps=options.resolved_log_every(), val_check_interval=options.val_check_interval,
-            check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
-            deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
-            default_root_dir=out)
+    stop, lifecycle, csv_logger = _lifecycle(options, out, checkpoint_dir)
+    trainer = pl.Trainer(
+        accelerator=options.accelerator, devices=options.devices, strategy=options.strategy,
+        precision=options.resolved_precision(), max_steps=options.max_steps,
+        accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
+        use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *lifecycle, *(callbacks or [])],
+        log_every_n_steps=options.resolved_log_every(), val_check_interval=options.val_check_interval,
+        check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
+        deterministic=options.deterministic, enable_progress_bar=options.progress_bar, enable_model_summary=False,
+        default_root_dir=out)
     csv_logger.trainer = trainer
-    with warnings.catch_warnings(), _quiet_lightning():
+    with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
         # no held-out files (a small corpus, 2 % held out): the data module already says "validating on 0 files"
