@@ -232,8 +232,11 @@ _PRETRAIN_FLAGS = [
     click.option("--num-negatives", type=click.IntRange(min=1),
                  help="wav2vec 2.0: distractors per masked frame (default: the checkpoint's, 100)."),
     click.option("--seed", type=int, help=_shown("Seed of data order, crops and masks.", _default("seed"))),
-    click.option("--num-workers", type=int, help=_shown("Data loader worker processes.", _default("num_workers"))),
-    click.option("--log-every", type=int, help=_shown("Log metrics every N steps.", _default("log_every"))),
+    click.option("--num-workers", type=int,
+                 help=_shown("Data loader worker processes per device.", "auto: the CPUs per device, at most 4")),
+    click.option("--log-every", type=int,
+                 help=_shown("Log metrics every N optimizer steps (the first and last step always).",
+                             "auto: min(50, max(1, max-steps // 50)), every step of a run up to 100 steps")),
     click.option("--checkpoint-every", type=int,
                  help=_shown("Write OUTPUT/checkpoints/step-step=N.ckpt every N steps (last.ckpt is always the final "
                              "state).", _default("checkpoint_every"))),
@@ -361,19 +364,30 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
     """
     from continue_pt.run_output import removed_on_early_failure
 
-    options, joblib_kmeans = _checked_options(ctx, config_file, flags)
-    with removed_on_early_failure(options.output_dir):  # also the k-means written into OUTPUT/targets
-        if joblib_kmeans is not None:
-            options.kmeans = str(_kmeans_as_safetensors(joblib_kmeans, Path(options.kmeans), Path(options.output_dir)))
-        from continue_pt.curves import write_curves
-        from continue_pt.pretrain import run_pretraining
+    options, joblib_kmeans = _checked_options(ctx, config_file, flags)  # before torch/Lightning are imported
+    from continue_pt.interruption import RunInterrupted
 
-        result = run_pretraining(options)
+    try:
+        with removed_on_early_failure(options.output_dir):  # also the k-means written into OUTPUT/targets
+            if joblib_kmeans is not None:
+                options.kmeans = str(_kmeans_as_safetensors(joblib_kmeans, Path(options.kmeans),
+                                                            Path(options.output_dir)))
+            from continue_pt.curves import write_curves
+            from continue_pt.pretrain import run_pretraining
+
+            result = run_pretraining(options)
+    except RunInterrupted as stopped:  # Ctrl-C / SIGTERM: a resumable checkpoint was saved at a step boundary
+        if stopped.is_global_zero:
+            click.echo(str(stopped), err=True)
+        ctx.exit(stopped.exit_code)
+    if not result.is_global_zero:  # the other DDP processes: rank 0 reports
+        return
     try:
         png, summary = write_curves(result.output_dir)
         curves = f"curves: {png}\nsummary: {summary}"
-    except FileProblem:  # the run itself succeeded; it only logged nothing (fewer steps than log_every)
-        curves = f"curves: none (no step was logged: {options.max_steps} steps, log_every {options.log_every})"
+    except FileProblem:  # the run itself succeeded; it only logged nothing
+        curves = (f"curves: none (no step was logged: {options.max_steps} steps, "
+                  f"log_every {options.resolved_log_every()})")
     click.echo(f"bundle: {result.bundle_dir}\ncheckpoints: {result.checkpoint_dir}\n{curves}")
 
 
@@ -410,7 +424,8 @@ def kmeans() -> None:
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(path_type=Path),
               help="HuBERT pre-training bundle whose label head is tested.")
 @click.option("--kmeans", "kmeans_path", type=click.Path(path_type=Path),
-              help="k-means to test (km.safetensors or a fairseq .bin); default: the teacher's own.")
+              help="k-means to test (km.safetensors or a fairseq .bin); default: the bundle's own (the one it "
+                   "was trained with), else the teacher's.")
 @click.option("--kmeans-layer", type=click.IntRange(min=1), help="Teacher layer it clusters (1-based); needed for a .bin.")
 @click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
               help="Bundle whose features the k-means labels (default: --bundle).")
@@ -480,17 +495,17 @@ def kmeans_fit(teacher_dir: Path, layer: int, audio: Path, num_clusters: int, ou
     from bundles.kmeans import save_kmeans
     from continue_pt.kmeans_fit import fit_kmeans
 
-    teacher = load_bundle(teacher_dir)
+    from continue_pt.progress import PhaseProgress
 
-    def progress(phase: str, done: float, total: float) -> None:
-        click.echo(f"\r{phase}: {done / 3600:.2f} of {total / 3600:.2f} h", nl=False, err=True)
+    teacher = load_bundle(teacher_dir)
+    progress = PhaseProgress(lambda line, nl: click.echo(line, nl=nl, err=True), sys.stderr.isatty())
 
     try:
         result = fit_kmeans(teacher, layer, audio, num_clusters, max_hours=max_hours, seed=seed,
                             batch_seconds=batch_seconds, device=_auto_device(device), progress=progress)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo("", err=True)
+    progress.finish()
     save_kmeans(result.kmeans, output)
     for path, reason in result.files_skipped[:20]:
         click.echo(f"skipped {path}: {reason}", err=True)

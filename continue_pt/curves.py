@@ -33,6 +33,10 @@ def find_metrics_csv(run_dir: Path) -> Path:
         return run_dir
     found = sorted(run_dir.rglob("metrics.csv"), key=lambda p: p.stat().st_mtime) if run_dir.is_dir() else []
     if not found:
+        if (run_dir / "checkpoints").is_dir() or (run_dir / "bundle").is_dir():
+            raise FileProblem(run_dir, "is a training run that logged no step (no metrics.csv): it stopped before its "
+                              "first logged step, or was trained by a version that logged every 50 steps only",
+                              hint="Resume it with --log-every 1, or plot a run that trained at least one step")
         raise FileProblem(run_dir, "holds no metrics.csv", hint="Pass the --output-dir of a `continue-pt pretrain` run")
     return found[-1]
 
@@ -84,7 +88,8 @@ def write_curves(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path
     out_dir = Path(out_dir) if out_dir is not None else Path(run_dir)
     series = read_metrics(csv_path)
     if not series:
-        raise FileProblem(csv_path, "holds no numeric metrics yet", hint="Plot again after a few logged steps")
+        raise FileProblem(csv_path, "holds no logged step yet (the run has not reached its first logged step)",
+                          hint="Plot again after a few logged steps")
     panels = [(title, [c for c in sorted(series) if match(c)]) for title, match in PANELS]
     panels = [(title, columns) for title, columns in panels if columns]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 2.6 * len(panels)), squeeze=False)

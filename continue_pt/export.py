@@ -23,6 +23,7 @@ from bundles.kmeans import KMeansModel
 from bundles.safetensors_stream import PendingTensor
 from bundles.writing import write_bundle
 from continue_pt.module_base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from continue_pt.resume_notes import SEGMENTS_KEY
 
 STUDENT_PREFIX = "student."
 EXTRA_ROWS_KEY = "extra_label_embeddings"
@@ -131,6 +132,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         "steps": steps,
         "data": train_data if train_data is not None else options.get("train_data")
         or (checkpoint.get("AudioDataModule") or {}).get("train_source"),
+        # every attempt of a resumed run: its data and steps (the run may have changed --train-data on resume)
+        "segments": _segments(checkpoint, steps, train_data),
         "targets": targets,
         "teacher": teacher,  # the bundle whose features the k-means labelled (the trained ones have moved)
         "label_head_reinitialised": bool(options.get("reinit_label_head")),
@@ -151,6 +154,14 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
     if isinstance(stored, dict) and isinstance(stored.get("centroids"), Tensor):
         kmeans = KMeansModel(stored["centroids"], stored.get("layer"), dict(stored.get("metadata") or {}))
     return write_bundle(out_dir, config, tensors, extras, kmeans=kmeans, overwrite=overwrite)
+
+
+def _segments(checkpoint: dict[str, Any], steps: int, train_data: str | None) -> list[dict[str, Any]]:
+    stored = checkpoint.get(SEGMENTS_KEY)
+    if isinstance(stored, list) and stored:
+        return [{"data": s.get("data"), "from_step": int(s.get("from_step", 0)), "to_step": int(s.get("to_step", 0)),
+                 "steps": int(s.get("to_step", 0)) - int(s.get("from_step", 0))} for s in stored if isinstance(s, dict)]
+    return [{"data": train_data, "from_step": 0, "to_step": steps, "steps": steps}]  # written before segments
 
 
 def training_teacher(config: BundleConfig) -> str | None:

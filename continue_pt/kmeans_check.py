@@ -237,8 +237,8 @@ def check_kmeans(
 
     Args:
         bundle: a HuBERT pre-training bundle (its label head and masking options are used).
-        kmeans: the k-means to test; None: the teacher's own (the bundle's own when there is no teacher), as
-            ``continue-pt pretrain`` defaults.
+        kmeans: the k-means to test; None: the bundle's own (a bundle exported by ``continue-pt pretrain`` keeps
+            the k-means of its training targets), else the teacher's.
         audio: held-out audio: a directory (recursive), a fairseq manifest ``.tsv`` or one audio file. Unusable
             files (unreadable, corrupt, shorter than ``min_seconds``) are skipped and listed in the report.
         teacher: the bundle whose layer-L features the k-means labels (default: ``bundle``). For a checkpoint
@@ -266,8 +266,8 @@ def check_kmeans(
         raise ValueError(f"{bundle.path}: a {bundle.family} {bundle.kind} bundle; the k-means check needs a HuBERT "
                          "pre-training bundle (its label head predicts the cluster ids)")
     teacher = teacher if teacher is not None else bundle
-    if kmeans is None:
-        kmeans = teacher.get_kmeans()
+    if kmeans is None:  # the bundle's own k-means is the one it was trained with (export stores the targets')
+        kmeans = bundle.get_kmeans() if bundle.has_kmeans else teacher.get_kmeans()
     student = bundle.get_pretrain_model().eval()
     rows = int(student.logit_generator.label_embeddings.shape[0])
     k = kmeans.num_clusters

@@ -10,6 +10,7 @@ kind, the k-means' K, layer and width against the label head and the teacher).
 from __future__ import annotations
 
 import difflib
+import os
 import types
 import typing
 import warnings
@@ -108,10 +109,13 @@ class PretrainOptions:
     feature_grad_mult: float | None = None
     masking: dict[str, Any] = field(default_factory=dict)
     gradient_clip_val: float | None = 10.0
-    num_workers: int = 4
+    num_workers: int | None = None
+    """Data-loader workers per device; None: as many as the CPUs allow, at most 4 (see ``resolved_num_workers``)."""
     val_check_interval: int | None = None
     checkpoint_every: int = 1000
-    log_every: int = 50
+    log_every: int | None = None
+    """Log every N optimizer steps (the first and last step always); None: ``min(50, max(1, max_steps // 50))``,
+    every step of a run up to 100 steps."""
     overwrite: bool = False
     deterministic: bool | str | None = None
     """None: "warn" on CPU (exact resume), False on CUDA (slower kernels and no bit-exact GPU runs anyway)."""
@@ -126,6 +130,20 @@ class PretrainOptions:
         from continue_pt.trainer_choice import default_precision  # imports torch: only when the default is needed
 
         return default_precision(self.accelerator)
+
+    def resolved_log_every(self) -> int:
+        if self.log_every is not None:
+            return self.log_every
+        return auto_log_every(self.max_steps)
+
+    def resolved_num_workers(self) -> int:
+        """The CPUs this process may use, shared by the devices of this node, at most 4 per device (more do not
+        speed up reading and cropping audio; more than the CPUs makes torch warn and can stall the loader)."""
+        if self.num_workers is not None:
+            return self.num_workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else 1
+        return max(0, min(4, cpus // devices))
 
     def resolved_deterministic(self) -> bool | str:
         if self.deterministic is not None:
@@ -208,7 +226,9 @@ class PretrainOptions:
                 problems += self._wav2vec2_masking_problems(bundle)
         if self.resume is not None and Path(self.resume).exists():
             try:
-                read_training_checkpoint(self.resume)
+                from continue_pt.resume_notes import resume_problems
+
+                problems += resume_problems(read_training_checkpoint(self.resume), self.max_steps)
             except BundleError as exc:
                 problems.append(str(exc))
         from continue_pt.trainer_config import trainer_problems
@@ -301,6 +321,11 @@ class PretrainOptions:
             num_negatives=self.num_negatives, codebook_warn_threshold=self.codebook_warn_threshold,
             freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
             warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
+
+
+def auto_log_every(max_steps: int) -> int:
+    """Every step of a short run (<= 100 steps), about 50 points for a longer one, at most every 50 steps."""
+    return min(50, max(1, max_steps // 50))
 
 
 def option_default(name: str) -> Any:

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from bundles.atomic import disk_full
 from bundles.errors import BundleError
@@ -26,10 +27,14 @@ from bundles.loading import load_bundle
 from continue_pt.checkpoint_io import AtomicCheckpointIO
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
+from continue_pt.interruption import RunInterrupted, StopOnSignal
 from continue_pt.labels import bundle_label_rate
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
+from continue_pt.progress import StepProgressBar
+from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes
+from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger
 from continue_pt.run_output import removed_on_early_failure
 from continue_pt.step_guard import TrainingStopped
 from continue_pt.trainer_choice import choose_strategy
@@ -51,6 +56,8 @@ class RunResult:
     bundle_dir: Path
     checkpoint_dir: Path
     metrics_csv: Path
+    is_global_zero: bool = True
+    """False in the other DDP processes: only rank 0 reports."""
 
 
 def build_module(options: PretrainOptions) -> ContinuedPretrainingBase:
@@ -87,6 +94,60 @@ def _point_last_at(final: Path) -> None:
         raise
 
 
+def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
+    """The command that continues this run from ``checkpoint``: ``--resume`` with the run's other options, which
+    are written (the ones that differ from the defaults) to ``OUTPUT/resume.yaml``, since not every option has a
+    flag."""
+    import yaml
+
+    defaults = PretrainOptions(train_data="", output_dir="")
+    values = {f.name: str(v) if isinstance(v, Path) else v for f in fields(PretrainOptions)
+              if f.name not in ("init_from", "resume") and (v := getattr(options, f.name)) != getattr(defaults, f.name)}
+    config = Path(options.output_dir) / "resume.yaml"
+    tmp = config.with_name(".resume.yaml.tmp")
+    tmp.write_text("# written when the run was interrupted: its options, for --resume\n"
+                   + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
+    os.replace(tmp, config)
+    return " ".join(["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint)),
+                     "--config", shlex.quote(str(config))])
+
+
+class _DropLitloggerTip(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
+def _drop_litlogger_tip() -> None:
+    """Lightning advertises its cloud logger at every Trainer start; a user cannot act on it (once per process)."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropLitloggerTip) for f in tips.filters):
+        tips.addFilter(_DropLitloggerTip())
+
+
+def _lifecycle(options: PretrainOptions, out: Path, checkpoint_dir: Path
+               ) -> tuple[StopOnSignal, list[pl.Callback], ResumableCSVLogger]:
+    """The run's lifecycle around the Trainer: a stop at a step boundary on SIGINT/SIGTERM, the log interval, the
+    data segments for the provenance, the step progress bar, a metrics.csv that survives resumes; a resume says
+    what it will do."""
+    resumed = read_training_checkpoint(options.resume) if options.resume is not None else None
+    start_step = checkpoint_step(resumed) if resumed is not None else 0
+    if resumed is not None:
+        for note in resume_notes(options.resume, resumed, options.max_steps, str(options.train_data)):
+            rank_zero_info(note)
+    stop = StopOnSignal(checkpoint_dir)
+    callbacks: list[pl.Callback] = [
+        stop, FirstAndLastStepLogged(options.resolved_log_every()),
+        RunSegments(str(options.train_data), earlier_segments(resumed) if resumed else [], start_step)]
+    if options.progress_bar:
+        callbacks.append(StepProgressBar())
+    # metrics.csv keeps the steps before the resumed checkpoint: curves.png shows the whole run
+    earlier_metrics = Path(options.resume).parent.parent / "metrics.csv" if options.resume is not None else None
+    csv_logger = ResumableCSVLogger(out, resume_step=start_step if options.resume is not None else None,
+                                    earlier=earlier_metrics)
+    _drop_litlogger_tip()
+    return stop, callbacks, csv_logger
+
+
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
     """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's.
 
@@ -108,11 +169,11 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
         max_sample_size=options.max_sample_size, min_seconds=options.min_seconds, val_fraction=options.val_fraction,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
         label_rate=bundle_label_rate(module.bundle_config.objective),
-        num_workers=options.num_workers, seed=options.seed)
+        num_workers=options.resolved_num_workers(), seed=options.seed)
     checkpoint_dir = out / "checkpoints"
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
-    csv_logger = CSVLogger(out, name="", version="")
+    stop, lifecycle, csv_logger = _lifecycle(options, out, checkpoint_dir)
     trainer = built_trainer(
         options.output_dir,
         accelerator=options.accelerator, devices=options.devices,
@@ -120,13 +181,14 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
                                  options.freeze_feature_extractor_steps),
         precision=options.resolved_precision(), max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
-        use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *(callbacks or [])],
-        log_every_n_steps=options.log_every, val_check_interval=options.val_check_interval,
+        use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *lifecycle, *(callbacks or [])],
+        log_every_n_steps=options.resolved_log_every(), val_check_interval=options.val_check_interval,
         check_val_every_n_epoch=None if options.val_check_interval else 1, num_sanity_val_steps=0,
         deterministic=options.resolved_deterministic(), enable_progress_bar=options.progress_bar,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],  # checkpoints written atomically; a full disk is a DiskFull error
         default_root_dir=out)
+    csv_logger.trainer = trainer
     with warnings.catch_warnings():
         # the frozen teacher is in eval mode on purpose; Lightning would warn about it at every start
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -134,7 +196,19 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
         warnings.filterwarnings("ignore", message=r"Total length of `list` across ranks is zero.*")
         # the modules move batches themselves (lengths stay on the CPU, continue_pt.device_batch), on purpose
         warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
+        # Lightning's own code calls a deprecated torch API; nothing a user can act on
+        warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+        # the first and last steps are always logged (FirstAndLastStepLogged), whatever the interval
+        warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging "
+                                                  r"interval.*")
+        if options.resume is not None:  # resuming into the same checkpoints/ is the point; nothing is overwritten
+            warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+    if stop.saved is not None:
+        if trainer.is_global_zero:
+            _point_last_at(stop.saved)
+        command = _resume_command(options, checkpoint_dir / "last.ckpt") if trainer.is_global_zero else ""
+        raise RunInterrupted(stop.signum, stop.step, checkpoint_dir / "last.ckpt", command, trainer.is_global_zero)
     final = checkpoint_dir / "final.ckpt"
     # weights_only here means "leave out the optimiser and loop state"; the final checkpoint keeps them so it resumes.
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
@@ -147,4 +221,4 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,
                           train_data=str(options.train_data))
-    return RunResult(out, bundle_dir, checkpoint_dir, out / "metrics.csv")
+    return RunResult(out, bundle_dir, checkpoint_dir, out / "metrics.csv", trainer.is_global_zero)

@@ -121,8 +121,7 @@ def test_a_failed_run_in_an_existing_directory_removes_only_what_it_wrote(setup,
 
 def test_help_shows_every_default_read_from_the_options():
     text = " ".join(run("pretrain", "--help").output.split())
-    expected = {"--max-steps": "10,000", "--warmup-steps": "1000", "--checkpoint-every": "1000", "--log-every": "50",
-                "--num-workers": "4", "--min-seconds": "2 s", "--max-sample-size": "250,000",
+    expected = {"--max-steps": "10,000", "--warmup-steps": "1000", "--checkpoint-every": "1000", "--min-seconds": "2 s", "--max-sample-size": "250,000",
                 "--val-fraction": "0.02, i.e. 2 %", "--lr": "5e-05", "--max-batch-seconds": "87.5",
                 "--accumulate": "1", "--seed": "0", "--devices": "1", "--loss-norm": "fairseq"}
     for flag, shown in expected.items():
@@ -134,6 +133,11 @@ def test_help_shows_every_default_read_from_the_options():
     for flag in ["--val-labels", "--log-every", "--checkpoint-every", "--min-seconds", "--max-sample-size",
                  "--val-fraction"]:
         assert flag in text
+    # chosen per run (None in the dataclass): the help says how
+    for flag, rule in {"--log-every": "auto: min(50, max(1, max-steps // 50))",
+                       "--num-workers": "auto: the CPUs per device, at most 4"}.items():
+        assert option_default(flag[2:].replace("-", "_")) is None
+        assert re.search(re.escape(flag) + r" [^\[]*?\[default: " + re.escape(rule), text), flag
 
 
 def test_new_flags_reach_the_run(short_run, setup):
