@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".opus", ".mp3", ".aif", ".aiff", ".caf", ".w64", ".rf64")
 """What a directory scan reads: formats libsndfile (>= 1.1: MP3, Opus) decodes. Any other file is skipped and named."""
+NOT_AUDIO_EXTENSIONS = (".txt", ".tsv", ".km", ".ltr", ".wrd", ".json", ".jsonl", ".csv", ".md", ".lab", ".textgrid",
+                        ".yaml", ".yml", ".xml", ".lst", ".scp", ".trn", ".stm", ".log", ".pdf", ".html")
+"""Transcripts, manifests, labels and notes that sit beside audio (LibriSpeech has a .trans.txt per chapter): counted
+as "not audio" and reported in one line, not one warning per file."""
 SOURCE_HINT = ("Give a directory of audio files (.wav, .flac, .ogg, .opus, .mp3, ...; searched recursively) or a "
                "fairseq manifest (.tsv: the root directory on line 1, then 'relative_path<TAB>num_frames' per file)")
 MAX_LISTED_PROBLEMS = 20
@@ -98,6 +102,25 @@ def scan_audio(source: str | Path, sample_rate: int, min_seconds: float = 2.0, *
     raise FileProblem(source, "is neither a directory nor a fairseq manifest (.tsv)", SOURCE_HINT)
 
 
+def _not_read(path: Path) -> str:
+    """Why a file of a directory is not read: text beside the audio, or a format libsndfile does not decode."""
+    if path.suffix.lower() in NOT_AUDIO_EXTENSIONS:
+        return f"not audio: a {path.suffix} file (transcripts, manifests, labels and notes are left out)"
+    return (f"unsupported: {path.suffix or 'a file without extension'} is not a format read here "
+            f"({', '.join(AUDIO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN OUT.flac")
+
+
+def not_audio_note(skipped: list[tuple[Path, str]]) -> str | None:
+    """One line for the files left out as not audio (counted per extension, the first few named), else None."""
+    paths = [path for path, reason in skipped if reason.startswith("not audio:")]
+    if not paths:
+        return None
+    per_suffix = Counter(path.suffix.lower() for path in paths)
+    counted = ", ".join(f"{suffix}: {n}" for suffix, n in per_suffix.most_common())
+    named = ", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else "")
+    return f"left out {len(paths)} files that are not audio ({counted}): {named}"
+
+
 def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_threads: int) -> ScanResult:
     files = sorted((p for p in source.rglob("*") if p.is_file()), key=lambda p: p.relative_to(source).as_posix())
     paths = [p for p in files if p.suffix.lower() in AUDIO_EXTENSIONS]
@@ -110,9 +133,7 @@ def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_thre
         probes = list(pool.map(lambda p: _probe(p, sample_rate, min_seconds), paths))
     result = ScanResult([], [], source=source)
     # named, not silently left out: e.g. .m4a/.aac/.wma, which libsndfile does not decode
-    result.skipped.extend((path, f"unsupported: {path.suffix or 'a file without extension'} is not a format read "
-                                 f"here ({', '.join(AUDIO_EXTENSIONS)}); convert it, e.g. ffmpeg -i IN OUT.flac")
-                          for path in others)
+    result.skipped.extend((path, _not_read(path)) for path in others)
     for path, probe in zip(paths, probes):
         if probe.reason:
             result.skipped.append((path, probe.reason))

@@ -28,7 +28,7 @@ from continue_pt.batching import (
     BucketBatchSampler,
     collate_audio,
 )
-from continue_pt.corpus import AudioItem, ScanResult, scan_audio
+from continue_pt.corpus import AudioItem, ScanResult, not_audio_note, scan_audio
 from continue_pt.labels import FrameLabels, read_label_dictionary, read_label_file
 
 __all__ = ["AudioDataModule", "AudioDataset", "AudioItem", "BatchCollater", "BucketBatchSampler", "FrameLabels",
@@ -160,9 +160,14 @@ class AudioDataModule(pl.LightningDataModule):
 
     def _scan(self, source: Path) -> ScanResult:
         scan = scan_audio(source, self.sample_rate, self.min_seconds)
-        for path, reason in scan.skipped:
-            self._log(f"skipped {path}: {reason}", logging.WARNING)
-        self._log(f"{source}: {scan.summary()}", logging.WARNING if scan.skipped else logging.INFO)
+        for path, reason in scan.skipped:  # every file, named; text beside the audio only at debug level
+            self._log(f"skipped {path}: {reason}",
+                      logging.DEBUG if reason.startswith("not audio:") else logging.WARNING)
+        left_out = not_audio_note(scan.skipped)
+        if left_out:
+            self._log(f"{source}: {left_out}", logging.INFO)
+        problems = [reason for _, reason in scan.skipped if not reason.startswith("not audio:")]
+        self._log(f"{source}: {scan.summary()}", logging.WARNING if problems else logging.INFO)
         note = scan.resampling_note(self.sample_rate)
         if note:
             self._log(f"{source}: {note}", logging.WARNING)

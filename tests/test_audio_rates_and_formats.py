@@ -90,9 +90,9 @@ def test_a_mixed_folder_reads_mp3_and_opus_and_names_every_skipped_file(tmp_path
     scan = scan_audio(audio, MODEL_RATE, min_seconds=1.0)
     assert [item.name for item in scan.items] == ["a.wav", "b.flac", "d.opus", "e.ogg", "sub/c.mp3"]
     skipped = {path.name: reason.split(":")[0] for path, reason in scan.skipped}
-    assert skipped == {"broken.mp3": "unreadable", "f.m4a": "unsupported", "notes.txt": "unsupported",
+    assert skipped == {"broken.mp3": "unreadable", "f.m4a": "unsupported", "notes.txt": "not audio",
                        "short.wav": "shorter than 1.0 s"}
-    assert scan.summary() == "skipped 4 of 9 files: 2 unsupported, 1 shorter than 1.0 s, 1 unreadable"
+    assert scan.summary() == "skipped 4 of 9 files: 1 not audio, 1 shorter than 1.0 s, 1 unreadable, 1 unsupported"
     for item, seconds in zip(scan.items, [2.1, 2.2, 2.4, 2.5, 2.3]):
         wav = read_audio(item.path, MODEL_RATE)  # decoded, channels averaged, resampled
         assert len(wav) == item.num_samples and abs(len(wav) / MODEL_RATE - seconds) < 0.01
@@ -104,8 +104,30 @@ def test_a_mixed_folder_reads_mp3_and_opus_and_names_every_skipped_file(tmp_path
     with caplog.at_level(logging.INFO):
         data.setup("fit")
     assert len(data.train_dataset) == 5
-    for name in ("broken.mp3", "f.m4a", "notes.txt", "short.wav"):
+    for name in ("broken.mp3", "f.m4a", "short.wav"):
         assert f"{name}: " in caplog.text, name
+    assert "left out 1 files that are not audio (.txt: 1): notes.txt" in caplog.text
+
+
+def test_text_beside_the_audio_is_one_line_not_a_warning_per_file(tmp_path, caplog):
+    """A LibriSpeech-like tree (a .trans.txt per chapter) must not bury the real problems under one warning per
+    transcript: they are counted per extension in one info line, and named at debug level."""
+    import logging
+
+    audio = tmp_path / "libri"
+    for chapter in range(6):
+        folder = audio / "19" / str(chapter)
+        folder.mkdir(parents=True)
+        _write_at(folder / f"19-{chapter}-0000.flac", 1.5, 16000, 1, seed=chapter)
+        (folder / f"19-{chapter}.trans.txt").write_text("19-0-0000 HELLO\n")
+    data = AudioDataModule(audio, sample_rate=MODEL_RATE, min_seconds=1.0, val_fraction=0.0, num_workers=0)
+    with caplog.at_level(logging.INFO):
+        data.setup("fit")
+    assert len(data.train_dataset) == 6
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and ".trans.txt" in r.getMessage()]
+    notes = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(notes) == 1 and "left out 6 files that are not audio (.txt: 6): 19-0.trans.txt" in notes[0]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "skipped" in r.getMessage()]
 
 
 def test_load_audio_gives_the_models_rate_and_warns_when_it_resamples(bundle, tmp_path, caplog):

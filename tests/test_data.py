@@ -105,7 +105,7 @@ def messy_dir(tmp_path):
     (root / "corrupt.wav").write_bytes(np.random.default_rng(1).bytes(3000))
     sf.write(root / "empty.wav", np.zeros(0, np.float32), SR)
     write(root / "short.flac", 0.5)
-    (root / "notes.txt").write_text("not audio")
+    (root / "clip.m4a").write_text("not decodable here")  # AAC: libsndfile cannot read it
     return root
 
 
@@ -114,8 +114,8 @@ def test_scan_directory_keeps_usable_files_and_says_why_others_are_skipped(messy
     assert [item.name for item in scan.items] == ["a.wav", "b.WAV", "sub/c.flac", "sub/deeper/d.ogg"]
     assert [item.num_samples for item in scan.items] == [40000, 48000, math.ceil(97020 * SR / 44100), 33600]
     reasons = {path.name: reason for path, reason in scan.skipped}
-    assert set(reasons) == {"corrupt.wav", "empty.wav", "short.flac", "notes.txt"}  # every file not read, named
-    assert reasons["notes.txt"].startswith("unsupported: .txt is not a format read here")
+    assert set(reasons) == {"corrupt.wav", "empty.wav", "short.flac", "clip.m4a"}  # every file not read, named
+    assert reasons["clip.m4a"].startswith("unsupported: .m4a is not a format read here")
     assert reasons["corrupt.wav"].startswith("unreadable: cannot be read as audio (")
     assert reasons["empty.wav"] == "empty: 0 frames"
     assert reasons["short.flac"] == "shorter than 2.0 s: 0.50 s"
@@ -460,9 +460,9 @@ def test_datamodule_logs_skips_and_holds_out_a_stable_validation_share(tmp_path,
         module = AudioDataModule(messy_dir, min_seconds=2.0, val_fraction=0.6, num_workers=0, max_batch_seconds=10)
         module.setup("fit")
     lines = [r.getMessage() for r in caplog.records]
-    assert f"skipped {messy_dir / 'corrupt.wav'}: unreadable: " in lines[0]
-    assert lines[1] == f"skipped {messy_dir / 'empty.wav'}: empty: 0 frames"
-    assert lines[2].startswith(f"skipped {messy_dir / 'notes.txt'}: unsupported: ")
+    assert lines[0].startswith(f"skipped {messy_dir / 'clip.m4a'}: unsupported: ")
+    assert f"skipped {messy_dir / 'corrupt.wav'}: unreadable: " in lines[1]
+    assert lines[2] == f"skipped {messy_dir / 'empty.wav'}: empty: 0 frames"
     assert lines[3] == f"skipped {messy_dir / 'short.flac'}: shorter than 2.0 s: 0.50 s"
     assert lines[4] == (f"{messy_dir}: skipped 4 of 8 files: 1 empty, 1 shorter than 2.0 s, 1 unreadable, "
                         "1 unsupported")
