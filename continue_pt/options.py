@@ -498,7 +498,24 @@ def _choice_problems(options: PretrainOptions) -> list[str]:
     devices = devices_problem(options.devices)
     if devices:
         problems.append(devices)
+    strategy = strategy_problem(options.strategy)
+    if strategy:
+        problems.append(strategy)
     return problems
+
+
+def strategy_problem(strategy: str) -> str | None:
+    """A strategy name Lightning does not know. Lightning is imported only when one is given (not for "auto")."""
+    if strategy == "auto":
+        return None
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    known = StrategyRegistry.available_strategies()
+    if strategy in known:
+        return None
+    close = difflib.get_close_matches(str(strategy), known, n=3, cutoff=0.4)  # closest first
+    ordered = close + [name for name in known if name not in close]
+    return f"strategy is {strategy!r}; expected auto or one of Lightning's strategies: {', '.join(ordered)}"
 
 
 def devices_problem(devices: int | str) -> str | None:

@@ -33,12 +33,6 @@ def built_trainer(output_dir: str | Path, **trainer_args: Any) -> pl.Trainer:
 
 def trainer_problems(options: PretrainOptions) -> list[str]:
     """What the Trainer would refuse in the hardware options, found by building one that runs nothing."""
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    if isinstance(options.strategy, str) and options.strategy != "auto" \
-            and options.strategy not in StrategyRegistry.available_strategies():
-        return [f"strategy is {options.strategy!r}; expected 'auto' or one of Lightning's: "
-                f"{', '.join(StrategyRegistry.available_strategies())}"]
     args = {"accelerator": options.accelerator, "devices": options.devices, "strategy": options.strategy,
             "precision": options.resolved_precision()}
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
