@@ -14,30 +14,13 @@ import soundfile as sf
 import torch
 
 from bundles import load_bundle
-from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
+from continue_pt.demo import demo_audio
 from continue_pt.module_base import SkippedStepWarning
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
 from continue_pt.step_guard import BadStepGuard, TrainingStopped, divide_, fused_grad_norm, stop_message
 from tests.training_helpers import StopAt, logged_rows
 
 SECONDS = 2.0
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    from converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    convert_checkpoint(CHECKPOINT, out, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
-    return out
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("audio")
-    for i in range(8):
-        sf.write(out / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
-    return out
 
 
 def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> PretrainOptions:

@@ -18,7 +18,7 @@ from continue_pt.demo import demo_audio
 from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
 from continue_pt.masking import hubert_time_mask
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
-from tests.test_pretrain import _ListData, _masking, _Recorder, bundle_dir  # noqa: F401  (fixture)
+from tests.test_pretrain import _ListData, _masking, _Recorder
 from tests.training_helpers import no_dropout
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
 from continue_pt.demo import demo_audio
 from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
 from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
-from tests.test_pretrain import bundle_dir  # noqa: F401  (fixture)
 
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"}
 

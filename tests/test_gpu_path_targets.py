@@ -3,7 +3,6 @@ lengths when nothing is padded."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import soundfile as sf

@@ -10,13 +10,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 
 from bundles import load_bundle
 from bundles.kmeans import KMeansModel, save_kmeans
-from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
+from continue_pt.demo import KMEANS_LAYER, demo_audio
 from continue_pt.export import export_checkpoint
 from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
 from continue_pt.masking import hubert_time_mask
@@ -24,23 +23,6 @@ from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pret
 from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    from converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    convert_checkpoint(CHECKPOINT, out, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
-    return out
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("audio")
-    for i in range(8):
-        sf.write(out / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
-    return out
 
 
 def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> PretrainOptions:

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from bundles import load_bundle
 from bundles.kmeans import KMeansModel, save_kmeans
 from continue_pt.cli import cli
-from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, write_demo_corpus
+from continue_pt.demo import write_demo_corpus
 from continue_pt.interruption import RunInterrupted
 from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, RunResult, run_pretraining
 from continue_pt.progress import PhaseProgress
@@ -29,15 +29,6 @@ from continue_pt.options import auto_log_every
 from tests.training_helpers import StopAt, logged_rows
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def bundle_dir(tmp_path_factory) -> Path:
-    from converters.convert import convert_checkpoint
-
-    out = tmp_path_factory.mktemp("bundle") / "tiny"
-    convert_checkpoint(CHECKPOINT, out, kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
-    return out
 
 
 @pytest.fixture(scope="module")
