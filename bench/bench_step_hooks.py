@@ -3,12 +3,15 @@
 global gradient norm, before (a Python loop of ``div_`` and Lightning's ``grad_norm``: one norm kernel and one
 host read per tensor) and after (one ``_foreach_div_``, one ``_foreach_norm`` + stack, one host read).
 
-    python bench/bench_step_hooks.py [--device cpu|cuda] [--rounds 20]
+    .venv/bin/python bench/bench_step_hooks.py [--device cpu|cuda] [--rounds 20] [--no-publish]
+
+Writes the section ``bench_step_hooks`` of ``bench/RESULTS.md`` unless ``--no-publish``.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 import time
@@ -18,7 +21,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as C  # noqa: E402
 from continue_pt.step_guard import divide_, fused_grad_norm, gradients  # noqa: E402
+
+SECTION = "bench_step_hooks"
 
 
 def before(module: torch.nn.Module, divisor: float) -> float:
@@ -43,7 +50,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--no-publish", dest="publish", action="store_false")
     args = parser.parse_args()
+    command = shlex.join([".venv/bin/python", "bench/bench_step_hooks.py", *sys.argv[1:]])
+    info = C.machine_info()
+    lines: list[str] = []
     from torchaudio.models import hubert_pretrain_base
 
     torch.manual_seed(0)
@@ -51,15 +62,15 @@ def main() -> None:
     params = list(model.parameters())
     for p in params:
         p.grad = torch.randn_like(p)
-    print(f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors on {args.device}, "
-          f"{torch.get_num_threads()} threads")
+    lines.append(f"- {sum(p.numel() for p in params) / 1e6:.1f}M parameters in {len(params)} tensors on "
+                 f"{args.device}, {torch.get_num_threads()} threads")
     for name, fn in (("before", before), ("after", after)):  # what each launches: kernels and host reads
         with torch.profiler.profile() as prof:
             fn(model, 1.0000001)
         ops = [e.key for e in prof.key_averages() for _ in range(e.count)]
         reads = sum(op in ("aten::_local_scalar_dense", "aten::item") for op in ops)
-        print(f"{name:>6}: {len(ops)} aten ops, {reads} scalar host reads (.item(); 'after' reads once with .tolist()), "
-              f"{ops.count('aten::div_')} div_, {ops.count('aten::_foreach_div_')} _foreach_div_")
+        lines.append(f"- {name}: {len(ops)} aten ops, {reads} scalar host reads (.item(); 'after' reads once with "
+                     f".tolist()), {ops.count('aten::div_')} div_, {ops.count('aten::_foreach_div_')} _foreach_div_")
     timings: dict[str, list[float]] = {"before": [], "after": []}
     norms = {}
     for _ in range(args.rounds):  # interleaved, so that drifts of the machine hit both alike
@@ -72,9 +83,19 @@ def main() -> None:
                 torch.cuda.synchronize()
             timings[name].append(time.perf_counter() - start)
     for name, values in timings.items():
-        print(f"{name:>6}: median {statistics.median(values) * 1e3:.1f} ms, min {min(values) * 1e3:.1f} ms "
-              f"over {args.rounds} rounds (grad norm {norms[name]:.6f})")
-    print(f"speed-up (median): {statistics.median(timings['before']) / statistics.median(timings['after']):.2f}x")
+        lines.append(f"- {name}: median {statistics.median(values) * 1e3:.1f} ms, min {min(values) * 1e3:.1f} ms "
+                     f"over {args.rounds} interleaved rounds (grad norm {norms[name]:.6f})")
+    lines.append(f"- speed-up (median): "
+                 f"{statistics.median(timings['before']) / statistics.median(timings['after']):.2f}x")
+    body = [f"## {SECTION}: the optimizer-step hook (gradient division + global norm), per-tensor vs fused", "",
+            *C.machine_lines(info, command), *lines, "",
+            "- What matters on a GPU is the host reads: 'before' waits for the device once per tensor (Lightning's "
+            "grad_norm + a loop of div_), 'after' once per step. On a CPU the foreach kernels fall back to "
+            "per-tensor loops, so the wall time there says little; the GPU figure comes from bench/gpu_check.py."]
+    if args.publish:
+        C.publish(SECTION, body)
+    else:
+        print("\n".join(body))
 
 
 if __name__ == "__main__":
