@@ -265,6 +265,10 @@ import sys
 import lightning.pytorch as pl
 import torch
 
+# one thread: a fixed summation order, whatever the machine's load (a last-bit difference can move a
+# nearest-centroid target)
+torch.set_num_threads(1)
+
 sys.path.insert(0, sys.argv[4])
 from tests.test_pretrain import _ListData, _Recorder, _ddp_batches
 from tests.training_helpers import no_dropout
