@@ -119,6 +119,7 @@ import sys
 import lightning.pytorch as pl
 import torch
 
+torch.set_num_threads(1)  # a fixed summation order whatever the load (targets are nearest centroids)
 sys.path.insert(0, sys.argv[1])
 from tests.test_gpu_path_steps import _batches
 from continue_pt.batching import empty_batch
