@@ -58,7 +58,7 @@ class PretrainOptions:
     train_data: str
     """A directory of audio files or a fairseq manifest (.tsv)."""
     output_dir: str
-    """Gets ``metrics.csv`` (CSVLogger), ``checkpoints/`` and the exported ``bundle/``."""
+    """Gets ``metrics.csv`` (kept across resumes), ``checkpoints/``, the exported ``bundle/``, ``curves.png``."""
     init_from: str | None = None
     """Bundle to start from (weights only; a fresh optimiser). Exclusive with ``resume``."""
     resume: str | None = None
