@@ -105,7 +105,7 @@ def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
               if f.name not in ("init_from", "resume") and (v := getattr(options, f.name)) != getattr(defaults, f.name)}
     config = Path(options.output_dir) / "resume.yaml"
     tmp = config.with_name(".resume.yaml.tmp")
-    tmp.write_text("# written when the run was interrupted: its options, for --resume\n"
+    tmp.write_text("# written when the run stopped early: its options (those not at their defaults), for --resume\n"
                    + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
     os.replace(tmp, config)
     return " ".join(["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint)),
@@ -215,8 +215,11 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     if trainer.is_global_zero:
         _point_last_at(final)
     if module.stop_reason is not None:  # no bundle: the user resumes from last.ckpt with other settings
+        command = (_resume_command(options, checkpoint_dir / "last.ckpt") if trainer.is_global_zero
+                   else f"continue-pt pretrain --resume {checkpoint_dir / 'last.ckpt'} ...")
         raise TrainingStopped(checkpoint_dir / "last.ckpt", module.stop_reason,
-                              hint=f"Resume: continue-pt pretrain --resume {checkpoint_dir / 'last.ckpt'} ...")
+                              hint=f"Resume, after changing what the message suggests (in OUTPUT/resume.yaml or as "
+                                   f"flags): {command}")
     bundle_dir = out / "bundle"
     if trainer.is_global_zero:
         export_checkpoint(final, bundle_dir, overwrite=options.overwrite or options.resume is not None,

@@ -118,7 +118,9 @@ def test_consecutive_bad_steps_stop_the_run_with_a_resumable_last_checkpoint(bun
     assert str(last) in message
     assert "training stopped at step 3: 2 consecutive steps were skipped" in message
     assert "the weights are those after step 1" in message
-    assert "--resume" in message and "bf16" not in message  # 32-bit run: no fp16 advice
+    assert "bf16" not in message  # 32-bit run: no fp16 advice
+    assert f"continue-pt pretrain --resume {last} --config {out / 'resume.yaml'}" in message  # the exact command
+    assert (out / "resume.yaml").is_file()
     assert not (out / "bundle").exists()
     # last.ckpt is the state after step 3 (global_step 4) holding the weights of step 1, the last good one
     checkpoint = torch.load(last, weights_only=True, map_location="cpu")
