@@ -28,7 +28,7 @@ from continue_pt.checkpoint_io import AtomicCheckpointIO
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
 from continue_pt.interruption import RunInterrupted, StopOnSignal
-from continue_pt.labels import bundle_label_rate
+from continue_pt.labels import DEFAULT_LABEL_RATE, bundle_label_rate
 from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
@@ -168,7 +168,8 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
         normalize=module.data_normalizes, max_batch_seconds=options.max_batch_seconds,
         max_sample_size=options.max_sample_size, min_seconds=options.min_seconds, val_fraction=options.val_fraction,
         train_labels=options.labels, val_labels=options.val_labels, label_dict=options.label_dict,
-        label_rate=bundle_label_rate(module.bundle_config.objective),
+        # only offline label files are read at a label rate (wav2vec 2.0 and online targets have none to ask for)
+        label_rate=bundle_label_rate(module.bundle_config.objective) if options.labels else DEFAULT_LABEL_RATE,
         num_workers=options.resolved_num_workers(), seed=options.seed)
     checkpoint_dir = out / "checkpoints"
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
