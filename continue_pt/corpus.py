@@ -118,7 +118,8 @@ def not_audio_note(skipped: list[tuple[Path, str]]) -> str | None:
     per_suffix = Counter(path.suffix.lower() for path in paths)
     counted = ", ".join(f"{suffix}: {n}" for suffix, n in per_suffix.most_common())
     named = ", ".join(path.name for path in paths[:3]) + (", ..." if len(paths) > 3 else "")
-    return f"left out {len(paths)} files that are not audio ({counted}): {named}"
+    files = "file that is" if len(paths) == 1 else "files that are"
+    return f"left out {len(paths)} {files} not audio ({counted}): {named}"
 
 
 def _scan_directory(source: Path, sample_rate: int, min_seconds: float, num_threads: int) -> ScanResult:

@@ -204,6 +204,8 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
                                                   r"interval.*")
         if options.resume is not None:  # resuming into the same checkpoints/ is the point; nothing is overwritten
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty.*")
+            # resuming into another --output-dir: its checkpoints/ is new on purpose (the earlier metrics are copied)
+            warnings.filterwarnings("ignore", message=r"The dirpath has changed from .*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
     if stop.saved is not None:
         if trainer.is_global_zero:

@@ -106,7 +106,7 @@ def test_a_mixed_folder_reads_mp3_and_opus_and_names_every_skipped_file(tmp_path
     assert len(data.train_dataset) == 5
     for name in ("broken.mp3", "f.m4a", "short.wav"):
         assert f"{name}: " in caplog.text, name
-    assert "left out 1 files that are not audio (.txt: 1): notes.txt" in caplog.text
+    assert "left out 1 file that is not audio (.txt: 1): notes.txt" in caplog.text
 
 
 def test_text_beside_the_audio_is_one_line_not_a_warning_per_file(tmp_path, caplog):
