@@ -73,6 +73,8 @@ class LabelDictionary:
     symbols: list[str]
     nspecial: int
     unk_index: int
+    state: dict[str, Any] = field(default_factory=dict)
+    """The pickled object's whole state (counts, indices, special words), kept so an export can write it back."""
 
 
 @dataclass
@@ -86,6 +88,8 @@ class FairseqCheckpoint:
     num_updates: int | None
     dictionaries: list[LabelDictionary] = field(default_factory=list)
     file: TorchFile | None = None
+    task_state_key: str | None = None
+    """Where ``task_state`` kept the dictionaries: ``"dictionaries"`` (a list) or ``"target_dictionary"`` (one)."""
 
     def close(self) -> None:
         if self.file is not None:
@@ -138,7 +142,7 @@ def _label_dictionary(obj: Any) -> LabelDictionary | None:
     if not isinstance(symbols, list) or not all(isinstance(s, str) for s in symbols):
         return None
     return LabelDictionary(symbols=list(symbols), nspecial=int(state.get("nspecial", 4)),
-                           unk_index=int(state.get("unk_index", 3)))
+                           unk_index=int(state.get("unk_index", 3)), state=to_plain(dict(state)))
 
 
 def _namespace_to_cfg(args: dict[str, Any]) -> dict[str, Any]:
@@ -248,12 +252,16 @@ def _interpret(path: Path, file: TorchFile) -> FairseqCheckpoint:
         raise ConversionError(path, f"its model state holds non-tensor entries {bad[:5]}",
                               hint="Is this a fairseq checkpoint?")
     dictionaries: list[LabelDictionary] = []
+    task_state_key = None
     task_state = raw.get("task_state")
     if isinstance(task_state, dict):
+        task_state_key = "dictionaries" if task_state.get("dictionaries") is not None else \
+            "target_dictionary" if task_state.get("target_dictionary") is not None else None
         found = task_state.get("dictionaries")
         if found is None:
             found = task_state.get("target_dictionary")
         found = found if isinstance(found, list) else [found] if found is not None else []
         dictionaries = [d for d in (_label_dictionary(x) for x in found) if d is not None]
     return FairseqCheckpoint(path=path, era=era, cfg=cfg, state=state, num_updates=_num_updates(raw),
-                             dictionaries=dictionaries, file=file)
+                             dictionaries=dictionaries, file=file,
+                             task_state_key=task_state_key if dictionaries else None)

@@ -103,7 +103,10 @@ def plan_ctc(ckpt: FairseqCheckpoint, family: str, common: EncoderPlan, problems
     config = BundleConfig(family=family, kind="ctc", encoder_args=common.encoder_args, pretrain_args=None,
                           sample_rate=common.sample_rate, normalize_waveform=common.normalize,
                           num_updates=ckpt.num_updates, provenance=common.provenance)
-    return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped) + common.derived,
+    # Tensors the CTC model has no slot for are kept under their fairseq names, so an export back to fairseq can
+    # write the checkpoint fairseq's own loader needs (strict load_state_dict), bit for bit.
+    dropped = direct_tensors(ckpt, {key: key for key in common.key_map_result.dropped})
+    return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped) + common.derived, dropped,
                           key_map_result=common.key_map_result)
 
 
@@ -143,8 +146,18 @@ def provenance(ckpt: FairseqCheckpoint, normalize_source: str, **extra: Any) -> 
         "source_format": f"fairseq checkpoint ({ckpt.era} era)",
         "normalize_from": normalize_source,
         "fairseq_config": _json_safe(ckpt.cfg),
+        **_task_state(ckpt),
         **extra,
     }
+
+
+def _task_state(ckpt: FairseqCheckpoint) -> dict[str, Any]:
+    """The fairseq task's dictionaries as data (``fairseq_task_state``), so that an export to fairseq can write them
+    back and fairseq's task needs no ``dict.*.txt`` on disk. Nothing when the checkpoint has none."""
+    if ckpt.task_state_key is None or not ckpt.dictionaries:
+        return {}
+    states = [_json_safe(d.state) for d in ckpt.dictionaries]
+    return {"fairseq_task_state": {ckpt.task_state_key: states if ckpt.task_state_key == "dictionaries" else states[0]}}
 
 
 def _json_safe(value: Any) -> Any:

@@ -1,0 +1,249 @@
+"""Bundle (or training ``.ckpt``) -> fairseq checkpoint ``.pt`` that fairseq's own loader reads.
+
+The file is fairseq's current plain-dict ``cfg`` era: ``cfg`` is the configuration the bundle recorded from its
+source checkpoint, ``model`` the state dict under fairseq's names (the reverse of the family's key map, derived from
+the forward table), ``optimizer_history[-1]["num_updates"]`` the bundle's updates, and ``task_state`` the task's
+dictionaries, so fairseq's task needs no ``dict.*.txt`` on disk. HuBERT's ``label_embs_concat`` is rebuilt in the
+dictionary's row order with its special rows back in place. The pickle holds only dicts, lists, tensors and
+primitives, plus the dictionaries as ``fairseq.data.dictionary.Dictionary`` (written as a class reference and a
+state dict, without fairseq installed) so that fairseq builds its task from them and our allow-list reader reads
+them back.
+"""
+
+from __future__ import annotations
+
+import copyreg
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bundles.atomic import atomic_write
+from bundles.config import BundleConfig
+from bundles.errors import BundleError, FileProblem
+from bundles.loading import Bundle, load_bundle
+
+from .errors import ConversionError
+from .families import hubert, wav2vec2
+from .families.base import FEATURE_PROJECTION
+from .families.reverse_map import ReverseKeyMap, reverse_key_map
+
+_FAMILIES: dict[str, ModuleType] = {"hubert": hubert, "wav2vec2": wav2vec2}
+_CRITERION_CLASS = {"hubert": "HubertCriterion", "wav2vec": "Wav2vecCriterion", "ctc": "CtcCriterion"}
+_RECONVERT = "Convert the fairseq checkpoint again with this version of continue-pt (`continue-pt convert`)"
+LABEL_EMBEDDINGS = "logit_generator.label_embeddings"
+NON_CLUSTER_ROWS = "label_embeddings_non_cluster"
+
+
+# -- the pickle: plain data plus fairseq's Dictionary as a class reference ----------------------------------------
+
+class FairseqDictionary:
+    """Pickles as a ``fairseq.data.dictionary.Dictionary`` with ``state`` as its ``__dict__`` (no fairseq needed)."""
+
+    def __init__(self, state: dict[str, Any]):
+        self.state = state
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        return copyreg.__newobj__, (type(self),), self.state
+
+
+class _Pickler(pickle._Pickler):  # the pure-Python pickler: its save_global can be overridden
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        if obj is FairseqDictionary:
+            self.write(pickle.GLOBAL + b"fairseq.data.dictionary\nDictionary\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
+_PICKLE_MODULE = SimpleNamespace(Pickler=_Pickler, __name__="pickle")
+
+
+def save_fairseq_file(checkpoint: dict[str, Any], path: Path) -> None:
+    """``torch.save`` (zip format) with the pickler above."""
+    torch.save(checkpoint, path, pickle_module=_PICKLE_MODULE, pickle_protocol=2)
+
+
+# -- the state dict -------------------------------------------------------------------------------------------------
+
+def _pick(candidates: list[str], encoder_args: dict[str, Any]) -> str:
+    """The fairseq key among the reverse rules' candidates: the table's first (the published form), except for the
+    conv front end's norm, whose fairseq place depends on ``extractor_mode`` (GroupNorm ``.2``; LayerNorm ``.2.1``)."""
+    if encoder_args.get("extractor_mode") == "layer_norm":
+        layer_norm = [c for c in candidates if ".2.1." in c]
+        if layer_norm:
+            return layer_norm[0]
+    return candidates[0]
+
+
+def _candidates(reverse: ReverseKeyMap, key: str) -> list[str]:
+    return [re.fullmatch(p, key).expand(t) for p, t in reverse.rules if re.fullmatch(p, key)]
+
+
+def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Tensor]:
+    """The fairseq model's state dict from the bundle's tensors (every unmappable tensor goes to ``problems``)."""
+    config = bundle.config
+    family = _FAMILIES[config.family]
+    reverse = reverse_key_map(family.CTC_KEY_MAP if config.kind == "ctc" else family.PRETRAIN_KEY_MAP)
+    identity_projection = "identity_feature_projection" in config.provenance
+    state: dict[str, Tensor] = {}
+    for key, tensor in bundle.state_dict().items():
+        if identity_projection and FEATURE_PROJECTION + "projection." in key:
+            continue  # derived by the converter; fairseq has no post_extract_proj here
+        if key == LABEL_EMBEDDINGS and config.family == "hubert":
+            continue  # rebuilt below in the dictionary's row order
+        candidates = _candidates(reverse, key)
+        if not candidates:
+            problems.append(f"no fairseq name for the bundle tensor {key!r}")
+            continue
+        state[_pick(candidates, config.encoder_args)] = tensor
+    extras = bundle.fairseq_extras()
+    if config.family == "hubert" and config.kind == "pretrain":
+        embs = _label_embs_concat(config, bundle.state_dict()[LABEL_EMBEDDINGS], extras.get(NON_CLUSTER_ROWS),
+                                  problems)
+        if embs is not None:
+            state["label_embs_concat"] = embs
+    if config.kind == "ctc":
+        kept = {k: v for k, v in extras.items() if k != NON_CLUSTER_ROWS}
+        if not kept:
+            problems.append("it keeps none of the fine-tuned checkpoint's tensors that the CTC model has no slot for "
+                            "(mask_emb), which fairseq's loader needs")
+        state.update(kept)
+    return state
+
+
+def _label_embs_concat(config: BundleConfig, clusters: Tensor, specials: Tensor | None,
+                       problems: list[str]) -> Tensor | None:
+    """fairseq's ``label_embs_concat``: row ``cluster_rows[c]`` is cluster ``c``, the other rows the specials."""
+    labels = config.label_dictionary or {}
+    symbols, rows = labels.get("source_symbols"), labels.get("cluster_rows")
+    missing = set(labels.get("missing_clusters") or [])
+    if not isinstance(symbols, list) or not isinstance(rows, list) or len(rows) != clusters.shape[0]:
+        problems.append("its label_dictionary does not describe the label embeddings' rows")
+        return None
+    present = {rows[c] for c in range(len(rows)) if c not in missing}
+    others = [r for r in range(len(symbols)) if r not in present]
+    if specials is None or specials.shape[0] != len(others):
+        problems.append(f"fairseq_extras.safetensors should hold the {len(others)} non-cluster label embedding rows "
+                        f"({[symbols[r] for r in others]})")
+        return None
+    out = torch.empty(len(symbols), clusters.shape[1], dtype=clusters.dtype)
+    out[others] = specials.to(clusters.dtype)
+    for c, row in enumerate(rows):
+        if c not in missing:
+            out[row] = clusters[c]
+    return out
+
+
+# -- config and task state ------------------------------------------------------------------------------------------
+
+def _dictionary_state(symbols: list[str]) -> dict[str, Any]:
+    """A fairseq ``Dictionary``'s state for ``symbols`` (the four specials first), as ``Dictionary()`` makes it."""
+    return {"bos_word": "<s>", "unk_word": "<unk>", "pad_word": "<pad>", "eos_word": "</s>", "symbols": list(symbols),
+            "count": [1] * len(symbols), "indices": {s: i for i, s in enumerate(symbols)}, "bos_index": 0,
+            "pad_index": 1, "eos_index": 2, "unk_index": 3, "nspecial": 4}
+
+
+def fairseq_task_state(config: BundleConfig) -> dict[str, Any]:
+    """``task_state``: the dictionaries the source checkpoint had; HuBERT's rebuilt from the bundle's label
+    dictionary when training changed it (a re-initialised label head of another K)."""
+    stored = config.provenance.get("fairseq_task_state")
+    stored = dict(stored) if isinstance(stored, dict) else {}
+    if config.family == "hubert" and config.kind == "pretrain":
+        symbols = (config.label_dictionary or {}).get("source_symbols") or []
+        previous = (stored.get("dictionaries") or [None])[0]
+        if not isinstance(previous, dict) or previous.get("symbols") != symbols:
+            previous = _dictionary_state(symbols)
+        stored["dictionaries"] = [previous]
+    out: dict[str, Any] = {}
+    for key, value in stored.items():
+        out[key] = [FairseqDictionary(v) for v in value] if isinstance(value, list) else FairseqDictionary(value)
+    return out
+
+
+def fairseq_checkpoint_dict(bundle: Bundle, problems: list[str]) -> dict[str, Any]:
+    config = bundle.config
+    cfg = config.provenance.get("fairseq_config")
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        problems.append("its provenance has no fairseq configuration (provenance.fairseq_config)")
+    state = fairseq_state_dict(bundle, problems)
+    criterion = (cfg or {}).get("criterion") or {}
+    num_updates = int(config.num_updates or 0)
+    return {
+        "args": None,
+        "cfg": cfg,
+        "model": state,
+        "criterion": None,
+        "optimizer_history": [{"criterion_name": _CRITERION_CLASS.get(criterion.get("_name"), "unknown"),
+                               "optimizer_name": "none (exported by continue-pt)", "lr_scheduler_state": {},
+                               "num_updates": num_updates}],
+        "task_state": fairseq_task_state(config),
+        "extra_state": {},
+        "last_optimizer_state": None,
+    }
+
+
+# -- entry point ----------------------------------------------------------------------------------------------------
+
+def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
+                   on_progress: Callable[[str], None] | None = None) -> Path:
+    """Write the bundle (or training checkpoint) ``src`` as a fairseq checkpoint ``out`` (atomically).
+
+    Raises :class:`~bundles.errors.FileProblem` subclasses naming the file, the problem and what to do."""
+    src, out = Path(src), Path(out)
+    if out.is_dir():
+        raise ConversionError(out, "is a directory", hint="Pass the path of the .pt file to write")
+    if out.exists() and not overwrite:
+        raise ConversionError(out, "already exists", hint="Choose another output file or pass --overwrite")
+    if not src.exists():
+        raise ConversionError(src, "no such bundle or training checkpoint", hint="Check the path")
+    if src.is_file():
+        return _export_training_checkpoint(src, out, overwrite=overwrite, on_progress=on_progress)
+    bundle = load_bundle(src)
+    problems: list[str] = []
+    checkpoint = fairseq_checkpoint_dict(bundle, problems)
+    if problems:
+        raise ConversionError(src, problems, hint=_RECONVERT)
+    if on_progress is not None:
+        on_progress(f"writing {len(checkpoint['model'])} tensors to {out}")
+    size = sum(t.numel() * t.element_size() for t in checkpoint["model"].values())
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return atomic_write(out, lambda tmp: save_fairseq_file(checkpoint, tmp), needed=size)
+    except FileProblem:
+        raise
+    except OSError as exc:
+        raise ConversionError(out, f"could not be written ({exc.strerror or exc})",
+                              hint="Check free disk space and permissions") from None
+
+
+def _export_training_checkpoint(src: Path, out: Path, *, overwrite: bool,
+                                on_progress: Callable[[str], None] | None) -> Path:
+    """A training ``.ckpt``: exported to a temporary bundle first (``continue_pt.export``), then to fairseq."""
+    try:
+        from continue_pt.export import export_checkpoint
+    except ImportError:  # the converters do not need the training package; only this path does
+        raise ConversionError(src, "is a file, not a bundle directory, and continue_pt is not installed",
+                              hint="Pass a bundle directory") from None
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".bundle", dir=out.parent if out.parent.exists()
+                                 else None))
+    try:
+        bundle_dir = export_checkpoint(src, work / "bundle")
+        return export_fairseq(bundle_dir, out, overwrite=overwrite, on_progress=on_progress)
+    except BundleError as exc:
+        if exc.path == work / "bundle" or str(exc.path).startswith(str(work)):
+            raise ConversionError(src, exc.problems, hint=exc.hint) from None
+        raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+__all__ = ["FairseqDictionary", "export_fairseq", "fairseq_checkpoint_dict", "fairseq_state_dict",
+           "fairseq_task_state", "save_fairseq_file"]
