@@ -394,13 +394,49 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="Bundle directory to create (atomically).")
+              help="What to create (atomically): a bundle directory (--to bundle), a .pt file (--to fairseq).")
+@click.option("--to", "target", type=click.Choice(["bundle", "fairseq", "hf"]), default="bundle", show_default=True,
+              help="bundle: a training .ckpt -> bundle; fairseq: a bundle or a training .ckpt -> a fairseq "
+                   "checkpoint that fairseq's checkpoint_utils loads; hf: -> a Hugging Face model directory.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def export(checkpoint: Path, out_dir: Path, overwrite: bool) -> None:
-    """Turn a training CHECKPOINT (.ckpt) into a bundle that load_bundle loads."""
+def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> None:
+    """Turn a training CHECKPOINT (.ckpt) into a bundle that load_bundle loads, or a bundle / .ckpt into a fairseq
+    checkpoint (--to fairseq) or a Hugging Face model (--to hf)."""
+    if target == "fairseq":
+        from converters.fairseq_export import export_fairseq
+
+        click.echo(f"wrote {_export_fairseq_with_progress(export_fairseq, checkpoint, out_dir, overwrite)}")
+        return
+    if target == "hf":
+        from converters.hf_export import export_hf
+
+        click.echo(f"wrote {export_hf(checkpoint, out_dir, overwrite=overwrite)}")
+        return
     from continue_pt.export import export_checkpoint
 
     click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
+
+
+_PROGRESS_FROM_BYTES = 256 << 20  # a progress bar only for files that take a while to write
+
+
+def _export_fairseq_with_progress(export_fairseq: Any, src: Path, out: Path, overwrite: bool) -> Path:
+    """``export_fairseq`` with a progress bar (on stderr) once the file is large enough to wait for."""
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None and total >= _PROGRESS_FROM_BYTES:
+            bar = click.progressbar(length=total, label=f"writing {out.name}", file=sys.stderr)
+            bar.__enter__()
+        if bar is not None:
+            bar.update(min(done, total) - bar.pos)
+
+    try:
+        return export_fairseq(src, out, overwrite=overwrite, on_progress=progress)
+    finally:
+        if bar is not None:
+            bar.__exit__(None, None, None)
 
 
 @cli.command()

@@ -78,6 +78,11 @@ def describe(path: str | Path) -> dict[str, Any]:
         dropped = plan.key_map_result.dropped if plan.key_map_result else {}
         if dropped:
             facts["dropped"] = dropped
+        if ckpt.task_state_key:
+            facts["task_dictionaries"] = f"task_state[{ckpt.task_state_key!r}]: " + ", ".join(
+                f"{len(d.symbols)} symbols" for d in ckpt.dictionaries)
+        if ckpt.exported_by:
+            facts["exported_by"] = ckpt.exported_by
         return facts
 
 

@@ -89,6 +89,8 @@ class FairseqCheckpoint:
     dictionaries: list[LabelDictionary] = field(default_factory=list)
     file: TorchFile | None = None
     task_state_key: str | None = None
+    exported_by: str | None = None
+    """``extra_state["exported_by"]`` of a file `continue-pt export --to fairseq` wrote (fairseq ignores it)."""
     """Where ``task_state`` kept the dictionaries: ``"dictionaries"`` (a list) or ``"target_dictionary"`` (one)."""
 
     def close(self) -> None:
@@ -264,4 +266,10 @@ def _interpret(path: Path, file: TorchFile) -> FairseqCheckpoint:
         dictionaries = [d for d in (_label_dictionary(x) for x in found) if d is not None]
     return FairseqCheckpoint(path=path, era=era, cfg=cfg, state=state, num_updates=_num_updates(raw),
                              dictionaries=dictionaries, file=file,
-                             task_state_key=task_state_key if dictionaries else None)
+                             task_state_key=task_state_key if dictionaries else None, exported_by=_exported_by(raw))
+
+
+def _exported_by(raw: dict[str, Any]) -> str | None:
+    extra = raw.get("extra_state")
+    value = extra.get("exported_by") if isinstance(extra, dict) else None
+    return value if isinstance(value, str) else None

@@ -13,6 +13,7 @@ them back.
 from __future__ import annotations
 
 import copyreg
+import io
 import pickle
 import re
 import shutil
@@ -20,7 +21,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import Tensor
@@ -66,9 +67,29 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: its save_global can
 _PICKLE_MODULE = SimpleNamespace(Pickler=_Pickler, __name__="pickle")
 
 
-def save_fairseq_file(checkpoint: dict[str, Any], path: Path) -> None:
-    """``torch.save`` (zip format) with the pickler above."""
-    torch.save(checkpoint, path, pickle_module=_PICKLE_MODULE, pickle_protocol=2)
+class _CountingFile(io.RawIOBase):
+    """A write-only file that reports how many bytes went through (for a progress bar on large exports)."""
+
+    def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None]):
+        self.raw, self.on_bytes = raw, on_bytes
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        written = self.raw.write(data)
+        self.on_bytes(written)
+        return written
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def save_fairseq_file(checkpoint: dict[str, Any], path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+    """``torch.save`` (zip format) with the pickler above; ``on_bytes(n)`` after every write."""
+    with open(path, "wb") as fh:
+        target = fh if on_bytes is None else _CountingFile(fh, on_bytes)
+        torch.save(checkpoint, target, pickle_module=_PICKLE_MODULE, pickle_protocol=2)
 
 
 # -- the state dict -------------------------------------------------------------------------------------------------
@@ -185,7 +206,8 @@ def fairseq_checkpoint_dict(bundle: Bundle, problems: list[str]) -> dict[str, An
                                "optimizer_name": "none (exported by continue-pt)", "lr_scheduler_state": {},
                                "num_updates": num_updates}],
         "task_state": fairseq_task_state(config),
-        "extra_state": {},
+        # fairseq ignores it; `continue-pt inspect` says where the file came from
+        "extra_state": {"exported_by": f"continue-pt export --to fairseq from {bundle.path.name}"},
         "last_optimizer_state": None,
     }
 
@@ -193,8 +215,10 @@ def fairseq_checkpoint_dict(bundle: Bundle, problems: list[str]) -> dict[str, An
 # -- entry point ----------------------------------------------------------------------------------------------------
 
 def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
-                   on_progress: Callable[[str], None] | None = None) -> Path:
+                   on_progress: Callable[[int, int], None] | None = None) -> Path:
     """Write the bundle (or training checkpoint) ``src`` as a fairseq checkpoint ``out`` (atomically).
+
+    ``on_progress(bytes_written, bytes_expected)`` is called as the file is written (for a progress bar).
 
     Raises :class:`~bundles.errors.FileProblem` subclasses naming the file, the problem and what to do."""
     src, out = Path(src), Path(out)
@@ -211,12 +235,17 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
     if problems:
         raise ConversionError(src, problems, hint=_RECONVERT)
-    if on_progress is not None:
-        on_progress(f"writing {len(checkpoint['model'])} tensors to {out}")
     size = sum(t.numel() * t.element_size() for t in checkpoint["model"].values())
+    written = [0]
+
+    def count(n: int) -> None:
+        written[0] += n
+        on_progress(written[0], size)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return atomic_write(out, lambda tmp: save_fairseq_file(checkpoint, tmp), needed=size)
+        return atomic_write(out, lambda tmp: save_fairseq_file(checkpoint, tmp, count if on_progress else None),
+                            needed=size)
     except FileProblem:
         raise
     except OSError as exc:
@@ -225,7 +254,7 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
 
 
 def _export_training_checkpoint(src: Path, out: Path, *, overwrite: bool,
-                                on_progress: Callable[[str], None] | None) -> Path:
+                                on_progress: Callable[[int, int], None] | None) -> Path:
     """A training ``.ckpt``: exported to a temporary bundle first (``continue_pt.export``), then to fairseq."""
     try:
         from continue_pt.export import export_checkpoint
