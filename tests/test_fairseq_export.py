@@ -50,19 +50,25 @@ def _fairseq_load(path, monkeypatch) -> torch.nn.Module:
     return models[0].eval()
 
 
-def _exported(name: str, tmp_path, seed: int = 1, era: str = "dict", num_layers: int = 2):
-    ref = fr.build_fairseq_model(name, num_layers=num_layers, seed=seed, shuffle_dictionary=True)
-    fr.save_checkpoint(ref, tmp_path / "source.pt", era, num_updates=NUM_UPDATES)
-    bundle_dir = convert_checkpoint(tmp_path / "source.pt", tmp_path / "bundle")
-    out = export_fairseq(bundle_dir, tmp_path / "exported.pt")
-    return ref, load_bundle(bundle_dir), out
+_EXPORTED: dict[str, tuple] = {}
+
+
+def _exported(name: str, tmp_path_factory):
+    """(fairseq reference, bundle converted from its checkpoint, the bundle exported back to fairseq); once each."""
+    if name not in _EXPORTED:
+        work = tmp_path_factory.mktemp(f"export-{name}")
+        ref = fr.build_fairseq_model(name, num_layers=2, seed=1, shuffle_dictionary=True)
+        fr.save_checkpoint(ref, work / "source.pt", "dict", num_updates=NUM_UPDATES)
+        bundle_dir = convert_checkpoint(work / "source.pt", work / "bundle")
+        _EXPORTED[name] = ref, load_bundle(bundle_dir), export_fairseq(bundle_dir, work / "exported.pt")
+    return _EXPORTED[name]
 
 
 # -- fairseq loads it and computes what the bundle computes ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["hubert_base_ls960", "wav2vec_small", "wav2vec_small_960h"])
-def test_fairseq_loads_the_export_and_matches_the_bundle_layer_by_layer(name, tmp_path, monkeypatch):
-    ref, bundle, out = _exported(name, tmp_path)
+def test_fairseq_loads_the_export_and_matches_the_bundle_layer_by_layer(name, tmp_path_factory, monkeypatch):
+    ref, bundle, out = _exported(name, tmp_path_factory)
     model = _fairseq_load(out, monkeypatch)
     loaded = _with_model(ref, model)
     for key, value in ref.model.state_dict().items():  # the very weights fairseq saved, under fairseq's names
@@ -86,12 +92,12 @@ def test_fairseq_loads_the_export_and_matches_the_bundle_layer_by_layer(name, tm
         assert torch.equal(theirs, fr.fairseq_hubert_logits(ref, wav, mask))
 
 
-def test_hubert_criterion_on_the_export_gives_the_kits_loss_on_the_bundle(tmp_path, monkeypatch):
+def test_hubert_criterion_on_the_export_gives_the_kits_loss_on_the_bundle(tmp_path_factory, monkeypatch):
     from continue_pt.hubert_objective import LossWeights
     from tests.test_hubert_objective import REL, _batch, _fairseq_step, _mapped_grads, _no_dropout, _our_step, \
         _targets_some_correct
 
-    ref, bundle, out = _exported("hubert_base_ls960", tmp_path)
+    ref, bundle, out = _exported("hubert_base_ls960", tmp_path_factory)
     loaded = _with_model(ref, _no_dropout(_fairseq_load(out, monkeypatch)))
     batches = [_batch(loaded, bundle, [6400, 4400], 6400, None, seed=10)]
     _targets_some_correct(bundle, batches[0])
@@ -109,6 +115,13 @@ def test_hubert_criterion_on_the_export_gives_the_kits_loss_on_the_bundle(tmp_pa
 _REFS: dict[str, fr.FairseqReference] = {}
 
 
+def _small_ref(name: str) -> fr.FairseqReference:
+    """One encoder layer and 50 clusters: the round trips are about names and bytes, not depth."""
+    if name not in _REFS:
+        _REFS[name] = fr.build_fairseq_model(name, num_layers=1, seed=2, shuffle_dictionary=True, num_clusters=50)
+    return _REFS[name]
+
+
 def _read(path):
     """(tensors, cfg, task dictionaries' states, num_updates, era) through our own allow-list reader."""
     with read_fairseq_checkpoint(path) as ckpt:
@@ -120,9 +133,7 @@ def _read(path):
 @pytest.mark.parametrize("era", fr.ERAS)
 @pytest.mark.parametrize("name", fr.CONFIG_NAMES)
 def test_fairseq_to_bundle_to_fairseq_is_bit_identical(name, era, tmp_path):
-    if name not in _REFS:  # one encoder layer: the round trip is about names and bytes, not depth
-        _REFS[name] = fr.build_fairseq_model(name, num_layers=1, seed=2, shuffle_dictionary=True, num_clusters=50)
-    ref = _REFS[name]
+    ref = _small_ref(name)
     fr.save_checkpoint(ref, tmp_path / "source.pt", era, num_updates=NUM_UPDATES)
     bundle_dir = convert_checkpoint(tmp_path / "source.pt", tmp_path / "bundle")
     out = export_fairseq(bundle_dir, tmp_path / "exported.pt")
@@ -139,7 +150,7 @@ def test_fairseq_to_bundle_to_fairseq_is_bit_identical(name, era, tmp_path):
 
 @pytest.mark.parametrize("name", ["hubert_base_ls960", "libri960_big", "hubert_large_ll60k_finetune_ls960"])
 def test_bundle_to_fairseq_to_bundle_is_identical(name, tmp_path):
-    ref = fr.build_fairseq_model(name, num_layers=1, seed=3, shuffle_dictionary=True, num_clusters=50)
+    ref = _small_ref(name)
     fr.save_checkpoint(ref, tmp_path / "source.pt", "dict", num_updates=NUM_UPDATES)
     first = convert_checkpoint(tmp_path / "source.pt", tmp_path / "first")
     export_fairseq(first, tmp_path / "exported.pt")
