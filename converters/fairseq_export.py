@@ -115,7 +115,8 @@ def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Tensor]
     reverse = reverse_key_map(family.CTC_KEY_MAP if config.kind == "ctc" else family.PRETRAIN_KEY_MAP)
     identity_projection = "identity_feature_projection" in config.provenance
     state: dict[str, Tensor] = {}
-    for key, tensor in bundle.state_dict().items():
+    tensors = bundle.state_dict()
+    for key, tensor in tensors.items():
         if identity_projection and FEATURE_PROJECTION + "projection." in key:
             continue  # derived by the converter; fairseq has no post_extract_proj here
         if key == LABEL_EMBEDDINGS and config.family == "hubert":
@@ -127,8 +128,7 @@ def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Tensor]
         state[_pick(candidates, config.encoder_args)] = tensor
     extras = bundle.fairseq_extras()
     if config.family == "hubert" and config.kind == "pretrain":
-        embs = _label_embs_concat(config, bundle.state_dict()[LABEL_EMBEDDINGS], extras.get(NON_CLUSTER_ROWS),
-                                  problems)
+        embs = _label_embs_concat(config, tensors[LABEL_EMBEDDINGS], extras.get(NON_CLUSTER_ROWS), problems)
         if embs is not None:
             state["label_embs_concat"] = embs
     if config.kind == "ctc":
@@ -266,8 +266,8 @@ def _export_training_checkpoint(src: Path, out: Path, *, overwrite: bool,
     try:
         bundle_dir = export_checkpoint(src, work / "bundle")
         return export_fairseq(bundle_dir, out, overwrite=overwrite, on_progress=on_progress)
-    except BundleError as exc:
-        if exc.path == work / "bundle" or str(exc.path).startswith(str(work)):
+    except BundleError as exc:  # about the temporary bundle: name the training checkpoint instead
+        if str(exc.path).startswith(str(work)):
             raise ConversionError(src, exc.problems, hint=exc.hint) from None
         raise
     finally:

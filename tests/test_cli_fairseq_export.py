@@ -1,5 +1,7 @@
-"""`continue-pt export SRC --to fairseq -o model.pt` on the tiny demo bundle and a training checkpoint (no fairseq
-needed: the file is read back with the kit's own allow-list reader; tests/test_fairseq_export.py has fairseq load it)."""
+"""`continue-pt export SRC --to fairseq -o model.pt` on the tiny demo bundle and a training checkpoint.
+
+No fairseq needed: the file is read back with the kit's own allow-list reader (tests/test_fairseq_export.py has
+fairseq load it)."""
 
 from __future__ import annotations
 
