@@ -90,15 +90,25 @@ def hf_config(config: BundleConfig, path: Path = Path("config.json"), encoder_on
         out["mask_feature_prob"] = 0.0
         out["apply_spec_augment"] = False
     else:
-        masking = {**(config.objective or {}), **(config.pretrain_args or {})}
-        # The pre-training bundles hold a mask embedding: transformers keeps it as masked_spec_embed, which
-        # exists only while SpecAugment's time masking is on (the probability is fairseq's, or transformers' default).
-        out["mask_time_prob"] = float(masking.get("mask_prob") or 0.05)
-        out["mask_time_length"] = int(masking.get("mask_length") or 10)
+        # The pre-training bundles hold a mask embedding: transformers keeps it as masked_spec_embed, which exists
+        # only while its SpecAugment's time masking is on. That masking is transformers' fine-tuning augmentation, so
+        # it keeps transformers' default rate rather than pre-training's (HuBERT's 0.8 would mask most of every
+        # utterance while fine-tuning); pre-training's masking stays in the bundle configuration of the extras file.
+        out["mask_time_prob"] = 0.05
+        out["mask_time_length"] = 10
     if layout.architecture == "Wav2Vec2ForPreTraining":
         pre = config.pretrain_args
+        objective = config.objective or {}
         out.update({"num_codevectors_per_group": pre["latent_vars"], "num_codevector_groups": pre["latent_groups"],
                     "codevector_dim": pre["codevector_dim"], "proj_codevector_dim": pre["final_dim"]})
+        # The contrastive loss of Wav2Vec2ForPreTraining, with the checkpoint's settings where it has them.
+        loss_weights = (objective.get("criterion") or {}).get("loss_weights") or []
+        for hf_name, value in (("num_negatives", objective.get("num_negatives")),
+                               ("contrastive_logits_temperature", objective.get("logit_temp")),
+                               ("feat_quantizer_dropout", objective.get("dropout_features")),
+                               ("diversity_loss_weight", loss_weights[0] if loss_weights else None)):
+            if value is not None:
+                out[hf_name] = value
     return out
 
 
@@ -217,6 +227,9 @@ def export_hf(src: str | Path, out_dir: str | Path, overwrite: bool = False,
     wav2vec 2.0 pre-training bundle for transformers' bare ``Wav2Vec2Model`` (the heads then go to the extras
     file) instead of ``Wav2Vec2ForPreTraining``."""
     src = Path(src)
+    if not src.exists():
+        raise ConversionError(src, "no such bundle directory or training checkpoint",
+                              hint="Pass a bundle directory or a .ckpt written by `continue-pt pretrain`")
     if src.is_dir():
         return export_bundle_hf(src, out_dir, overwrite=overwrite, on_tensor=on_tensor, encoder_only=encoder_only)
     # A training checkpoint: continue_pt owns its format (imported here, lazily, so that converters does not

@@ -224,6 +224,8 @@ def test_what_transformers_cannot_hold_is_refused_naming_the_option(bundles, tmp
 
 
 def test_existing_output_is_kept_unless_overwrite(bundles, tmp_path):
+    with pytest.raises(ConversionError, match="no such bundle directory or training checkpoint"):
+        export_hf(tmp_path / "nothing", tmp_path / "x")
     out = tmp_path / "hf"
     out.mkdir()
     (out / "keep").write_text("x")
