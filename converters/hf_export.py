@@ -20,13 +20,12 @@ from typing import Any
 
 from bundles.atomic import dir_mode
 from bundles.config import BundleConfig
-from bundles.errors import BundleError
 from bundles.loading import Bundle, load_bundle
 from bundles.safetensors_stream import PendingTensor, write_safetensors_streaming
 
 from .errors import ConversionError
 from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRSEQ_EXTRAS_PREFIX, KMEANS_TENSOR,
-                        HFLayout, bundle_key_to_hf, layout_for)
+                        bundle_key_to_hf, layout_for)
 
 HF_CONFIG_FILE = "config.json"
 HF_MODEL_FILE = "model.safetensors"
@@ -279,4 +278,4 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
 
 
 __all__ = ["export_hf", "export_bundle_hf", "hf_config", "unsupported_options", "preprocessor_config",
-           "plan_hf_tensors", "BundleError"]
+           "plan_hf_tensors"]

@@ -28,8 +28,8 @@ from bundles.writing import write_bundle
 
 from .errors import ConversionError
 from .hf_export import HF_CONFIG_FILE, HF_MODEL_FILE, hf_config
-from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, EXTRAS_PREFIX, FAIRSEQ_EXTRAS_PREFIX,
-                        KMEANS_TENSOR, HFLayout, bundle_key_to_hf, layout_for_architecture)
+from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRSEQ_EXTRAS_PREFIX, KMEANS_TENSOR,
+                        HFLayout, bundle_key_to_hf, layout_for_architecture)
 
 _HF_MODEL_TYPES = ("hubert", "wav2vec2")
 _GENERAL_IMPORT_HINT = ("Only directories written by `continue-pt export --to hf` are read (they carry "
@@ -98,6 +98,20 @@ def _changed_options(found: dict[str, Any], expected: dict[str, Any]) -> list[st
             for key in _STRUCTURAL if key in expected and found.get(key) != expected[key]]
 
 
+def _legacy_weight_norm_names() -> dict[str, str]:
+    """transformers on a torch without ``parametrizations.weight_norm`` (before 2.1) saves the positional
+    convolution's weight-norm factors as ``weight_g`` / ``weight_v``; those names are read too."""
+    out = {}
+    for prefix in ("", "hubert.", "wav2vec2."):
+        base = f"{prefix}encoder.pos_conv_embed.conv."
+        out[base + "parametrizations.weight.original0"] = base + "weight_g"
+        out[base + "parametrizations.weight.original1"] = base + "weight_v"
+    return out
+
+
+_LEGACY_NAMES = _legacy_weight_norm_names()
+
+
 def _bundle_keys(config: BundleConfig) -> list[str]:
     model = build_pretrain_model(config) if config.kind == "pretrain" else build_encoder(config)
     return list(model.state_dict())
@@ -110,6 +124,7 @@ def _model_tensors(src: Path, layout: HFLayout, config: BundleConfig, hf_state: 
     for key in _bundle_keys(config):
         where, name = bundle_key_to_hf(layout, key) or ("", "")
         source = hf_state if where == "model" else extras
+        name = _LEGACY_NAMES.get(name, name) if name not in source else name
         if name not in source:
             problems.append(f"{key} (expected as {name or '?'} in "
                             f"{HF_MODEL_FILE if where == 'model' else EXTRAS_FILE}) is missing")
@@ -215,4 +230,4 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-__all__ = ["import_hf", "describe_hf_directory", "is_hf_directory", "read_hf_config", "EXTRAS_PREFIX"]
+__all__ = ["import_hf", "describe_hf_directory", "is_hf_directory", "read_hf_config"]

@@ -207,6 +207,28 @@ def test_bundle_to_transformers_to_bundle_is_lossless(name, encoder_only, bundle
         assert b.get_pretrain_model().logit_generator.label_embeddings.shape == (20, 32)
 
 
+def test_a_directory_re_saved_by_transformers_reads_back_with_its_new_weights(bundles, tmp_path):
+    """Fine-tuned with transformers and saved again (here: one weight changed, the weight-norm factors under
+    transformers' legacy names): convert takes the new weights and the head from the extras file."""
+    from safetensors.torch import load_file, save_file
+
+    hf = export_hf(bundles["hubert"], tmp_path / "hf")
+    model = _load_cleanly("HubertModel", hf)
+    with torch.no_grad():
+        model.encoder.layers[0].feed_forward.output_dense.bias.add_(1.0)
+    model.save_pretrained(tmp_path / "tuned")
+    (tmp_path / "tuned" / EXTRAS_FILE).write_bytes((hf / EXTRAS_FILE).read_bytes())
+    weights = load_file(tmp_path / "tuned" / "model.safetensors")
+    for new, old in (("weight_g", "parametrizations.weight.original0"), ("weight_v", "parametrizations.weight.original1")):
+        weights[f"encoder.pos_conv_embed.conv.{new}"] = weights.pop(f"encoder.pos_conv_embed.conv.{old}")
+    save_file(weights, tmp_path / "tuned" / "model.safetensors", metadata={"format": "pt"})
+    back = load_bundle(convert_checkpoint(tmp_path / "tuned", tmp_path / "back")).state_dict()
+    original = load_bundle(bundles["hubert"]).state_dict()
+    changed = "wav2vec2.encoder.transformer.layers.0.feed_forward.output_dense.bias"
+    assert torch.equal(back[changed], original[changed] + 1.0)
+    assert all(torch.equal(back[k], original[k]) for k in original if k != changed)
+
+
 def test_what_transformers_cannot_hold_is_refused_naming_the_option(bundles, tmp_path):
     config = json.loads((bundles["wav2vec2"] / "config.json").read_text())
     odd = tmp_path / "odd"
