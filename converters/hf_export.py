@@ -11,12 +11,15 @@ transformers would have to initialise at random is ever written. transformers it
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from safetensors import safe_open
 
 from bundles.atomic import dir_mode
 from bundles.config import BundleConfig
@@ -245,6 +248,24 @@ def export_hf(src: str | Path, out_dir: str | Path, overwrite: bool = False,
                                 encoder_only=encoder_only)
 
 
+def export_bytes(src: str | Path) -> int:
+    """The tensor bytes :func:`export_hf` writes for ``src`` (a progress bar's total, fed by ``on_tensor``'s
+    ``t.nbytes``): those of the bundle's safetensors files, or about the training checkpoint's size."""
+    src = Path(src)
+    if not src.is_dir():
+        return src.stat().st_size if src.is_file() else 0
+    total = 0
+    for path in sorted(src.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_slice(name)
+                total += math.prod(tensor.get_shape()) * _DTYPE_BYTES.get(tensor.get_dtype(), 4)
+    return total
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
 def _write_directory(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
     """Each file written into a temporary sibling, which is renamed into place only when all are complete."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -277,5 +298,5 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-__all__ = ["export_hf", "export_bundle_hf", "hf_config", "unsupported_options", "preprocessor_config",
+__all__ = ["export_hf", "export_bundle_hf", "export_bytes", "hf_config", "unsupported_options", "preprocessor_config",
            "plan_hf_tensors"]

@@ -25,7 +25,7 @@ from bundles.waveform import normalize_waveforms
 from bundles.writing import write_bundle
 from converters.convert import convert_checkpoint
 from converters.errors import ConversionError
-from converters.hf_export import export_hf, hf_config
+from converters.hf_export import export_bytes, export_hf, hf_config
 from converters.hf_layout import EXTRAS_FILE, LAYOUTS, bundle_key_to_hf
 from continue_pt.demo import ASSETS, CHECKPOINT, KMEANS, KMEANS_LAYER
 
@@ -137,7 +137,10 @@ def test_key_table_places_every_bundle_key_exactly_where_transformers_expects_it
 
 
 def test_hubert_exports_as_a_hubert_model_that_loads_cleanly_and_matches(bundles, tmp_path):
-    out = export_hf(bundles["hubert"], tmp_path / "hf")
+    written = []
+    out = export_hf(bundles["hubert"], tmp_path / "hf", on_tensor=lambda t: written.append(t.nbytes))
+    # the progress callback sees every tensor; export_bytes is the bar's total
+    assert sum(written) == export_bytes(bundles["hubert"])
     assert sorted(p.name for p in out.iterdir()) == [
         "config.json", EXTRAS_FILE, "model.safetensors", "preprocessor_config.json"]
     model = _load_cleanly("HubertModel", out)
@@ -273,6 +276,13 @@ def test_convert_refuses_a_changed_or_foreign_transformers_directory(bundles, tm
     assert not (tmp_path / "back").exists()
 
 
+def test_the_convert_command_reads_an_exported_directory(bundles, tmp_path):
+    hf = export_hf(bundles["wav2vec2"], tmp_path / "hf")
+    result = CliRunner().invoke(_cli(), ["convert", str(hf), "-o", str(tmp_path / "back")])
+    assert result.exit_code == 0, result.output
+    assert load_bundle(tmp_path / "back").get_pretrain_model().quantizer.codevectors.shape == (1, 32, 16)
+
+
 def test_inspect_describes_an_exported_directory(bundles, tmp_path):
     hf = export_hf(bundles["hubert"], tmp_path / "hf")
     result = CliRunner().invoke(_cli(), ["inspect", str(hf), "--json"])
@@ -289,15 +299,16 @@ def test_a_training_checkpoint_exports_through_a_temporary_bundle(bundles, tmp_p
 
     from continue_pt.demo import demo_audio
     from continue_pt.export import export_checkpoint
-    from continue_pt.pretrain import run_pretraining
-    from tests.test_bad_steps import _options
+    from continue_pt.pretrain import PretrainOptions, run_pretraining
 
     audio = tmp_path / "audio"
     audio.mkdir()
     for i in range(2):
         sf.write(audio / f"u{i}.wav", demo_audio(2.0, seed=i)[0].numpy(), 16000)
-    run_pretraining(_options(bundles["hubert"], audio, tmp_path / "run", max_steps=1, accumulate=1,
-                             checkpoint_every=1, warmup_steps=1))
+    run_pretraining(PretrainOptions(train_data=str(audio), output_dir=str(tmp_path / "run"),
+                                    init_from=str(bundles["hubert"]), max_steps=1, max_batch_seconds=4.0,
+                                    min_seconds=1.0, num_workers=0, warmup_steps=1, checkpoint_every=1,
+                                    progress_bar=False))
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     hf = export_hf(ckpt, tmp_path / "hf")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["audio", "hf", "run"]  # the temporary bundle is gone
