@@ -21,7 +21,7 @@ from typing import Any
 
 from safetensors import safe_open
 
-from bundles.atomic import dir_mode
+from bundles.atomic import dir_mode, disk_full
 from bundles.config import BundleConfig
 from bundles.loading import Bundle, load_bundle
 from bundles.safetensors_stream import PendingTensor, write_safetensors_streaming
@@ -216,7 +216,7 @@ def export_bundle_hf(bundle_dir: str | Path, out_dir: str | Path, overwrite: boo
         # Always written: besides HuBERT's head it carries the bundle's config.json, so `convert` restores
         # everything transformers' config has no field for (objective, provenance, num_updates, temperatures).
         EXTRAS_FILE: lambda p: write_safetensors_streaming(p, extras, _extras_metadata(bundle), on_tensor=on_tensor),
-    })
+    }, needed=sum(t.nbytes for t in model + extras))
     return out_dir
 
 
@@ -266,8 +266,9 @@ def export_bytes(src: str | Path) -> int:
 _DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 
-def _write_directory(out_dir: Path, writers: dict[str, Callable[[Path], object]]) -> None:
-    """Each file written into a temporary sibling, which is renamed into place only when all are complete."""
+def _write_directory(out_dir: Path, writers: dict[str, Callable[[Path], object]], needed: int) -> None:
+    """Each file written into a temporary sibling, which is renamed into place only when all are complete.
+    ``needed``: about the bytes of the whole directory (said when the disk is full)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     os.chmod(tmp, dir_mode())
@@ -276,6 +277,9 @@ def _write_directory(out_dir: Path, writers: dict[str, Callable[[Path], object]]
             try:
                 write(tmp / name)
             except OSError as exc:
+                full = disk_full(out_dir / name, exc, needed)
+                if full is not None:
+                    raise full from None
                 raise ConversionError(out_dir / name, f"could not be written ({exc.strerror or exc})",
                                       hint="Check free disk space and permissions") from None
         _swap_into_place(tmp, out_dir)

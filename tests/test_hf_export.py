@@ -194,7 +194,7 @@ def test_ctc_bundles_with_layer_norm_options_export_for_ctc_and_match(family, bu
 
 
 @pytest.mark.parametrize("name, encoder_only", [("hubert", False), ("wav2vec2", False), ("wav2vec2", True),
-                                                ("wav2vec2_ctc", False)])
+                                                ("wav2vec2_ctc", False), ("hubert_ctc", False)])
 def test_bundle_to_transformers_to_bundle_is_lossless(name, encoder_only, bundles, tmp_path):
     hf = export_hf(bundles[name], tmp_path / "hf", encoder_only=encoder_only)
     back = convert_checkpoint(hf, tmp_path / "back")
@@ -262,6 +262,23 @@ def test_existing_output_is_kept_unless_overwrite(bundles, tmp_path):
     assert (out / "keep").exists()
     export_hf(bundles["hubert"], out, overwrite=True)
     assert not (out / "keep").exists() and (out / "model.safetensors").is_file()
+
+
+def test_a_full_disk_leaves_nothing_and_names_the_file(bundles, tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from bundles.errors import DiskFull
+    from converters import hf_export
+
+    def no_space(path, *args, **kwargs):
+        Path(path).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(hf_export, "write_safetensors_streaming", no_space)
+    with pytest.raises(DiskFull, match=r"hf/model.safetensors: could not be written .* it needs"):
+        export_hf(bundles["hubert"], tmp_path / "hf")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_convert_refuses_a_changed_or_foreign_transformers_directory(bundles, tmp_path):
