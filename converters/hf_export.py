@@ -33,6 +33,8 @@ from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRS
 HF_CONFIG_FILE = "config.json"
 HF_MODEL_FILE = "model.safetensors"
 PREPROCESSOR_FILE = "preprocessor_config.json"
+VOCAB_FILE = "vocab.json"
+TOKENIZER_FILE = "tokenizer_config.json"
 
 # encoder_args key -> how it reads in a transformers config; an encoder_args key missing here has no
 # transformers equivalent and the export is refused (naming it).
@@ -86,6 +88,9 @@ def hf_config(config: BundleConfig, path: Path = Path("config.json"), encoder_on
         out["feat_proj_layer_norm"] = True  # torchaudio's feature projection always normalises first
     if config.kind == "ctc":
         out["vocab_size"] = enc["aux_num_out"]
+        if ctc_vocabulary(config) is not None:  # row 0 is the CTC blank: transformers' pad token
+            vocab = ctc_vocabulary(config)
+            out.update({"pad_token_id": 0, "bos_token_id": vocab.get("<s>"), "eos_token_id": vocab.get("</s>")})
         # A fine-tuned bundle keeps no mask embedding (fairseq's CTC model drops it): transformers creates
         # masked_spec_embed only when SpecAugment is on, so it is off rather than initialised at random.
         out["mask_time_prob"] = 0.0
@@ -143,6 +148,29 @@ def unsupported_options(config: BundleConfig) -> list[str]:
             problems.append(f"the quantizer reads {pre.get('extractor_dim')} features; transformers' reads the "
                             f"last convolution's {layers[-1][0]}")
     return problems
+
+
+def ctc_vocabulary(config: BundleConfig) -> dict[str, int] | None:
+    """vocab.json of a CTC bundle that kept its fairseq dictionary: symbol -> output row. fairseq's CTC blank is
+    row 0 (``<s>``), transformers' is its pad token, so rows 0 and ``<pad>``'s swap names (as transformers' own
+    fairseq conversion does); the rows, and so the weights, stay where they are."""
+    symbols = list((config.label_dictionary or {}).get("ctc_symbols") or [])
+    if config.kind != "ctc" or len(symbols) != config.encoder_args.get("aux_num_out") or \
+            len(set(symbols)) != len(symbols):
+        return None
+    if "<pad>" in symbols:
+        pad = symbols.index("<pad>")
+        symbols[0], symbols[pad] = symbols[pad], symbols[0]
+    return {symbol: row for row, symbol in enumerate(symbols)}
+
+
+def tokenizer_config(vocab: dict[str, int]) -> dict[str, Any]:
+    """transformers' ``Wav2Vec2CTCTokenizer`` for ``vocab`` (fairseq's letter dictionaries use ``|`` between words)."""
+    names = {v: k for k, v in vocab.items()}
+    return {"tokenizer_class": "Wav2Vec2CTCTokenizer", "pad_token": names[0],
+            "unk_token": "<unk>" if "<unk>" in vocab else names[0],
+            "bos_token": "<s>" if "<s>" in vocab else None, "eos_token": "</s>" if "</s>" in vocab else None,
+            "word_delimiter_token": "|" if "|" in vocab else None, "do_lower_case": False}
 
 
 def preprocessor_config(config: BundleConfig) -> dict[str, Any]:
@@ -205,6 +233,12 @@ def export_bundle_hf(bundle_dir: str | Path, out_dir: str | Path, overwrite: boo
     bundle = load_bundle(bundle_dir)
     config = hf_config(bundle.config, bundle.path / "config.json", encoder_only)
     model, extras, _ = plan_hf_tensors(bundle, encoder_only)
+    vocab = ctc_vocabulary(bundle.config)
+    tokenizer: dict[str, Callable[[Path], object]] = {} if vocab is None else {
+        VOCAB_FILE: lambda p: p.write_text(json.dumps(vocab, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"),
+        TOKENIZER_FILE: lambda p: p.write_text(json.dumps(tokenizer_config(vocab), indent=2) + "\n",
+                                               encoding="utf-8"),
+    }
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise ConversionError(out_dir, "already exists", hint="Choose another output directory or pass --overwrite")
@@ -216,6 +250,7 @@ def export_bundle_hf(bundle_dir: str | Path, out_dir: str | Path, overwrite: boo
         # Always written: besides HuBERT's head it carries the bundle's config.json, so `convert` restores
         # everything transformers' config has no field for (objective, provenance, num_updates, temperatures).
         EXTRAS_FILE: lambda p: write_safetensors_streaming(p, extras, _extras_metadata(bundle), on_tensor=on_tensor),
+        **tokenizer,
     }, needed=sum(t.nbytes for t in model + extras))
     return out_dir
 

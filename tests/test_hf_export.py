@@ -32,6 +32,7 @@ from continue_pt.demo import ASSETS, CHECKPOINT, KMEANS, KMEANS_LAYER
 transformers = pytest.importorskip("transformers")
 
 HUBERT_TOL, WAV2VEC2_TOL = 3e-5, 1.5e-5
+LETTERS = ["<s>", "<pad>", "</s>", "<unk>", "|", "E", "T", "A", "O", "N", "I", "H"]
 _LOAD_PROBLEMS = ("missing", "unexpected", "newly initialized", "not initialized", "mismatch", "not used")
 
 
@@ -51,8 +52,10 @@ def _ctc_bundle(template: BundleConfig, family: str, out: Path) -> Path:
     """A fine-tuned bundle with random weights and the options the demo checkpoints do not use."""
     enc = {**template.encoder_args, "extractor_mode": "layer_norm", "extractor_conv_bias": True,
            "encoder_layer_norm_first": True, "aux_num_out": 12}
+    symbols = LETTERS if family == "wav2vec2" else None  # the HuBERT one has no vocabulary: vocab_size only
     config = BundleConfig(family=family, kind="ctc", encoder_args=enc, pretrain_args=None, sample_rate=16000,
-                          normalize_waveform=True, provenance={"source_file": "synthetic"})
+                          normalize_waveform=True, provenance={"source_file": "synthetic"},
+                          label_dictionary={"ctc_symbols": symbols} if symbols else None)
     torch.manual_seed(1)
     model = build_encoder(config).to_empty(device="cpu")
     for name, p in model.state_dict().items():
@@ -191,6 +194,14 @@ def test_ctc_bundles_with_layer_norm_options_export_for_ctc_and_match(family, bu
         ours, _ = b.get_model()(wav)
         theirs = model(hf_wav).logits
     assert float((ours - theirs).abs().max()) <= tol
+    if family == "hubert":
+        assert not (out / "vocab.json").exists()
+        return
+    # the vocabulary: row 0 (fairseq's blank) is transformers' pad token, the rows themselves are unchanged
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert tokenizer.convert_ids_to_tokens(list(range(12))) == ["<pad>", "<s>"] + LETTERS[2:]
+    assert tokenizer.pad_token_id == model.config.pad_token_id == 0
+    assert tokenizer.decode([0, 5, 5, 0, 6, 4, 7, 7]) == "ET A"  # blank-separated repeats, "|" between words
 
 
 @pytest.mark.parametrize("name, encoder_only", [("hubert", False), ("wav2vec2", False), ("wav2vec2", True),
@@ -364,6 +375,11 @@ def test_published_configurations_match_fairseq_through_transformers(name, tmp_p
     with torch.no_grad():
         actual = base(hf_wav, output_hidden_states=True).hidden_states[1:]
     tol = HUBERT_TOL if ref.family == "hubert" else WAV2VEC2_TOL
+    if ref.fine_tuned:  # the checkpoint's letter dictionary became vocab.json (rows 0 and <pad> swap names)
+        vocab = json.loads((hf / "vocab.json").read_text())
+        symbols = list(ref.dictionary.symbols)
+        symbols[0], symbols[1] = symbols[1], symbols[0]
+        assert sorted(vocab, key=vocab.get) == symbols and sorted(vocab.values()) == list(range(len(symbols)))
     assert len(actual) == len(expected) == 2
     for layer, (a, e) in enumerate(zip(actual, expected), start=1):
         assert float((a - e).abs().max()) <= tol, f"layer {layer}"
