@@ -40,7 +40,8 @@ class BundleConfig:
     """fairseq's settings of the pre-training objective, from the checkpoint (masking, logit temperature,
     negatives, loss weights, label rate). ``continue_pt`` starts from them; flags override them."""
     label_dictionary: dict[str, Any] | None = None
-    """HuBERT pre-training: ``num_clusters`` and the fairseq dictionary's symbols in their original row order."""
+    """HuBERT pre-training: ``num_clusters`` and the fairseq dictionary's symbols in their original row order.
+    CTC: ``ctc_symbols``, the output layer's symbols in row order (when the checkpoint had its dictionary)."""
     num_updates: int | None = None
     """Updates the source checkpoint had seen (wav2vec 2.0's Gumbel temperature continues from it)."""
     provenance: dict[str, Any] = field(default_factory=dict)

@@ -394,7 +394,8 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
 @cli.command()
 @click.argument("checkpoint", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
-              help="What to create (atomically): a bundle directory (--to bundle), a .pt file (--to fairseq).")
+              help="What to create (atomically): a bundle directory (--to bundle), a .pt file (--to fairseq), a "
+                   "transformers model directory (--to hf).")
 @click.option("--to", "target", type=click.Choice(["bundle", "fairseq", "hf"]), default="bundle", show_default=True,
               help="bundle: a training .ckpt -> bundle; fairseq: a bundle or a training .ckpt -> a fairseq "
                    "checkpoint that fairseq's checkpoint_utils loads; hf: -> a Hugging Face model directory.")
@@ -402,19 +403,26 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
 def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> None:
     """Turn a training CHECKPOINT (.ckpt) into a bundle that load_bundle loads, or a bundle / .ckpt into a fairseq
     checkpoint (--to fairseq) or a Hugging Face model (--to hf)."""
-    if target == "fairseq":
-        from converters.fairseq_export import export_fairseq
+    from continue_pt.export import bundle_of, export_checkpoint
 
-        click.echo(f"wrote {_export_fairseq_with_progress(export_fairseq, checkpoint, out_dir, overwrite)}")
+    if target == "bundle":
+        click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
         return
-    if target == "hf":
-        from converters.hf_export import export_hf
+    if checkpoint.is_file() and out_dir.exists() and not overwrite:  # before a .ckpt is turned into a bundle
+        raise FileProblem(out_dir, "already exists", hint="Choose another output or pass --overwrite")
+    with bundle_of(checkpoint, out_dir.parent) as bundle_dir:  # a training .ckpt: a temporary bundle first
+        if target == "fairseq":
+            from converters.fairseq_export import export_fairseq
 
-        click.echo(f"wrote {export_hf(checkpoint, out_dir, overwrite=overwrite)}")
-        return
-    from continue_pt.export import export_checkpoint
+            written = _export_fairseq_with_progress(export_fairseq, bundle_dir, out_dir, overwrite)
+        else:
+            from converters.hf_export import export_bytes, export_hf
+            from tqdm import tqdm
 
-    click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
+            with tqdm(total=export_bytes(bundle_dir), unit="B", unit_scale=True, desc=f"writing {out_dir.name}",
+                      disable=None, leave=False) as bar:
+                written = export_hf(bundle_dir, out_dir, overwrite=overwrite, on_tensor=lambda t: bar.update(t.nbytes))
+    click.echo(f"wrote {written}")
 
 
 _PROGRESS_FROM_BYTES = 256 << 20  # a progress bar only for files that take a while to write

@@ -11,6 +11,10 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +158,30 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
     if isinstance(stored, dict) and isinstance(stored.get("centroids"), Tensor):
         kmeans = KMeansModel(stored["centroids"], stored.get("layer"), dict(stored.get("metadata") or {}))
     return write_bundle(out_dir, config, tensors, extras, kmeans=kmeans, overwrite=overwrite)
+
+
+@contextmanager
+def bundle_of(src: str | Path, scratch_dir: str | Path) -> Iterator[Path]:
+    """``src`` itself when it is a bundle directory; for a training ``.ckpt``, a temporary bundle exported from it
+    (in ``scratch_dir``, removed afterwards). This is how ``export --to fairseq/hf`` takes checkpoints: the
+    converters read bundles only (they do not depend on the training package)."""
+    src = Path(src)
+    if not src.is_file():
+        yield src
+        return
+    scratch_dir = Path(scratch_dir)
+    work = Path(tempfile.mkdtemp(prefix=f".{src.stem}.", suffix=".bundle",
+                                 dir=scratch_dir if scratch_dir.is_dir() else None))
+    try:
+        try:
+            bundle_dir = export_checkpoint(src, work / "bundle")
+        except BundleError as exc:  # about the temporary bundle: name the training checkpoint instead
+            if str(exc.path).startswith(str(work)):
+                raise BundleError(src, exc.problems, hint=exc.hint) from None
+            raise
+        yield bundle_dir
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _segments(checkpoint: dict[str, Any], steps: int, train_data: str | None) -> list[dict[str, Any]]:

@@ -112,6 +112,12 @@ def _sha256_in_background(path: Path) -> tuple[threading.Thread, dict[str, str]]
     return thread, out
 
 
+def _is_hf_directory(src: Path) -> bool:
+    from .hf_import import is_hf_directory
+
+    return is_hf_directory(src)
+
+
 def convert_checkpoint(
     src: str | Path,
     out_dir: str | Path,
@@ -121,12 +127,21 @@ def convert_checkpoint(
     overwrite: bool = False,
     on_tensor: Callable[[PendingTensor], None] | None = None,
 ) -> Path:
-    """Convert the fairseq checkpoint ``src`` into a bundle at ``out_dir`` (written atomically).
+    """Convert the fairseq checkpoint ``src`` into a bundle at ``out_dir`` (written atomically). ``src`` may also be
+    a transformers directory written by ``continue-pt export --to hf`` (see :mod:`converters.hf_import`).
 
     ``kmeans`` (joblib ``.bin`` or ``km.safetensors``) is attached as the bundle's k-means; ``kmeans_layer``
     (1-based) says which layer's output it clusters. Raises :class:`ConversionError` naming what is wrong.
     """
     src = Path(src)
+    if src.is_dir() and _is_hf_directory(src):  # written by `continue-pt export --to hf`: read it back
+        from .hf_import import import_hf
+
+        if kmeans is not None or kmeans_layer is not None:
+            raise ConversionError(src, "--kmeans / --kmeans-layer were given for a transformers directory",
+                                  hint="Its k-means (if any) travels in its continue_pt_extras.safetensors; attach "
+                                       "another one to the bundle this writes with `continue-pt convert`'s .pt path")
+        return import_hf(src, out_dir, overwrite=overwrite, on_tensor=on_tensor)
     km = read_kmeans_file(kmeans, kmeans_layer) if kmeans is not None else None
     if km is None and kmeans_layer is not None:
         raise ConversionError(src, "--kmeans-layer was given without --kmeans", hint="Pass the k-means file too")

@@ -50,9 +50,13 @@ def _summary(config: Any, names: set[str], num_params: int) -> dict[str, Any]:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Facts about ``path``: a bundle directory, a fairseq checkpoint, or a k-means file."""
+    """Facts about ``path``: a bundle directory, a transformers directory, a fairseq checkpoint, or a k-means file."""
     path = Path(path)
     if path.is_dir():
+        from .hf_import import describe_hf_directory, is_hf_directory
+
+        if is_hf_directory(path):  # written by `continue-pt export --to hf`
+            return describe_hf_directory(path)
         bundle = load_bundle(path)
         state = bundle.state_dict()
         facts = {"what": "bundle", **_summary(bundle.config, set(state), sum(t.numel() for t in state.values()))}

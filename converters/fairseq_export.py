@@ -16,8 +16,6 @@ import copyreg
 import io
 import pickle
 import re
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -28,7 +26,7 @@ from torch import Tensor
 
 from bundles.atomic import atomic_write
 from bundles.config import BundleConfig
-from bundles.errors import BundleError, FileProblem
+from bundles.errors import FileProblem
 from bundles.loading import Bundle, load_bundle
 
 from .errors import ConversionError
@@ -216,7 +214,8 @@ def fairseq_checkpoint_dict(bundle: Bundle, problems: list[str]) -> dict[str, An
 
 def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                    on_progress: Callable[[int, int], None] | None = None) -> Path:
-    """Write the bundle (or training checkpoint) ``src`` as a fairseq checkpoint ``out`` (atomically).
+    """Write the bundle ``src`` as a fairseq checkpoint ``out`` (atomically; a training ``.ckpt`` goes through
+    ``continue_pt.export.bundle_of`` first, in the CLI).
 
     ``on_progress(bytes_written, bytes_expected)`` is called as the file is written (for a progress bar).
 
@@ -229,7 +228,9 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
     if not src.exists():
         raise ConversionError(src, "no such bundle or training checkpoint", hint="Check the path")
     if src.is_file():
-        return _export_training_checkpoint(src, out, overwrite=overwrite, on_progress=on_progress)
+        raise ConversionError(src, "is a file, not a bundle directory",
+                              hint="For a training checkpoint use `continue-pt export CKPT --to fairseq -o OUT` "
+                                   "(it makes the bundle first)")
     bundle = load_bundle(src)
     problems: list[str] = []
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
@@ -251,27 +252,6 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
     except OSError as exc:
         raise ConversionError(out, f"could not be written ({exc.strerror or exc})",
                               hint="Check free disk space and permissions") from None
-
-
-def _export_training_checkpoint(src: Path, out: Path, *, overwrite: bool,
-                                on_progress: Callable[[int, int], None] | None) -> Path:
-    """A training ``.ckpt``: exported to a temporary bundle first (``continue_pt.export``), then to fairseq."""
-    try:
-        from continue_pt.export import export_checkpoint
-    except ImportError:  # the converters do not need the training package; only this path does
-        raise ConversionError(src, "is a file, not a bundle directory, and continue_pt is not installed",
-                              hint="Pass a bundle directory") from None
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".bundle", dir=out.parent if out.parent.exists()
-                                 else None))
-    try:
-        bundle_dir = export_checkpoint(src, work / "bundle")
-        return export_fairseq(bundle_dir, out, overwrite=overwrite, on_progress=on_progress)
-    except BundleError as exc:  # about the temporary bundle: name the training checkpoint instead
-        if str(exc.path).startswith(str(work)):
-            raise ConversionError(src, exc.problems, hint=exc.hint) from None
-        raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
 
 
 __all__ = ["FairseqDictionary", "export_fairseq", "fairseq_checkpoint_dict", "fairseq_state_dict",

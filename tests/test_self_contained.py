@@ -66,3 +66,15 @@ def test_a_missing_reference_package_fails_the_suite(monkeypatch):
     monkeypatch.setenv(ALLOW_MISSING_ENV, "1")
     with pytest.raises(pytest.skip.Exception):
         require("no_such_reference_pkg")
+
+
+def test_dependencies_point_one_way():
+    """converters -> bundles <- continue_pt: neither converters nor bundles imports the training package, and
+    bundles imports neither of the others."""
+    imports = re.compile(r"^\s*(?:from|import)\s+(continue_pt|converters)\b", re.M)
+    offenders = []
+    for package, forbidden in (("converters", {"continue_pt"}), ("bundles", {"continue_pt", "converters"})):
+        for path in (REPO / package).rglob("*.py"):
+            found = {m.group(1) for m in imports.finditer(path.read_text(encoding="utf-8"))} & forbidden
+            offenders += [f"{path.relative_to(REPO)} imports {name}" for name in sorted(found)]
+    assert not offenders, offenders

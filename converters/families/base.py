@@ -102,12 +102,21 @@ def plan_ctc(ckpt: FairseqCheckpoint, family: str, common: EncoderPlan, problems
         return None
     config = BundleConfig(family=family, kind="ctc", encoder_args=common.encoder_args, pretrain_args=None,
                           sample_rate=common.sample_rate, normalize_waveform=common.normalize,
-                          num_updates=ckpt.num_updates, provenance=common.provenance)
+                          num_updates=ckpt.num_updates, provenance=common.provenance,
+                          label_dictionary=_ctc_vocabulary(ckpt, common.encoder_args["aux_num_out"]))
     # Tensors the CTC model has no slot for are kept under their fairseq names, so an export back to fairseq can
     # write the checkpoint fairseq's own loader needs (strict load_state_dict), bit for bit.
     dropped = direct_tensors(ckpt, {key: key for key in common.key_map_result.dropped})
     return ConversionPlan(config, direct_tensors(ckpt, common.key_map_result.mapped) + common.derived, dropped,
                           key_map_result=common.key_map_result)
+
+
+def _ctc_vocabulary(ckpt: FairseqCheckpoint, num_outputs: int) -> dict[str, Any] | None:
+    """The output layer's symbols (row i = symbol i; fairseq's CTC blank is row 0, ``<s>``) from the checkpoint's
+    target dictionary, when it has one of the output layer's size (``export --to hf`` writes it as vocab.json)."""
+    if not ckpt.dictionaries or len(ckpt.dictionaries[0].symbols) != num_outputs:
+        return None
+    return {"ctc_symbols": list(ckpt.dictionaries[0].symbols)}
 
 
 def cfg_section(ckpt: FairseqCheckpoint, name: str) -> dict[str, Any]:
