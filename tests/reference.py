@@ -19,6 +19,7 @@ _INSTALL_HINT = {
     "fairseq": "pip install --no-build-isolation fairseq-fixed==0.12.3.1 (after torch, cython, numpy; `make install-test` does it)",
     "joblib": "pip install -e '.[test]' (`make install-test` does it)",
     "sklearn": "pip install scikit-learn (a runtime dependency of continue-pt)",
+    "transformers": "pip install -e '.[test]' (the pinned transformers; `make install-test` does it)",
 }
 
 

@@ -52,3 +52,13 @@ def test_the_fairseq_snippet_loads_the_export(continued_bundle, tmp_path):
                "sum(p.numel() for p in model.parameters()))")
     name, *_ = out.split()
     assert name == "HubertModel" and "(24, 32)" in out  # 20 clusters + 4 specials, the head's width
+
+
+def test_the_transformers_snippet_loads_the_export(continued_bundle, tmp_path):
+    from tests.reference import require
+
+    require("transformers")
+    result = CliRunner().invoke(cli, ["export", str(continued_bundle), "--to", "hf", "-o", str(tmp_path / "continued_hf")])
+    assert result.exit_code == 0, result.output
+    out = _run(readme_snippet("hf"), tmp_path, "print(len(hidden), tuple(hidden[-1].shape))")
+    assert out.split("(")[0].strip() == "3" and "(1, 49, 64)" in out  # the CNN output + 2 layers; 49 frames of 64-d
