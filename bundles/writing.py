@@ -64,7 +64,7 @@ def write_bundle(
         needed[CONFIG_FILE] = len(text.encode("utf-8"))
         (tmp / CONFIG_FILE).write_text(text, encoding="utf-8")
         writing = out_dir
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(exc, DiskFull):  # from save_kmeans: name the bundle's file, not the temporary one
@@ -79,7 +79,9 @@ def write_bundle(
     return out_dir
 
 
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
+def swap_into_place(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished directory ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced only once ``tmp`` is
+    in place (and restored if that rename fails)."""
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return

@@ -25,6 +25,7 @@ from bundles.atomic import dir_mode, disk_full
 from bundles.config import BundleConfig
 from bundles.loading import Bundle, load_bundle
 from bundles.safetensors_stream import PendingTensor, write_safetensors_streaming
+from bundles.writing import swap_into_place
 
 from .errors import ConversionError
 from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRSEQ_EXTRAS_PREFIX, KMEANS_TENSOR,
@@ -308,24 +309,10 @@ def _write_directory(out_dir: Path, writers: dict[str, Callable[[Path], object]]
                     raise full from None
                 raise ConversionError(out_dir / name, f"could not be written ({exc.strerror or exc})",
                                       hint="Check free disk space and permissions") from None
-        _swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _swap_into_place(tmp: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        os.replace(old, out_dir)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 __all__ = ["export_hf", "export_bundle_hf", "export_bytes", "hf_config", "unsupported_options", "preprocessor_config",
