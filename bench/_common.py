@@ -355,6 +355,14 @@ def publish(section: str, body: list[str]) -> None:
     print(f"\n(wrote section '{section}' of {RESULTS.relative_to(REPO)})")
 
 
+def publish_or_print(section: str, body: list[str], publish: bool) -> None:
+    """:func:`publish` ``body``, or only print it (a script's ``--no-publish``)."""
+    if publish:
+        publish(section, body)
+    else:
+        print("\n".join(body))
+
+
 def remove_work(work: Path, keep: bool) -> None:
     """Delete a benchmark's scratch folder unless ``--keep`` was given."""
     if keep:

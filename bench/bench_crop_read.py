@@ -79,10 +79,7 @@ def main() -> None:
             C.table(["file", "whole file, then cut (ms)", "window only (ms)", "speed-up"], rows), "",
             "- The data loader reads only the window (`continue_pt.audio.read_audio_window`; MP3 is decoded from "
             "the start, since mpg123 is not sample-exact after a seek)."]
-    if args.publish:
-        C.publish(SECTION, body)
-    else:
-        print("\n".join(body))
+    C.publish_or_print(SECTION, body, args.publish)
 
 
 if __name__ == "__main__":

@@ -92,10 +92,7 @@ def main() -> None:
             "- What matters on a GPU is the host reads: 'before' waits for the device once per tensor (Lightning's "
             "grad_norm + a loop of div_), 'after' once per step. On a CPU the foreach kernels fall back to "
             "per-tensor loops, so the wall time there says little; the GPU figure comes from bench/gpu_check.py."]
-    if args.publish:
-        C.publish(SECTION, body)
-    else:
-        print("\n".join(body))
+    C.publish_or_print(SECTION, body, args.publish)
 
 
 if __name__ == "__main__":

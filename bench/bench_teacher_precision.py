@@ -137,10 +137,7 @@ def main() -> None:
             "- Decision: `OnlineTargets` runs the teacher and the k-means with autocast disabled, in fp32, so online "
             "targets equal `labels dump`'s (tested: `tests/test_gpu_path_targets.py`). The teacher's share of a "
             "step is in bench_train_step (c)."]
-    if args.publish:
-        C.publish(SECTION, body)
-    else:
-        print("\n".join(body))
+    C.publish_or_print(SECTION, body, args.publish)
 
 
 if __name__ == "__main__":
