@@ -13,6 +13,7 @@ import os
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -42,6 +43,35 @@ class PendingTensor:
         for s in self.shape:
             n *= s
         return n
+
+
+_DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
+
+
+def pending_tensors_of(path: Path) -> dict[str, PendingTensor]:
+    """Every tensor of the safetensors file ``path``, unread: written elsewhere, its bytes are copied in the kernel
+    from their span in ``path`` (or, where the kernel cannot, read one tensor at a time). What an export that only
+    renames tensors needs to stay near ``cp`` in time and memory."""
+    path = Path(path)
+    with open(path, "rb") as fh:
+        (length,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(length))
+    data_start = 8 + length
+    pending = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin = info["data_offsets"][0]
+        pending[name] = PendingTensor(name, tuple(info["shape"]), _DTYPES_BY_NAME[info["dtype"]],
+                                      partial(_read_tensor, path, name), source_span=(path, data_start + begin))
+    return pending
+
+
+def _read_tensor(path: Path, name: str) -> torch.Tensor:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.get_tensor(name)
 
 
 def write_safetensors_streaming(path: Path, tensors: Iterable[PendingTensor], metadata: dict[str, str],

@@ -14,17 +14,20 @@ import json
 import math
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from safetensors import safe_open
 
 from bundles.atomic import dir_mode, disk_full
-from bundles.config import BundleConfig
+from bundles.config import MODEL_FILE, BundleConfig
+from bundles.errors import BundleError
 from bundles.loading import Bundle, load_bundle
-from bundles.safetensors_stream import PendingTensor, write_safetensors_streaming
+from bundles.safetensors_stream import PendingTensor, pending_tensors_of, write_safetensors_streaming
 from bundles.writing import swap_into_place
 
 from .errors import ConversionError
@@ -188,12 +191,22 @@ def preprocessor_config(config: BundleConfig) -> dict[str, Any]:
     }
 
 
+def _unread_tensors(path: Path) -> dict[str, PendingTensor]:
+    """The tensors of one of the bundle's safetensors files, unread; a missing or broken file is a BundleError."""
+    try:
+        return pending_tensors_of(path)
+    except (OSError, ValueError, KeyError, struct.error) as exc:  # ValueError covers a broken JSON header
+        raise BundleError(path, f"not a readable safetensors file ({exc})", hint="Re-create the bundle") from None
+
+
 def plan_hf_tensors(bundle: Bundle, encoder_only: bool = False
                     ) -> tuple[list[PendingTensor], list[PendingTensor], dict[str, str]]:
     """(tensors of ``model.safetensors``, of the extras file, bundle key -> where it went). Every bundle tensor
     is placed or the export is refused naming those that have no place."""
     layout = layout_for(bundle.family, bundle.kind, encoder_only)
-    state = bundle.state_dict()
+    # The tensors are only renamed: each is copied from its span in the bundle's file (in the kernel, as `cp`
+    # does), never held in memory.
+    state = _unread_tensors(bundle.path / (bundle.config.files.get("model") or MODEL_FILE))
     model: list[PendingTensor] = []
     extras: list[PendingTensor] = []
     placed: dict[str, str] = {}
@@ -204,15 +217,15 @@ def plan_hf_tensors(bundle: Bundle, encoder_only: bool = False
             unplaced.append(key)
             continue
         where, name = target
-        pending = PendingTensor(name, tuple(tensor.shape), tensor.dtype, lambda t=tensor: t.contiguous())
-        (model if where == "model" else extras).append(pending)
+        (model if where == "model" else extras).append(replace(tensor, name=name))
         placed[key] = f"{where}:{name}"
     if unplaced:
         raise ConversionError(bundle.path, f"tensors with no place in {layout.architecture}: {sorted(unplaced)[:8]}",
                               hint=_REFUSAL_HINT)
-    for key, tensor in bundle.fairseq_extras().items():
-        extras.append(PendingTensor(FAIRSEQ_EXTRAS_PREFIX + key, tuple(tensor.shape), tensor.dtype,
-                                    lambda t=tensor: t.contiguous()))
+    extras_file = bundle.config.files.get("fairseq_extras")
+    if extras_file:
+        for key, tensor in _unread_tensors(bundle.path / extras_file).items():
+            extras.append(replace(tensor, name=FAIRSEQ_EXTRAS_PREFIX + key))
     if bundle.has_kmeans:
         centroids = bundle.get_kmeans().centroids
         extras.append(PendingTensor(KMEANS_TENSOR, tuple(centroids.shape), centroids.dtype, lambda: centroids))
