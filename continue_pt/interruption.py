@@ -107,6 +107,6 @@ class StopOnSignal(pl.Callback):
         self.step = trainer.global_step
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         target = self.checkpoint_dir / f"interrupted-step={self.step}.ckpt"
-        trainer.save_checkpoint(target, weights_only=False)  # the full state (optimizer, loops): it resumes
+        trainer.save_checkpoint(target, weights_only=False)  # allowed: a save flag (full state: it resumes)
         self.saved = target
         trainer.should_stop = True
