@@ -363,6 +363,18 @@ def publish_or_print(section: str, body: list[str], publish: bool) -> None:
         print("\n".join(body))
 
 
+def run_and_clean_up(run: Callable[[Any, str], None], args: Any, script: str) -> None:
+    """``run(args, command)`` with the script's command line as a benchmark records it; ``bench/_work`` is removed
+    afterwards (unless ``args.keep``), also when the run fails, and the total time is logged."""
+    command = shlex.join([".venv/bin/python", f"bench/{script}", *sys.argv[1:]])
+    started = time.perf_counter()
+    try:
+        run(args, command)
+    finally:
+        cleanup(args.keep)
+    log(f"total {time.perf_counter() - started:.0f} s")
+
+
 def remove_work(work: Path, keep: bool) -> None:
     """Delete a benchmark's scratch folder unless ``--keep`` was given."""
     if keep:

@@ -21,7 +21,6 @@ Targets: wall (b)/(a) <= 1.5; (peak RSS (b) - peak RSS ``import torch``) / file 
 from __future__ import annotations
 
 import argparse
-import shlex
 import shutil
 import sys
 import time
@@ -86,13 +85,7 @@ def main() -> None:
     if args.naive_worker:
         naive_worker(*args.naive_worker)
         return
-    command = shlex.join([".venv/bin/python", "bench/bench_convert.py", *sys.argv[1:]])
-    started = time.perf_counter()
-    try:
-        run(args, command)
-    finally:
-        C.cleanup(args.keep)
-    C.log(f"total {time.perf_counter() - started:.0f} s")
+    C.run_and_clean_up(run, args, "bench_convert.py")
 
 
 def run(args: argparse.Namespace, command: str) -> None:

@@ -21,7 +21,6 @@ import argparse
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,13 +34,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="keep bench/_work (the cached 1.27 GB checkpoint)")
     args = ap.parse_args()
-    command = shlex.join([".venv/bin/python", "bench/bench_export.py", *sys.argv[1:]])
-    started = time.perf_counter()
-    try:
-        run(args, command)
-    finally:
-        C.cleanup(args.keep)
-    C.log(f"total {time.perf_counter() - started:.0f} s")
+    C.run_and_clean_up(run, args, "bench_export.py")
 
 
 def _size(path: Path) -> int:

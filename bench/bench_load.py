@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import subprocess
 import sys
 import time
@@ -153,13 +152,7 @@ def main() -> None:
     if args.worker:
         worker(*args.worker)
         return
-    command = shlex.join([".venv/bin/python", "bench/bench_load.py", *sys.argv[1:]])
-    started = time.perf_counter()
-    try:
-        run(args, command)
-    finally:
-        C.cleanup(args.keep)
-    C.log(f"total {time.perf_counter() - started:.0f} s")
+    C.run_and_clean_up(run, args, "bench_load.py")
 
 
 def median(values: list[float]) -> float:

@@ -66,7 +66,7 @@ def _is_safetensors(path: Path) -> bool:
 
 
 def _load_failure(exc: BaseException) -> str:
-    """Why torch could not read the file, without torch's advice to load it with ``weights_only=False`` (that would
+    """Why torch could not read the file, without torch's advice to turn its weights-only loading off (that would
     run whatever code the file carries; a checkpoint of ours never needs it)."""
     text = str(exc).strip()
     pickled = re.search(r"GLOBAL ([\w.]+)", text)
