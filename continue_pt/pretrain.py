@@ -21,7 +21,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from bundles.atomic import disk_full
+from bundles.atomic import atomic_write, disk_full
 from bundles.errors import BundleError
 from bundles.loading import load_bundle
 from continue_pt.checkpoint_io import AtomicCheckpointIO
@@ -104,10 +104,9 @@ def _resume_command(options: PretrainOptions, checkpoint: Path) -> str:
     values = {f.name: str(v) if isinstance(v, Path) else v for f in fields(PretrainOptions)
               if f.name not in ("init_from", "resume") and (v := getattr(options, f.name)) != getattr(defaults, f.name)}
     config = Path(options.output_dir) / "resume.yaml"
-    tmp = config.with_name(".resume.yaml.tmp")
-    tmp.write_text("# written when the run stopped early: its options (those not at their defaults), for --resume\n"
-                   + yaml.safe_dump(values, sort_keys=False), encoding="utf-8")
-    os.replace(tmp, config)
+    text = ("# written when the run stopped early: its options (those not at their defaults), for --resume\n"
+            + yaml.safe_dump(values, sort_keys=False))
+    atomic_write(config, lambda tmp: tmp.write_text(text, encoding="utf-8"), needed=len(text.encode("utf-8")))
     return " ".join(["continue-pt", "pretrain", "--resume", shlex.quote(str(checkpoint)),
                      "--config", shlex.quote(str(config))])
 
