@@ -73,8 +73,30 @@ def _print_facts(facts: dict[str, Any], as_json: bool) -> None:
         click.echo(f"{key:<{width}}  {value}")
 
 
+def _download_flags(func):
+    """Where ``convert`` / ``download`` put what they fetch and how it is checked (see converters.sources)."""
+    func = click.option("--sha256", help="Pin the checksum (hex) of the downloaded checkpoint file.")(func)
+    func = click.option("--mirror", help="Base URL serving the catalogue's files by name, instead of their official "
+                                         "URLs (default: $CONTINUE_PT_MIRROR).")(func)
+    return click.option("--cache-dir", type=click.Path(path_type=Path),
+                        help="Download cache (default: $CONTINUE_PT_CACHE, else $XDG_CACHE_HOME/continue-pt, else "
+                             "~/.cache/continue-pt).")(func)
+
+
+def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | None, out_dir: Path | None = None):
+    from converters.download import DownloadError
+    from converters.integrity import normalised_sha256
+    from converters.sources import FetchSettings
+
+    try:
+        pinned = normalised_sha256(sha256)
+    except ValueError as exc:
+        raise DownloadError("--sha256", str(exc), hint="Give the 64 hexadecimal digits of the file's sha256") from None
+    return FetchSettings(cache_dir=cache_dir, mirror=mirror, sha256=pinned, out_dir=out_dir)
+
+
 @cli.command()
-@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("src")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle directory to create (written atomically: it appears only when complete).")
 @click.option("--kmeans", type=click.Path(path_type=Path),
@@ -82,16 +104,26 @@ def _print_facts(facts: dict[str, Any], as_json: bool) -> None:
 @click.option("--kmeans-layer", type=click.IntRange(min=1),
               help="Transformer layer (1-based, fairseq numbering) whose output the k-means clusters.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool) -> None:
-    """Convert a fairseq HuBERT / wav2vec 2.0 checkpoint SRC (.pt) into a bundle.
+@_download_flags
+def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool,
+            cache_dir: Path | None, mirror: str | None, sha256: str | None) -> None:
+    """Convert a fairseq HuBERT / wav2vec 2.0 checkpoint SRC into a bundle.
 
+    SRC: a .pt file, a transformers directory, hf://ORG/REPO[@REV], an http(s) URL or a `continue-pt catalogue`
+    name (downloaded into the cache first, with the card's k-means if it has one).
     Pre-trained checkpoints keep their pre-training heads; fine-tuned (CTC) ones their output layer.
     """
     from tqdm import tqdm
 
     from converters.convert import convert_checkpoint
     from converters.errors import ConversionError
+    from converters.sources import resolve_source
 
+    source = resolve_source(src, _fetch_settings(cache_dir, mirror, sha256))
+    src = source.checkpoint
+    if kmeans is None and kmeans_layer is None and source.kmeans is not None:
+        kmeans, kmeans_layer = source.kmeans, source.kmeans_layer
+        click.echo(f"k-means: {source.kmeans_card.name} (layer {kmeans_layer}), {kmeans}", err=True)
     try:
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
                   disable=None, leave=False) as bar:
@@ -146,6 +178,20 @@ def verify(bundle: Path, source: Path) -> None:
         raise click.ClickException(f"{bundle}: {len(report.mismatches)} of {report.compared} tensors differ "
                                    f"from {source}")
     click.echo(f"ok: {report.compared} tensors equal")
+
+
+@cli.command()
+@click.argument("name")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path),
+              help="Put the files in this directory instead of the cache.")
+@_download_flags
+def download(name: str, out_dir: Path | None, cache_dir: Path | None, mirror: str | None, sha256: str | None) -> None:
+    """Download NAME (a `continue-pt catalogue` name, with its k-means if it has one; hf://ORG/REPO[@REV]; an
+    http(s) URL) into the cache, resuming an interrupted download, and print the local paths."""
+    from converters.sources import fetch_source
+
+    for path in fetch_source(name, _fetch_settings(cache_dir, mirror, sha256, out_dir)).paths():
+        click.echo(str(path))
 
 
 @cli.command()
