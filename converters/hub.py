@@ -68,10 +68,8 @@ def fetch_hf(hf_id: str, *, verified_dir: Path, hub_cache: Path | None = None) -
         patterns = _METADATA + (["*.safetensors", "*.bin"] if offline else _weight_patterns(hub, repo_id, revision))
         snapshot = Path(hub.snapshot_download(repo_id, revision=revision, cache_dir=hub_cache,
                                               allow_patterns=patterns, local_files_only=offline))
-    except (OSError, ValueError) as exc:
-        raise _hub_error(hf_id, exc, offline) from None
-    except Exception as exc:  # httpx2's transport errors are no OSError; anything else is ours to see
-        if type(exc).__module__.split(".")[0] not in ("httpx2", "httpx", "httpcore2", "httpcore"):
+    except Exception as exc:
+        if not _is_hub_error(exc):  # anything else is a bug of ours: let it show
             raise
         raise _hub_error(hf_id, exc, offline) from None
     verify_snapshot(hf_id, snapshot, verified_dir)
@@ -88,8 +86,20 @@ def _import_hub(hf_id: str):
     return huggingface_hub
 
 
+def _is_hub_error(exc: BaseException) -> bool:
+    """What huggingface_hub raises about the repository or the network: its errors are OSError or ValueError
+    subclasses, except the HTTP client's transport errors (httpx)."""
+    return isinstance(exc, (OSError, ValueError)) or type(exc).__module__.split(".")[0] in (
+        "httpx2", "httpx", "httpcore2", "httpcore", "requests")
+
+
 def _weight_patterns(hub, repo_id: str, revision: str | None) -> list[str]:
-    files = hub.HfApi().list_repo_files(repo_id, revision=revision)
+    try:
+        files = hub.HfApi().list_repo_files(repo_id, revision=revision)
+    except Exception as exc:  # the hub is unreachable: snapshot_download falls back to the cache, with both
+        if not _is_hub_error(exc):
+            raise
+        return ["*.safetensors", "*.bin"]
     return ["*.safetensors"] if any(f.endswith(".safetensors") for f in files) else ["*.bin"]
 
 
