@@ -61,13 +61,24 @@ class Source:
         return [self.checkpoint] + ([self.kmeans] if self.kmeans is not None else [])
 
 
+def looks_like_path(src: str) -> bool:
+    """Catalogue names have neither a directory part nor a suffix; a missing ``model.pt`` is a missing file."""
+    return not is_hf_id(src) and not is_url(src) and ("/" in src or os.sep in src or "." in src)
+
+
 def resolve_source(src: str, settings: FetchSettings = FetchSettings()) -> Source:
-    """SRC as local files, downloading what is not local (see the module docstring)."""
-    if Path(src).exists():
+    """SRC as local files, downloading what is not local (see the module docstring). A path (existing or not:
+    the converter names a missing one) is used as it is."""
+    if Path(src).exists() or looks_like_path(src):
         if settings.sha256 is not None:
-            raise DownloadError(src, "is a local file; --sha256 pins a download",
+            raise DownloadError(src, "is a local path; --sha256 pins a download",
                                 hint="Drop --sha256, or name the catalogue entry or URL to download")
         return Source(Path(src))
+    card = CATALOGUE.get(src)
+    if card is not None and card.family == "kmeans":
+        raise DownloadError(src, "is a k-means, not a model to convert",
+                            hint=f"Convert its model (`continue-pt convert {card.features_from} -o DIR` attaches it), "
+                                 f"or fetch the file with `continue-pt download {src}`")
     return fetch_source(src, settings)
 
 
@@ -80,6 +91,10 @@ def fetch_source(name: str, settings: FetchSettings = FetchSettings()) -> Source
                 else cache_path_for_url(name, settings.cache()))
         return Source(fetch(name, dest, sha256=settings.sha256, options=settings.options))
     card = CATALOGUE.get(name)
+    if card is None and looks_like_path(name):
+        raise DownloadError(name, "is a path, and only remote files are downloaded",
+                            hint="Give a catalogue name, an hf://ORG/REPO id or an http(s) URL; convert a local "
+                                 "file directly with `continue-pt convert PATH -o DIR`")
     if card is None:
         raise unknown_name_error(name)
     return _fetch_card(card, settings)
@@ -122,7 +137,7 @@ def kmeans_card_for(card: ModelCard) -> ModelCard | None:
 def unknown_name_error(name: str) -> DownloadError:
     close = difflib.get_close_matches(name, list(CATALOGUE), n=4, cutoff=0.5)
     listed = ", ".join(close) if close else ", ".join(CATALOGUE)
-    return DownloadError(name, "is neither an existing file or directory, a catalogue name, an hf://ORG/REPO id nor "
-                               "an http(s) URL",
+    return DownloadError(name, "is neither a catalogue name, an hf://ORG/REPO id, an http(s) URL nor an existing "
+                               "file or directory",
                          hint=f"{'Closest catalogue names' if close else 'Catalogue names'}: {listed} "
                               "(`continue-pt catalogue` lists them all)")

@@ -79,9 +79,14 @@ class _Handler(BaseHTTPRequestHandler):
             self.connection.shutdown(socket.SHUT_RDWR)
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that closes a kept-alive connection is no failure of the test
+
+
 @pytest.fixture
 def server():
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    httpd = _Server(("127.0.0.1", 0), _Handler)
     httpd.state = ServerState()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -354,7 +359,16 @@ def test_cli_download_errors_are_one_line_without_traceback(server, tmp_path, ca
     assert not list((tmp_path / "c").rglob("*.pt"))
 
 
-def test_cli_convert_of_a_missing_file_names_the_closest_cards(tmp_path):
+def test_cli_convert_of_an_unknown_name_names_the_closest_cards(tmp_path):
     line = _one_error_line(_cli("convert", "hubert_large_ll60", "-o", tmp_path / "b", "--cache-dir", tmp_path))
     assert "hubert_large_ll60k" in line
     assert not (tmp_path / "b").exists()
+
+
+def test_a_missing_path_stays_a_missing_file_and_a_kmeans_card_is_no_model(tmp_path):
+    assert resolve_source("models/missing.pt").checkpoint == Path("models/missing.pt")  # the converter names it
+    with pytest.raises(DownloadError, match="is a path"):
+        fetch_source("missing.pt", FetchSettings(cache_dir=tmp_path))
+    with pytest.raises(DownloadError, match="convert hubert_base_ls960 -o DIR"):
+        resolve_source("hubert_base_ls960_L9_km500", FetchSettings(cache_dir=tmp_path))
+    assert os.listdir(tmp_path) == []
