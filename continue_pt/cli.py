@@ -83,7 +83,8 @@ def _download_flags(func):
                              "~/.cache/continue-pt).")(func)
 
 
-def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | None, out_dir: Path | None = None):
+def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | None, out_dir: Path | None = None,
+                    with_kmeans: bool = True):
     from converters.download import DownloadError
     from converters.integrity import normalised_sha256
     from converters.sources import FetchSettings
@@ -92,7 +93,7 @@ def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | No
         pinned = normalised_sha256(sha256)
     except ValueError as exc:
         raise DownloadError("--sha256", str(exc), hint="Give the 64 hexadecimal digits of the file's sha256") from None
-    return FetchSettings(cache_dir=cache_dir, mirror=mirror, sha256=pinned, out_dir=out_dir)
+    return FetchSettings(cache_dir=cache_dir, mirror=mirror, sha256=pinned, out_dir=out_dir, with_kmeans=with_kmeans)
 
 
 @cli.command()
@@ -119,9 +120,12 @@ def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | No
     from converters.errors import ConversionError
     from converters.sources import resolve_source
 
-    source = resolve_source(src, _fetch_settings(cache_dir, mirror, sha256))
+    if out_dir.exists() and not overwrite:  # before a download of gigabytes, not after
+        raise FileProblem(out_dir, "already exists", hint="Choose another output directory or pass --overwrite")
+    own_kmeans = kmeans is not None or kmeans_layer is not None
+    source = resolve_source(src, _fetch_settings(cache_dir, mirror, sha256, with_kmeans=not own_kmeans))
     src = source.checkpoint
-    if kmeans is None and kmeans_layer is None and source.kmeans is not None:
+    if source.kmeans is not None:
         kmeans, kmeans_layer = source.kmeans, source.kmeans_layer
         click.echo(f"k-means: {source.kmeans_card.name} (layer {kmeans_layer}), {kmeans}", err=True)
     try:

@@ -33,8 +33,8 @@ from urllib.parse import unquote, urlsplit
 from bundles.atomic import disk_full
 
 from .errors import ConversionError
-from .integrity import (IntegrityRecord, Mismatch, check_against_record, read_record, remove_with_record,
-                        sha256_of_file, sidecar_of, verify_digest, write_record)
+from .integrity import (Mismatch, check_against_record, read_record, remove_with_record, sha256_of_file, sidecar_of,
+                        verify_digest, write_record)
 
 CACHE_ENV = "CONTINUE_PT_CACHE"
 PART_SUFFIX = ".part"
@@ -167,7 +167,9 @@ def _download(url: str, dest: Path, options: DownloadOptions) -> str:
     import urllib3
     from urllib3.util import Retry, Timeout
 
-    retry = Retry(total=options.retries, backoff_factor=0.25, status_forcelist=(500, 502, 503, 504),
+    # redirects (download hosts often send a CDN address) have their own budget, not the error retries'
+    retry = Retry(total=None, connect=options.retries, read=options.retries, status=options.retries,
+                  other=options.retries, redirect=10, backoff_factor=0.25, status_forcelist=(500, 502, 503, 504),
                   allowed_methods=frozenset({"GET"}), raise_on_status=False, respect_retry_after_header=False)
     http = urllib3.PoolManager(retries=retry, timeout=Timeout(connect=options.timeout_s, read=options.timeout_s))
     part = _part_of(dest)
@@ -302,7 +304,3 @@ def _network_error(url: str, exc: Exception) -> DownloadError:
         what = f"the download failed ({type(reason).__name__})"
     return DownloadError(url, f"could not be downloaded: {what}",
                          hint="Check the URL and the network connection, then run again (a partial download resumes)")
-
-
-def describe_record(record: IntegrityRecord) -> str:
-    return f"{record.size} bytes, sha256 {record.sha256} ({record.checksum_from}, {record.recorded})"

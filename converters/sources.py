@@ -37,6 +37,8 @@ class FetchSettings:
     mirror: str | None = None
     sha256: str | None = None
     out_dir: Path | None = None
+    with_kmeans: bool = True
+    """Also fetch the k-means card that belongs to a model card (off when the user brings their own)."""
     options: DownloadOptions = field(default_factory=DownloadOptions)
 
     def cache(self) -> Path:
@@ -115,7 +117,7 @@ def _fetch_card(card: ModelCard, settings: FetchSettings) -> Source:
     checkpoint = _fetch_card_file(card, settings, pinned)
     if card.family == "kmeans":
         return Source(checkpoint, card=card)
-    km_card = kmeans_card_for(card)
+    km_card = kmeans_card_for(card) if settings.with_kmeans else None
     if km_card is None:
         return Source(checkpoint, card=card)
     km = _fetch_card_file(km_card, settings, km_card.sha256)

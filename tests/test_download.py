@@ -36,6 +36,7 @@ class ServerState:
     """path -> bytes sent before the connection is closed, the next time only."""
     ignore_range: set[str] = field(default_factory=set)
     status: dict[str, int] = field(default_factory=dict)
+    redirect: dict[str, str] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -48,6 +49,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         state: ServerState = self.server.state
         state.requests.append((self.path, self.headers.get("Range")))
+        if self.path in state.redirect:
+            self._send(302, b"", {"Location": state.redirect[self.path]})
+            return
         body = state.files.get(self.path)
         status = state.status.get(self.path, 404 if body is None else None)
         if status is not None:
@@ -318,6 +322,18 @@ def test_cli_download_prints_the_paths_and_convert_name_converts_end_to_end(mirr
     assert (out / "kmeans.safetensors").is_file()
 
 
+def test_cli_convert_name_with_own_kmeans_or_an_existing_output_downloads_nothing_more(mirror, tmp_path):
+    state, base = mirror
+    (tmp_path / "taken").mkdir()
+    line = _one_error_line(_cli("convert", "hubert_base_ls960", "-o", tmp_path / "taken", "--mirror", base,
+                                "--cache-dir", tmp_path / "c"))
+    assert "already exists" in line and state.requests == []
+    result = _cli("convert", "hubert_base_ls960", "-o", tmp_path / "b", "--mirror", base, "--cache-dir",
+                  tmp_path / "c", "--kmeans", KMEANS, "--kmeans-layer", 1)
+    assert result.exit_code == 0, result.output
+    assert [p for p, _ in state.requests] == ["/hubert_base_ls960.pt"]  # the card's k-means was not fetched
+
+
 def test_cli_download_into_a_directory_and_convert_a_card_without_kmeans(mirror, tmp_path):
     state, base = mirror
     env = {"CONTINUE_PT_CACHE": str(tmp_path / "cache")}
@@ -372,3 +388,57 @@ def test_a_missing_path_stays_a_missing_file_and_a_kmeans_card_is_no_model(tmp_p
     with pytest.raises(DownloadError, match="convert hubert_base_ls960 -o DIR"):
         resolve_source("hubert_base_ls960_L9_km500", FetchSettings(cache_dir=tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+def test_a_server_that_never_answers_times_out_with_one_clear_error(tmp_path):
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/m.pt"
+        with pytest.raises(DownloadError, match="did not answer in time"):
+            fetch(url, tmp_path / "m.pt", options=replace(QUICK, timeout_s=0.3))
+
+
+def test_a_full_disk_is_named_with_the_space_needed_and_nothing_is_renamed(server, tmp_path, monkeypatch):
+    import builtins
+    import errno
+
+    from bundles.errors import DiskFull
+
+    state, base = server
+    state.files["/m.pt"] = _payload()
+
+    class Full:
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode="r", *args, **kwargs):
+        fh = builtins.open(path, mode, *args, **kwargs)
+        return Full(fh) if "w" in mode or "+" in mode else fh
+
+    monkeypatch.setattr("converters.download.open", full_open, raising=False)
+    with pytest.raises(DiskFull, match=r"m\.pt\.part: could not be written .*needs .*300000 bytes"):
+        fetch(f"{base}/m.pt", tmp_path / "m.pt", options=QUICK)
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_redirects_are_followed_and_a_resume_keeps_its_range_across_them(server, tmp_path):
+    state, base = server
+    data = _payload()
+    state.files["/cdn/m.pt"] = data
+    state.redirect.update({"/m.pt": "/r1", "/r1": "/r2", "/r2": "/r3", "/r3": f"{base}/cdn/m.pt"})
+    (tmp_path / "m.pt.part").write_bytes(data[:4096])
+    assert fetch(f"{base}/m.pt", tmp_path / "m.pt", options=QUICK).read_bytes() == data
+    assert state.requests[-1] == ("/cdn/m.pt", "bytes=4096-")
