@@ -208,8 +208,10 @@ def _transfer(http, url: str, part: Path, options: DownloadOptions) -> str:
     except Urllib3Error as exc:
         raise _network_error(url, exc) from None
     try:
-        if response.status == 416 and have:  # the part is no prefix of the file (it changed?): start again
-            part.unlink()
+        if response.status == 416 and have:
+            if _unsatisfied_total(response) == have:  # the part is whole (stopped before its rename)
+                return _hash_prefix(part, have).hexdigest()
+            part.unlink()  # the part is no prefix of the file (longer: the file changed?): start again
             raise _Dropped("the server refused to resume; starting again")
         if response.status >= 400:
             raise DownloadError(url, f"the server answered {response.status} {response.reason or ''}".rstrip(),
@@ -255,6 +257,12 @@ def _range_of(response, have: int) -> tuple[int, int | None] | None:
         return None
     length = response.headers.get("Content-Length")
     return 0, int(length) if length and length.isdigit() else None  # a 200 is the whole file: restart
+
+
+def _unsatisfied_total(response) -> int | None:
+    """The file size a 416 answer announces (``Content-Range: bytes */SIZE``), if any."""
+    match = re.match(r"^bytes \*/(\d+)$", response.headers.get("Content-Range", "").strip())
+    return int(match.group(1)) if match else None
 
 
 def _hash_prefix(part: Path, start: int) -> "hashlib._Hash":

@@ -170,6 +170,16 @@ def test_a_part_longer_than_the_file_starts_again(server, tmp_path):
     assert _gets(state, "/m.pt") == ["bytes=5000-", None]
 
 
+def test_a_whole_part_left_before_its_rename_is_not_downloaded_again(server, tmp_path):
+    state, base = server
+    data = _payload()
+    state.files["/m.pt"] = data
+    (tmp_path / "m.pt.part").write_bytes(data)
+    dest = fetch(f"{base}/m.pt", tmp_path / "m.pt", sha256=_sha(data), options=QUICK)
+    assert dest.read_bytes() == data
+    assert _gets(state, "/m.pt") == [f"bytes={len(data)}-"]  # answered 416 */size: nothing more to fetch
+
+
 def test_corrupted_content_against_a_pinned_sha256_is_deleted_with_a_clear_error(server, tmp_path):
     state, base = server
     data = _payload()
