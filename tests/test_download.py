@@ -452,3 +452,13 @@ def test_redirects_are_followed_and_a_resume_keeps_its_range_across_them(server,
     (tmp_path / "m.pt.part").write_bytes(data[:4096])
     assert fetch(f"{base}/m.pt", tmp_path / "m.pt", options=QUICK).read_bytes() == data
     assert state.requests[-1] == ("/cdn/m.pt", "bytes=4096-")
+
+
+def test_an_unknown_host_is_one_clear_error_without_asking_a_real_dns(tmp_path, monkeypatch):
+    def no_such_host(*args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
+    with pytest.raises(DownloadError, match=r"^https://no-such-host\.invalid/m\.pt: .*could not be resolved \(DNS\)"):
+        fetch("https://no-such-host.invalid/m.pt", tmp_path / "m.pt", options=QUICK)
+    assert os.listdir(tmp_path) == []
