@@ -14,7 +14,9 @@ connection errors and 5xx answers, timeouts and content-length enforcement; what
 - only a complete, verified file is renamed to ``FILE``: its size must be the announced one, and its sha256 the
   pinned one (``--sha256``, or one the source publishes) or, unpinned, the one recorded at an earlier download;
   a mismatch deletes the file and its record and says so;
-- :mod:`converters.integrity` records size and sha256 in ``FILE.integrity.json`` and checks every later use.
+- :mod:`converters.integrity` records size and sha256 in ``FILE.integrity.json`` and checks every later use;
+- a second process fetching the same file (every rank of a job) waits on a lock (``.FILE.lock``, POSIX ``flock``)
+  and then finds the file complete.
 
 Errors (refused connection, DNS, timeouts, 404, 500, a wrong checksum) are :class:`DownloadError`: one message
 that names the URL or the file, what happened and what to do.
@@ -26,6 +28,8 @@ import hashlib
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -122,6 +126,30 @@ def fetch(url: str, dest: str | Path, *, sha256: str | None = None,
     if dest.exists():
         raise DownloadError(dest, "exists and is not a file", hint="Remove it or download somewhere else")
     dest.parent.mkdir(parents=True, exist_ok=True)
+    with _exclusive(dest):  # another process (every rank of a job) may be fetching the same file: wait for it
+        if dest.is_file():
+            _check_existing(url, dest, sha256)
+            return dest
+        return _download_verified(url, dest, sha256, options)
+
+
+@contextmanager
+def _exclusive(dest: Path) -> Iterator[None]:
+    """Hold the lock of ``dest`` (a hidden ``.NAME.lock`` beside it, kept: removing it would race)."""
+    try:
+        import fcntl
+    except ImportError:  # no POSIX locks (Windows): one download at a time is then the user's business
+        yield
+        return
+    with open(dest.with_name(f".{dest.name}.lock"), "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def _download_verified(url: str, dest: Path, sha256: str | None, options: DownloadOptions) -> Path:
     earlier = read_record(dest)  # the file was deleted but its record kept: a new download must match it
     digest = _download(url, dest, options)
     part = _part_of(dest)

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import threading
+import time
 from dataclasses import dataclass, field, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -37,6 +38,7 @@ class ServerState:
     ignore_range: set[str] = field(default_factory=set)
     status: dict[str, int] = field(default_factory=dict)
     redirect: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
     requests: list[tuple[str, str | None]] = field(default_factory=list)
 
 
@@ -49,6 +51,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         state: ServerState = self.server.state
         state.requests.append((self.path, self.headers.get("Range")))
+        time.sleep(state.delay_s)
         if self.path in state.redirect:
             self._send(302, b"", {"Location": state.redirect[self.path]})
             return
@@ -107,6 +110,11 @@ def _payload(n: int = 300_000, seed: int = 0) -> bytes:
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _visible(folder: Path) -> list[str]:
+    """What a download left, less its hidden lock file."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith("."))
 
 
 def _gets(state: ServerState, path: str) -> list[str | None]:
@@ -180,6 +188,23 @@ def test_a_whole_part_left_before_its_rename_is_not_downloaded_again(server, tmp
     assert _gets(state, "/m.pt") == [f"bytes={len(data)}-"]  # answered 416 */size: nothing more to fetch
 
 
+def test_two_fetches_of_one_file_at_once_download_it_once(server, tmp_path):
+    state, base = server
+    data = _payload()
+    state.files["/m.pt"] = data
+    state.delay_s = 0.5  # both start before the first answer comes
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(fetch(f"{base}/m.pt", tmp_path / "m.pt",
+                                                                      options=QUICK).read_bytes()))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [data, data]
+    assert _gets(state, "/m.pt") == [None]
+
+
 def test_corrupted_content_against_a_pinned_sha256_is_deleted_with_a_clear_error(server, tmp_path):
     state, base = server
     data = _payload()
@@ -189,7 +214,7 @@ def test_corrupted_content_against_a_pinned_sha256_is_deleted_with_a_clear_error
     message = str(info.value)
     assert str(tmp_path / "m.pt") in message and f"expected sha256 {_sha(data)} (pinned)" in message
     assert f"got sha256 {_sha(state.files['/m.pt'])}" in message and "deleted" in message and "again" in message
-    assert sorted(os.listdir(tmp_path)) == []  # no file, no part, no record
+    assert _visible(tmp_path) == []  # no file, no part, no record
 
 
 def test_a_cached_file_that_changed_is_deleted_and_a_rerun_downloads_it_again(server, tmp_path):
@@ -231,7 +256,7 @@ def test_http_errors_name_the_url_and_leave_nothing(server, tmp_path, status, wo
     with pytest.raises(DownloadError) as info:
         fetch(f"{base}/m.pt", tmp_path / "m.pt", options=QUICK)
     assert str(info.value).startswith(f"{base}/m.pt: ") and words in str(info.value)
-    assert os.listdir(tmp_path) == []
+    assert _visible(tmp_path) == []
 
 
 def _closed_port() -> int:
@@ -461,4 +486,4 @@ def test_an_unknown_host_is_one_clear_error_without_asking_a_real_dns(tmp_path, 
     monkeypatch.setattr(socket, "getaddrinfo", no_such_host)
     with pytest.raises(DownloadError, match=r"^https://no-such-host\.invalid/m\.pt: .*could not be resolved \(DNS\)"):
         fetch("https://no-such-host.invalid/m.pt", tmp_path / "m.pt", options=QUICK)
-    assert os.listdir(tmp_path) == []
+    assert _visible(tmp_path) == []
