@@ -158,8 +158,8 @@ def _download_verified(url: str, dest: Path, sha256: str | None, options: Downlo
         part.unlink(missing_ok=True)
         sidecar_of(dest).unlink(missing_ok=True)
         raise _mismatch_error(dest, url, mismatch)
+    write_record(dest, digest, url, "pinned" if sha256 is not None else "first download", content=part)
     os.replace(part, dest)
-    write_record(dest, digest, url, "pinned" if sha256 is not None else "first download")
     return dest
 
 

@@ -83,9 +83,12 @@ def read_record(path: Path) -> IntegrityRecord | None:
         return None
 
 
-def write_record(path: Path, sha256: str, source: str, checksum_from: str) -> IntegrityRecord:
-    """Record ``path`` as it is now (its size and mtime with ``sha256``) in its sidecar, atomically."""
-    stat = path.stat()
+def write_record(path: Path, sha256: str, source: str, checksum_from: str,
+                 content: Path | None = None) -> IntegrityRecord:
+    """Record ``path`` as it is now (its size and mtime with ``sha256``) in its sidecar, atomically. ``content``:
+    the file that is about to be renamed to ``path`` (a rename keeps size and mtime), so no reader ever sees
+    ``path`` without its record."""
+    stat = (content or path).stat()
     record = IntegrityRecord(size=stat.st_size, sha256=sha256, mtime_ns=stat.st_mtime_ns, source=source,
                              recorded=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                              checksum_from=checksum_from)
