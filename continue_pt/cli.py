@@ -75,8 +75,8 @@ def _print_facts(facts: dict[str, Any], as_json: bool) -> None:
 
 def _download_flags(func):
     """Where ``convert`` / ``download`` put what they fetch and how it is checked (see converters.sources)."""
-    func = click.option("--sha256", help="Pin the checksum (hex) of the downloaded checkpoint file.")(func)
-    func = click.option("--mirror", help="Base URL serving the catalogue's files by name, instead of their official "
+    func = click.option("--sha256", metavar="HEX", help="Pin the checksum of the downloaded checkpoint file.")(func)
+    func = click.option("--mirror", metavar="URL", help="Base URL serving the catalogue's files by name, instead of their official "
                                          "URLs (default: $CONTINUE_PT_MIRROR).")(func)
     return click.option("--cache-dir", type=click.Path(path_type=Path),
                         help="Download cache (default: $CONTINUE_PT_CACHE, else $XDG_CACHE_HOME/continue-pt, else "
@@ -128,6 +128,8 @@ def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | No
     if source.kmeans is not None:
         kmeans, kmeans_layer = source.kmeans, source.kmeans_layer
         click.echo(f"k-means: {source.kmeans_card.name} (layer {kmeans_layer}), {kmeans}", err=True)
+        if source.kmeans_caveat():
+            click.echo(f"Note: {source.kmeans_caveat()}", err=True)
     try:
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
                   disable=None, leave=False) as bar:
@@ -201,7 +203,9 @@ def download(name: str, out_dir: Path | None, cache_dir: Path | None, mirror: st
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 def catalogue(as_json: bool) -> None:
-    """List the published checkpoints this kit knows, with source URL, license and target provenance."""
+    """List the published checkpoints this kit knows, with source URL, license and target provenance.
+
+    `continue-pt download NAME` fetches one; `continue-pt convert NAME -o DIR` fetches and converts it."""
     from dataclasses import asdict
 
     from bundles.catalogue import CATALOGUE

@@ -62,6 +62,13 @@ class Source:
     def paths(self) -> list[Path]:
         return [self.checkpoint] + ([self.kmeans] if self.kmeans is not None else [])
 
+    def kmeans_caveat(self) -> str | None:
+        """What a user must know when the card's k-means did not make the model's own targets."""
+        if self.kmeans_card is None or self.card is None or self.card.targets_published is not False:
+            return None
+        return (f"{self.card.name} was trained on other targets ({self.card.targets}); {self.kmeans_card.name} is "
+                f"a new label set for it: continue with `continue-pt pretrain --reinit-label-head`")
+
 
 def looks_like_path(src: str) -> bool:
     """Catalogue names have neither a directory part nor a suffix; a missing ``model.pt`` is a missing file."""

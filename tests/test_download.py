@@ -355,6 +355,8 @@ def test_cli_download_prints_the_paths_and_convert_name_converts_end_to_end(mirr
     assert config["provenance"]["kmeans"]["source_file"] == "hubert_base_ls960_L9_km500.bin"
     assert config["provenance"]["sha256"] == _sha(CHECKPOINT.read_bytes())
     assert (out / "kmeans.safetensors").is_file()
+    assert "Note: hubert_base_ls960 was trained on other targets" in result.output  # and says what to do
+    assert "--reinit-label-head" in result.output
 
 
 def test_cli_convert_name_with_own_kmeans_or_an_existing_output_downloads_nothing_more(mirror, tmp_path):
