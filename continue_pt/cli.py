@@ -76,8 +76,8 @@ def _print_facts(facts: dict[str, Any], as_json: bool) -> None:
 def _download_flags(func):
     """Where ``convert`` / ``download`` put what they fetch and how it is checked (see converters.sources)."""
     func = click.option("--sha256", metavar="HEX", help="Pin the checksum of the downloaded checkpoint file.")(func)
-    func = click.option("--mirror", metavar="URL", help="Base URL serving the catalogue's files by name, instead of their official "
-                                         "URLs (default: $CONTINUE_PT_MIRROR).")(func)
+    func = click.option("--mirror", metavar="URL", help="Base URL serving the catalogue's files by name, instead "
+                                                       "of their official URLs (default: $CONTINUE_PT_MIRROR).")(func)
     return click.option("--cache-dir", type=click.Path(path_type=Path),
                         help="Download cache (default: $CONTINUE_PT_CACHE, else $XDG_CACHE_HOME/continue-pt, else "
                              "~/.cache/continue-pt).")(func)

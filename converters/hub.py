@@ -81,8 +81,8 @@ def _import_hub(hf_id: str):
         import huggingface_hub
     except ImportError:
         raise DownloadError(hf_id, "needs the huggingface_hub package, which is not installed",
-                            hint="Install it with `pip install 'continue-pt[hub]'` (or `pip install huggingface_hub`)") \
-            from None
+                            hint="Install it with `pip install 'continue-pt[hub]'` (or `pip install huggingface_hub`)"
+                            ) from None
     return huggingface_hub
 
 

@@ -7,7 +7,6 @@ them, so the verification sees what it would see after a real download.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
