@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import ConversionError
 from .fairseq_checkpoint import FairseqCheckpoint, LabelDictionary, to_plain
-from .safe_pickle import TypeReference, UnsafePickleError, pickled_bytes
+from .safe_pickle import UnsafePickleError
 from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
 
 S3PRL_KEYS = ("task_cfg", "model_cfg", "model_weight")
@@ -38,13 +38,12 @@ def _enum_member(value: Any) -> Any:
     return value
 
 
-# What these files hold beyond tensors: fairseq enum members left in the config by OmegaConf.to_container, and
-# (protocol 2) bytes. No omegaconf, argparse or fairseq Dictionary objects: s3prl saves plain containers.
+# What these files hold beyond tensors (checked on files written as s3prl does: OrderedDict, _rebuild_tensor_v2 and
+# the storage types only) plus the fairseq enum members OmegaConf.to_container leaves in a config that has them. No
+# omegaconf, argparse or fairseq Dictionary objects: s3prl saves plain containers and the symbols as strings.
 S3PRL_GLOBALS: dict[str, Any] = {
     **TORCH_GLOBALS,
     "fairseq.dataclass.constants.Choices": _enum_member,
-    "_codecs.encode": pickled_bytes,
-    **{f"builtins.{t}": TypeReference(f"builtins.{t}") for t in ("dict", "list", "str", "int", "float", "bool")},
 }
 
 
