@@ -279,10 +279,11 @@ class PretrainOptions:
             config = BundleConfig.read(Path(self.init_from))
         except BundleError as exc:
             return [str(exc)]
-        if config.kind == "ctc":
-            return [f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; continue from the "
-                    "pre-trained checkpoint it was fine-tuned from (e.g. hubert_large_ll60k for "
-                    "hubert_large_ll60k_ft_ls960), or fine-tune it instead"]
+        from bundles.encoder_only import has_pretrain_head, no_head_problem, ways_on
+
+        if not has_pretrain_head(config.kind):  # fine-tuned (CTC) and torchaudio encoder-only bundles alike
+            return [f"{no_head_problem(str(self.init_from), config.family, config.kind)}. "
+                    f"{ways_on(config.family, str(self.init_from))}"]
         if config.family not in TRAINABLE_FAMILIES:
             return [f"{self.init_from} is a {config.family} bundle; continuation is implemented for "
                     f"{list(TRAINABLE_FAMILIES)}"]
