@@ -113,3 +113,43 @@ def test_get_pretrain_model_says_the_same(sources):
     assert "--reinit-label-head" in str(err.value)
     with torch.no_grad():  # the encoder itself loads and runs
         assert math.isfinite(float(load_bundle(sources["hubert"]).get_model()(torch.zeros(1, 4000))[0].sum()))
+
+
+def _encoder_only_copy(bundle_dir: Path, out: Path) -> Path:
+    """The demo HuBERT's encoder alone (as a torchaudio .pth or a fine-tuned checkpoint gives it), tiny and fast."""
+    from bundles.config import BundleConfig
+    from bundles.factory import ENCODER_PREFIX
+    from bundles.safetensors_stream import PendingTensor
+    from bundles.writing import write_bundle
+
+    source = load_bundle(bundle_dir)
+    config = BundleConfig.read(bundle_dir)
+    config.kind, config.pretrain_args, config.objective, config.label_dictionary = "encoder", None, None, None
+    config.provenance = {"source_file": "encoder-only copy of the demo HuBERT"}
+    tensors = [PendingTensor(k[len(ENCODER_PREFIX):], tuple(t.shape), t.dtype, lambda t=t: t.contiguous())
+               for k, t in source.state_dict().items() if k.startswith(ENCODER_PREFIX)]
+    return write_bundle(out, config, tensors)
+
+
+def test_the_hubert_way_on_works_a_new_head_on_a_kmeans(bundle_dir, sources, tmp_path):
+    """What the error advises runs: --reinit-label-head with --kmeans continues an encoder-only HuBERT bundle, and
+    the result is a complete pre-training bundle (head of the k-means' K, new mask embedding)."""
+    from continue_pt.demo import KMEANS, KMEANS_LAYER
+
+    encoder_only = _encoder_only_copy(bundle_dir, tmp_path / "encoder_only")
+    refused = _pretrain(encoder_only, sources["audio"], tmp_path / "refused", "--kmeans", str(KMEANS),
+                        "--kmeans-layer", str(KMEANS_LAYER))  # a k-means alone is not enough: the head is new
+    assert "--reinit-label-head" in _one_error(refused)
+    result = _pretrain(encoder_only, sources["audio"], tmp_path / "run", "--reinit-label-head", "--kmeans",
+                       str(KMEANS), "--kmeans-layer", str(KMEANS_LAYER), "--max-steps", "2", "--warmup-steps", "1",
+                       "--max-batch-seconds", "4")
+    assert result.exit_code == 0, result.output
+    trained = load_bundle(tmp_path / "run" / "bundle")
+    assert trained.kind == "pretrain" and trained.num_updates == (load_bundle(encoder_only).num_updates or 0) + 2
+    model = trained.get_pretrain_model()
+    assert model.logit_generator.label_embeddings.shape[0] == 20  # the demo k-means' K
+    assert trained.config.provenance["new_label_head"]["from_kind"] == "encoder"
+    assert trained.config.provenance["training"][-1]["label_head_reinitialised"] is True
+    encoder = load_bundle(encoder_only).state_dict()
+    moved = [k for k, v in encoder.items() if not torch.equal(v, trained.state_dict()["wav2vec2." + k])]
+    assert moved, "the encoder was trained"
