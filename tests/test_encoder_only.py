@@ -153,3 +153,10 @@ def test_the_hubert_way_on_works_a_new_head_on_a_kmeans(bundle_dir, sources, tmp
     encoder = load_bundle(encoder_only).state_dict()
     moved = [k for k, v in encoder.items() if not torch.equal(v, trained.state_dict()["wav2vec2." + k])]
     assert moved, "the encoder was trained"
+
+
+def test_export_to_fairseq_of_a_torchaudio_encoder_says_why_not(sources, tmp_path):
+    line = _one_error(CliRunner().invoke(cli, ["export", str(sources["hubert"]), "--to", "fairseq", "-o",
+                                               str(tmp_path / "x.pt")]))
+    assert "encoder without heads" in line and "fairseq configuration" in line
+    assert not (tmp_path / "x.pt").exists()

@@ -192,3 +192,14 @@ def test_fairseq_enum_members_left_by_to_container_read_as_their_option(tmp_path
     bundle = load_bundle(convert_checkpoint(src, tmp_path / "bundle"))
     assert bundle.config.encoder_args["extractor_mode"] == "group_norm"
     assert bundle.config.objective["mask_selection"] == "static"
+
+
+def test_verify_rereads_the_s3prl_file(tmp_path, monkeypatch):
+    ref = build_fairseq_model("hubert_base_ls960", num_layers=1, seed=5, shuffle_dictionary=True)
+    save_checkpoint(ref, tmp_path / "fairseq.pt", "dict")
+    src = write_s3prl_file(tmp_path / "fairseq.pt", tmp_path / "s3prl.pt", monkeypatch)
+    bundle = convert_checkpoint(src, tmp_path / "bundle")
+    result = CliRunner().invoke(cli, ["verify", str(bundle), "--against", str(src)])
+    assert result.exit_code == 0 and "ok:" in result.output, result.output
+    facts = CliRunner().invoke(cli, ["inspect", str(src)]).output
+    assert "s3prl converted fairseq checkpoint" in facts and "final_proj" in facts

@@ -205,3 +205,10 @@ def test_family_flag_contradicting_a_fairseq_checkpoint_is_refused(tmp_path):
     result = _run(["convert", str(CHECKPOINT), "-o", str(tmp_path / "out"), "--family", "wav2vec2"])
     _assert_one_error(result, "is a hubert checkpoint", "--family wav2vec2")
     assert not (tmp_path / "out").exists()
+
+
+def test_verify_rereads_the_torchaudio_file(tmp_path):
+    src = _save(_torchaudio_model("HUBERT_BASE", num_layers=1), tmp_path / "m.pth", legacy_weight_norm=True)
+    bundle = convert_checkpoint(src, tmp_path / "bundle", family="hubert")
+    result = _run(["verify", str(bundle), "--against", str(src)])
+    assert result.exit_code == 0 and "ok:" in result.output, result.output
