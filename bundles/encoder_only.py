@@ -31,7 +31,8 @@ def ways_on(family: str, bundle: str = "BUNDLE") -> str:
     if family == "hubert":
         return ("To continue HuBERT pre-training, start a new label head on k-means targets: add --reinit-label-head "
                 f"with --kmeans KM (fit one on this model's features with `continue-pt kmeans fit --teacher {bundle} "
-                "--layer L --audio DIR -k 500 -o km.safetensors`, or pass a published k-means .bin with --kmeans-layer)")
+                "--layer L --audio DIR -k 500 -o km.safetensors`, or pass a published k-means .bin with "
+                "--kmeans-layer)")
     return ("wav2vec 2.0 learns from its own quantizer, which this bundle lacks: convert a source that has it (the "
             "fairseq pre-training .pt, a Hugging Face Wav2Vec2ForPreTraining directory or an s3prl converted "
             "checkpoint) with `continue-pt convert` and continue from that bundle")

@@ -52,7 +52,7 @@ def is_s3prl_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and all(key in obj for key in S3PRL_KEYS) and "model" not in obj
 
 
-def _label_dictionaries(path: Path, symbols: Any, problems: list[str]) -> list[LabelDictionary]:
+def _label_dictionaries(symbols: Any, problems: list[str]) -> list[LabelDictionary]:
     if symbols is None:
         return []
     if not isinstance(symbols, list) or not all(isinstance(s, list) and all(isinstance(x, str) for x in s)
@@ -106,7 +106,7 @@ def _interpret(path: Path, file: TorchFile) -> FairseqCheckpoint:
         if bad:
             problems.append(f"'model_weight' holds non-tensor entries {bad[:5]}")
         state = {str(k): v for k, v in weights.items() if isinstance(v, LazyTensor)}
-    dictionaries = _label_dictionaries(path, raw.get("dictionaries_symbols"), problems)
+    dictionaries = _label_dictionaries(raw.get("dictionaries_symbols"), problems)
     if problems:
         raise ConversionError(path, problems, hint="Is this a file s3prl's converter wrote? Convert it again")
     return FairseqCheckpoint(path=path, era="dict", cfg={"model": model_cfg, "task": task_cfg}, state=state,

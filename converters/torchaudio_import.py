@@ -259,7 +259,8 @@ def plan_torchaudio(path: Path, file: TorchFile, family: str | None = None) -> C
     state: dict[str, LazyTensor] = {str(k): v for k, v in file.obj.items()}
     problems: list[str] = []
     if any(".rel_attn_embed." in k or ".gru_rel_pos" in k for k in state):
-        raise ConversionError(path, "is a torchaudio WavLM state dict", hint="Only HuBERT and wav2vec 2.0 are supported")
+        raise ConversionError(path, "is a torchaudio WavLM state dict",
+                              hint="Only HuBERT and wav2vec 2.0 are supported")
     shapes = read_shapes(state, problems)
     if shapes is None:
         raise ConversionError(path, problems, hint="Is it a complete torchaudio Wav2Vec2Model state dict?")

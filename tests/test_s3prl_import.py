@@ -97,7 +97,8 @@ def test_hubert_heads_equal_fairseqs_in_cluster_order(name, era, tmp_path_factor
     assert torch.equal(model.logit_generator.final_proj.bias.detach(), fairseq.final_proj.bias.detach())
     assert torch.equal(model.mask_generator.mask_embedding.detach(), fairseq.mask_emb.detach())
     specials = [r for r in range(len(ref.dictionary)) if r not in set(rows)]
-    assert torch.equal(bundle.fairseq_extras()["label_embeddings_non_cluster"], fairseq.label_embs_concat.detach()[specials])
+    assert torch.equal(bundle.fairseq_extras()["label_embeddings_non_cluster"],
+                       fairseq.label_embs_concat.detach()[specials])
     assert bundle.config.label_dictionary["source_symbols"] == ref.dictionary.symbols
     assert bundle.config.pretrain_args["num_classes"] == 500
 

@@ -88,9 +88,11 @@ def test_every_layer_matches_torchaudio(pipeline, family, kind, suffix, legacy, 
     assert bundle.normalize_waveform == published._normalize_waveform
     enc = bundle.config.encoder_args
     for key in ("encoder_num_heads", "encoder_layer_norm_first", "extractor_mode", "extractor_conv_bias",
-                "encoder_embed_dim", "encoder_ff_interm_features", "encoder_pos_conv_kernel", "encoder_pos_conv_groups"):
+                "encoder_embed_dim", "encoder_ff_interm_features", "encoder_pos_conv_kernel",
+                "encoder_pos_conv_groups"):
         assert enc[key] == published._params[key], key
-    assert [tuple(c) for c in enc["extractor_conv_layer_config"]] == list(published._params["extractor_conv_layer_config"])
+    conv_layers = [tuple(c) for c in enc["extractor_conv_layer_config"]]
+    assert conv_layers == list(published._params["extractor_conv_layer_config"])
     wav = _waveform()
     model = bundle.get_model()
     with torch.no_grad():
