@@ -214,3 +214,15 @@ def test_verify_rereads_the_torchaudio_file(tmp_path):
     bundle = convert_checkpoint(src, tmp_path / "bundle", family="hubert")
     result = _run(["verify", str(bundle), "--against", str(src)])
     assert result.exit_code == 0 and "ok:" in result.output, result.output
+
+
+def test_a_pre_1_6_torch_file_is_read_too(tmp_path):
+    """torch's legacy (non-zip) serialisation, which .pth files saved before torch 1.6 use."""
+    reference = _torchaudio_model("HUBERT_LARGE", num_layers=1, seed=3)
+    torch.save(reference.state_dict(), tmp_path / "old.pth", _use_new_zipfile_serialization=False)
+    bundle = load_bundle(convert_checkpoint(tmp_path / "old.pth", tmp_path / "bundle"))
+    wav = _waveform(0.5)
+    with torch.no_grad():
+        expected, _ = reference.extract_features(nn.functional.layer_norm(wav, wav.shape))
+        actual, _ = bundle.get_model().extract_features(wav)
+    assert (actual[0] - expected[0]).abs().max().item() <= TOLERANCE
