@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from .config import FAIRSEQ_EXTRAS_FILE, KMEANS_FILE, MODEL_FILE, BundleConfig
+from .encoder_only import NO_HEAD, has_pretrain_head, ways_on, what_it_is
 from .errors import BundleError
 from .factory import ENCODER_PREFIX, assign_weights, build_encoder, build_pretrain_model
 from .kmeans import KMeansModel, load_kmeans
@@ -92,9 +93,9 @@ class Bundle:
         """HuBERT: a torchaudio ``HuBERTPretrainModel`` whose label embedding row c is cluster c.
         wav2vec 2.0: a :class:`~bundles.wav2vec2_pretrain.Wav2Vec2PretrainModel`. Returned in train mode,
         without waveform normalisation (the data pipeline applies it, see :attr:`normalize_waveform`)."""
-        if self.kind != "pretrain":
-            raise BundleError(self.path, "is a fine-tuned (CTC) model: it has no pre-training heads",
-                              hint="Continue pre-training from the pre-trained checkpoint it was fine-tuned from")
+        if not has_pretrain_head(self.kind):
+            raise BundleError(self.path, f"is {what_it_is(self.kind)}; it has {NO_HEAD}",
+                              hint=ways_on(self.family, str(self.path)))
         return self._load_into(build_pretrain_model(self.config), self.state_dict()).train()
 
     def get_kmeans(self) -> KMeansModel:

@@ -105,14 +105,17 @@ def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | No
 @click.option("--kmeans-layer", type=click.IntRange(min=1),
               help="Transformer layer (1-based, fairseq numbering) whose output the k-means clusters.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--family", type=click.Choice(["hubert", "wav2vec2"]),
+              help="For a torchaudio .pth whose shapes cannot tell (BASE): which model it is.")
 @_download_flags
 def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool,
-            cache_dir: Path | None, mirror: str | None, sha256: str | None) -> None:
-    """Convert a fairseq HuBERT / wav2vec 2.0 checkpoint SRC into a bundle.
+            family: str | None, cache_dir: Path | None, mirror: str | None, sha256: str | None) -> None:
+    """Convert a HuBERT / wav2vec 2.0 checkpoint SRC into a bundle.
 
-    SRC: a .pt file, a transformers directory, hf://ORG/REPO[@REV], an http(s) URL or a `continue-pt catalogue`
-    name (downloaded into the cache first, with the card's k-means if it has one).
-    Pre-trained checkpoints keep their pre-training heads; fine-tuned (CTC) ones their output layer.
+    SRC: a fairseq .pt file, an s3prl converted checkpoint, a torchaudio .pth state dict, a transformers directory,
+    hf://ORG/REPO[@REV], an http(s) URL or a `continue-pt catalogue` name (downloaded into the cache first, with the
+    card's k-means if it has one). Pre-trained checkpoints keep their pre-training heads; fine-tuned (CTC) ones their
+    output layer; torchaudio .pth state dicts become encoder-only bundles.
     """
     from tqdm import tqdm
 
@@ -134,7 +137,7 @@ def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | No
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
                   disable=None, leave=False) as bar:
             out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
-                                     on_tensor=lambda t: bar.update(t.nbytes))
+                                     on_tensor=lambda t: bar.update(t.nbytes), family=family)
     except ConversionError:
         from continue_pt.checkpoint_facts import is_training_checkpoint
 

@@ -83,6 +83,10 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.save_hyperparameters({"options": options.to_hparams()})
 
         bundle = load_bundle(options.bundle)
+        if bundle.kind != "pretrain" and options.reinit_label_head:  # encoder-only (CTC, torchaudio): a new head
+            from bundles.new_label_head import with_new_label_head
+
+            bundle = with_new_label_head(bundle)
         if bundle.family != "hubert":
             raise ValueError(f"{bundle.path}: a {bundle.family} bundle; this module continues HuBERT pre-training")
         self.bundle_config = bundle.config

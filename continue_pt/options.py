@@ -261,7 +261,8 @@ class PretrainOptions:
     def _online_targets_checkable(self, bundle: Any, kmeans: Any, kmeans_name: str | None) -> bool:
         """A HuBERT run with online targets whose teacher and k-means can be read (missing files are reported by
         the structural checks; a k-means the caller could not read, by the caller)."""
-        if bundle is None or bundle.kind != "pretrain" or bundle.family != "hubert" or self.labels is not None:
+        if bundle is None or bundle.family != "hubert" or self.labels is not None or \
+                (bundle.kind != "pretrain" and not self.reinit_label_head):
             return False
         if kmeans is None and kmeans_name is not None:
             return False
@@ -279,10 +280,11 @@ class PretrainOptions:
             config = BundleConfig.read(Path(self.init_from))
         except BundleError as exc:
             return [str(exc)]
-        if config.kind == "ctc":
-            return [f"{self.init_from} is a fine-tuned (CTC) model: it has no pre-training heads; continue from the "
-                    "pre-trained checkpoint it was fine-tuned from (e.g. hubert_large_ll60k for "
-                    "hubert_large_ll60k_ft_ls960), or fine-tune it instead"]
+        from bundles.encoder_only import has_pretrain_head, no_head_problem, ways_on
+
+        if not has_pretrain_head(config.kind) and not self._new_head_possible(config):  # CTC, torchaudio alike
+            return [f"{no_head_problem(str(self.init_from), config.family, config.kind)}. "
+                    f"{ways_on(config.family, str(self.init_from))}"]
         if config.family not in TRAINABLE_FAMILIES:
             return [f"{self.init_from} is a {config.family} bundle; continuation is implemented for "
                     f"{list(TRAINABLE_FAMILIES)}"]
@@ -295,6 +297,12 @@ class PretrainOptions:
             problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
                             "the step's masked frames (fairseq's sample_size)")
         return problems
+
+    def _new_head_possible(self, config: Any) -> bool:
+        """An encoder-only HuBERT bundle continues with a new head: --reinit-label-head and targets to train it on
+        (a k-means, the bundle's own or --kmeans, or labels); see bundles.new_label_head."""
+        targets = self.kmeans is not None or self.labels is not None or bool(config.files.get("kmeans"))
+        return config.family == "hubert" and bool(self.reinit_label_head) and targets
 
     def _wav2vec2_masking_problems(self, bundle: Any) -> list[str]:
         from continue_pt.masking import HubertMasking

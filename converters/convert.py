@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from bundles.config import BundleConfig
@@ -112,6 +113,34 @@ def _sha256_in_background(path: Path) -> tuple[threading.Thread, dict[str, str]]
     return thread, out
 
 
+@contextmanager
+def planned_source(src: Path, family: str | None = None) -> Iterator[ConversionPlan]:
+    """The plan of ``src`` by what the file holds (see :mod:`converters.source_format`): a torchaudio state dict
+    (``family`` says HuBERT or wav2vec 2.0 where its shapes cannot), an s3prl converted checkpoint or a fairseq
+    checkpoint. The file stays open while the plan's tensors are read."""
+    from .s3prl_import import read_s3prl_checkpoint, s3prl_provenance
+    from .source_format import source_format
+    from .torchaudio_import import open_torchaudio_file, plan_torchaudio
+
+    fmt = source_format(src)
+    if fmt == "torchaudio":
+        with open_torchaudio_file(src) as file:
+            plan = plan_torchaudio(src, file, family)
+            problems = _target_mismatches(plan)  # its keys are torchaudio's own: checked against the model directly
+            if problems:
+                raise ConversionError(src, problems, hint="Is it a complete torchaudio Wav2Vec2Model state dict?")
+            yield plan
+        return
+    with (read_s3prl_checkpoint if fmt == "s3prl" else read_fairseq_checkpoint)(src) as ckpt:
+        plan = plan_conversion(ckpt)
+        if family is not None and family != plan.config.family:
+            raise ConversionError(src, f"is a {plan.config.family} checkpoint, but --family {family} was given",
+                                  hint="Its configuration names the family: leave --family out")
+        if fmt == "s3prl":
+            plan.config.provenance.update(s3prl_provenance(plan.config.family))
+        yield plan
+
+
 def _is_hf_directory(src: Path) -> bool:
     from .hf_import import is_hf_directory
 
@@ -126,9 +155,12 @@ def convert_checkpoint(
     kmeans_layer: int | None = None,
     overwrite: bool = False,
     on_tensor: Callable[[PendingTensor], None] | None = None,
+    family: str | None = None,
 ) -> Path:
     """Convert the fairseq checkpoint ``src`` into a bundle at ``out_dir`` (written atomically). ``src`` may also be
-    a transformers directory written by ``continue-pt export --to hf`` (see :mod:`converters.hf_import`).
+    a transformers directory written by ``continue-pt export --to hf`` (see :mod:`converters.hf_import`), an s3prl
+    converted checkpoint or a torchaudio ``.pth`` state dict (``family``: ``"hubert"`` / ``"wav2vec2"`` where the
+    file cannot tell; see :mod:`converters.torchaudio_import`).
 
     ``kmeans`` (joblib ``.bin`` or ``km.safetensors``) is attached as the bundle's k-means; ``kmeans_layer``
     (1-based) says which layer's output it clusters. Raises :class:`ConversionError` naming what is wrong.
@@ -145,8 +177,7 @@ def convert_checkpoint(
     km = read_kmeans_file(kmeans, kmeans_layer) if kmeans is not None else None
     if km is None and kmeans_layer is not None:
         raise ConversionError(src, "--kmeans-layer was given without --kmeans", hint="Pass the k-means file too")
-    with read_fairseq_checkpoint(src) as ckpt:
-        plan = plan_conversion(ckpt)
+    with planned_source(src, family) as plan:
         if km is not None:
             _check_kmeans(km, plan.config, Path(kmeans))
             km.metadata.setdefault("source_file", Path(kmeans).name)

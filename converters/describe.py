@@ -6,11 +6,14 @@ import math
 from pathlib import Path
 from typing import Any
 
+from bundles.encoder_only import NO_HEAD, has_pretrain_head, ways_on, what_it_is
 from bundles.loading import load_bundle
 
 from .convert import plan_conversion, read_kmeans_file
 from .errors import ConversionError
 from .fairseq_checkpoint import read_fairseq_checkpoint
+from .s3prl_import import read_s3prl_checkpoint
+from .source_format import source_format
 
 
 def _heads(family: str, kind: str, names: set[str]) -> list[str]:
@@ -42,10 +45,13 @@ def _summary(config: Any, names: set[str], num_params: int) -> dict[str, Any]:
         "sample_rate": config.sample_rate,
         "num_updates": config.num_updates,
     }
-    if config.label_dictionary:
+    if config.label_dictionary and "num_clusters" in config.label_dictionary:  # CTC bundles keep ctc_symbols there
         facts["num_clusters"] = config.label_dictionary["num_clusters"]
     if config.kind == "ctc":
         facts["vocabulary"] = enc.get("aux_num_out")
+    facts["pretrain_head"] = has_pretrain_head(config.kind)
+    if not facts["pretrain_head"]:  # say it, and the ways on, where the user looks first
+        facts["continue_pretraining"] = f"{NO_HEAD}: {what_it_is(config.kind)}. {ways_on(config.family)}"
     return facts
 
 
@@ -74,11 +80,15 @@ def describe(path: str | Path) -> dict[str, Any]:
         km = read_kmeans_file(path)
         return {"what": "k-means", "num_clusters": km.num_clusters, "dim": km.dim, "layer": km.layer,
                 **{k: v for k, v in km.metadata.items() if k not in ("format", "format_version")}}
-    with read_fairseq_checkpoint(path) as ckpt:
+    fmt = source_format(path)  # from the content, as `convert` dispatches
+    if fmt == "torchaudio":
+        return describe_torchaudio_file(path)
+    with (read_s3prl_checkpoint if fmt == "s3prl" else read_fairseq_checkpoint)(path) as ckpt:
         plan = plan_conversion(ckpt)
         names = {t.name for t in plan.model_tensors}
         params = sum(math.prod(t.shape) for t in plan.model_tensors)
-        facts = {"what": f"fairseq checkpoint ({ckpt.era} era)", **_summary(plan.config, names, params)}
+        what = "s3prl converted fairseq checkpoint" if fmt == "s3prl" else f"fairseq checkpoint ({ckpt.era} era)"
+        facts = {"what": what, **_summary(plan.config, names, params)}
         dropped = plan.key_map_result.dropped if plan.key_map_result else {}
         if dropped:
             facts["dropped"] = dropped
@@ -88,6 +98,28 @@ def describe(path: str | Path) -> dict[str, Any]:
         if ckpt.exported_by:
             facts["exported_by"] = ckpt.exported_by
         return facts
+
+
+def describe_torchaudio_file(path: Path) -> dict[str, Any]:
+    """Facts about a torchaudio ``.pth`` state dict; a BASE file, which cannot tell its family, is described too."""
+    from .torchaudio_import import FAMILY_FLAG, open_torchaudio_file, plan_torchaudio
+
+    with open_torchaudio_file(path) as file:
+        try:
+            plan, family = plan_torchaudio(path, file), None
+        except ConversionError as exc:
+            if FAMILY_FLAG not in exc.hint:
+                raise
+            plan, family = plan_torchaudio(path, file, "hubert"), f"hubert or wav2vec2 (convert with {FAMILY_FLAG})"
+    names = {t.name for t in plan.model_tensors}
+    facts = {"what": "torchaudio state dict", **_summary(plan.config, names,
+                                                          sum(math.prod(t.shape) for t in plan.model_tensors))}
+    if family is not None:
+        facts["family"] = family
+        facts["continue_pretraining"] = f"{NO_HEAD}: {what_it_is(plan.config.kind)}"
+    facts["architecture"] = plan.config.provenance["architecture"]
+    facts["catalogue_cards"] = plan.config.provenance["catalogue_cards"]
+    return facts
 
 
 def _looks_like_text(path: Path) -> bool:

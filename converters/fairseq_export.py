@@ -232,6 +232,11 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                               hint="For a training checkpoint use `continue-pt export CKPT --to fairseq -o OUT` "
                                    "(it makes the bundle first)")
     bundle = load_bundle(src)
+    if "fairseq_config" not in bundle.config.provenance and bundle.kind == "encoder":  # e.g. a torchaudio .pth
+        raise ConversionError(src, "is an encoder without heads and without a fairseq configuration (converted from "
+                              "a torchaudio state dict): fairseq has no model class it fits",
+                              hint="Use it as it is (load_bundle(...).get_model(), or as a --teacher), or continue "
+                                   "pre-training from it (HuBERT: --reinit-label-head with --kmeans)")
     problems: list[str] = []
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
     if problems:

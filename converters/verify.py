@@ -11,9 +11,9 @@ import torch
 from bundles.config import BundleConfig
 from bundles.loading import load_bundle
 
-from .convert import plan_conversion
+from .convert import planned_source
 from .errors import ConversionError
-from .fairseq_checkpoint import read_fairseq_checkpoint
+from .source_format import source_format
 
 
 @dataclass
@@ -47,8 +47,9 @@ def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
                                  f"not from {Path(source).name}")
     stored = bundle.state_dict()
     extras = bundle.fairseq_extras()
-    with read_fairseq_checkpoint(source) as ckpt:
-        plan = plan_conversion(ckpt)
+    # a torchaudio file does not name its family: the bundle's is the one given to `convert`
+    family = bundle.config.family if source_format(source) == "torchaudio" else None
+    with planned_source(Path(source), family) as plan:
         _check_same_model(bundle.config, plan.config, bundle_dir, source)
         for group, pending_list in (("model", plan.model_tensors), ("fairseq_extras", plan.fairseq_extras)):
             have = stored if group == "model" else extras
