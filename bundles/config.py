@@ -17,7 +17,7 @@ KMEANS_FILE = "kmeans.safetensors"
 FAIRSEQ_EXTRAS_FILE = "fairseq_extras.safetensors"
 
 FAMILIES = ("hubert", "wav2vec2")
-KINDS = ("pretrain", "ctc")
+KINDS = ("pretrain", "ctc", "encoder")
 
 
 @dataclass
@@ -27,7 +27,8 @@ class BundleConfig:
     family: str
     """``"hubert"`` or ``"wav2vec2"``."""
     kind: str
-    """``"pretrain"`` (encoder + pre-training heads) or ``"ctc"`` (fine-tuned encoder + CTC output layer)."""
+    """``"pretrain"`` (encoder + pre-training heads), ``"ctc"`` (fine-tuned encoder + CTC output layer) or
+    ``"encoder"`` (the encoder alone: a source without pre-training heads, e.g. transformers' ``HubertModel``)."""
     encoder_args: dict[str, Any]
     """Keyword arguments of ``torchaudio.models.wav2vec2_model`` (``aux_num_out`` set for CTC bundles)."""
     pretrain_args: dict[str, Any] | None

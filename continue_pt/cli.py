@@ -82,8 +82,12 @@ def _print_facts(facts: dict[str, Any], as_json: bool) -> None:
 @click.option("--kmeans-layer", type=click.IntRange(min=1),
               help="Transformer layer (1-based, fairseq numbering) whose output the k-means clusters.")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
-def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool) -> None:
-    """Convert a fairseq HuBERT / wav2vec 2.0 checkpoint SRC (.pt) into a bundle.
+@click.option("--num-updates", type=click.IntRange(min=0),
+              help="transformers directories: the updates the model was pre-trained for (not recorded by "
+                   "transformers; wav2vec 2.0's Gumbel temperature continues from it).")
+def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool,
+            num_updates: int | None) -> None:
+    """Convert a fairseq HuBERT / wav2vec 2.0 checkpoint SRC (.pt) or a transformers model directory into a bundle.
 
     Pre-trained checkpoints keep their pre-training heads; fine-tuned (CTC) ones their output layer.
     """
@@ -96,7 +100,7 @@ def convert(src: Path, out_dir: Path, kmeans: Path | None, kmeans_layer: int | N
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
                   disable=None, leave=False) as bar:
             out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
-                                     on_tensor=lambda t: bar.update(t.nbytes))
+                                     on_tensor=lambda t: bar.update(t.nbytes), num_updates=num_updates)
     except ConversionError:
         from continue_pt.checkpoint_facts import is_training_checkpoint
 
