@@ -43,7 +43,7 @@ def _summary(config: Any, names: set[str], num_params: int) -> dict[str, Any]:
         "num_updates": config.num_updates if config.num_updates is not None or "num_updates_unknown" not in
         config.provenance else f"unknown: {config.provenance['num_updates_unknown']}",
     }
-    if config.label_dictionary:
+    if config.label_dictionary and "num_clusters" in config.label_dictionary:  # CTC bundles keep ctc_symbols
         facts["num_clusters"] = config.label_dictionary["num_clusters"]
     if config.kind == "ctc":
         facts["vocabulary"] = enc.get("aux_num_out")

@@ -36,9 +36,9 @@ from bundles.writing import write_bundle
 from .errors import ConversionError
 from .hf_export import HF_CONFIG_FILE, HF_MODEL_FILE, hf_config
 from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRSEQ_EXTRAS_PREFIX, KMEANS_TENSOR,
-                        HFLayout, bundle_key_to_hf, layout_for_architecture)
+                        IMPORT_LAYOUTS, HFLayout, bundle_key_to_hf, layout_for_architecture)
 from .hf_hub_import import IMPORT_HINT, import_published
-from .hf_weights import weight_file
+from .hf_weights import read_hf_weights, weight_file
 
 # Options of transformers' config.json that decide the tensors' shapes or the computation: they must still be
 # what the export wrote (dropouts and SpecAugment settings may have been changed for fine-tuning).
@@ -225,10 +225,10 @@ def describe_hf_directory(src: str | Path) -> dict[str, Any]:
         "feat_extract_norm": found.get("feat_extract_norm"),
         "do_stable_layer_norm": found.get("do_stable_layer_norm"),
     }
-    model_path = src / HF_MODEL_FILE
-    if model_path.is_file():
-        with safe_open(str(model_path), framework="pt") as f:
-            facts["parameters"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    if weight_file(src) is not None:
+        with read_hf_weights(src) as weights:  # a .bin through the allow-list reader, like convert
+            facts["parameters"] = sum(_numel(t.shape) for t in weights.tensors.values())
+            facts["weights"] = [p.name for p in weights.files]
     if (src / EXTRAS_FILE).is_file():
         metadata, extras = _read_extras(src)
         config = _stored_config(src / EXTRAS_FILE, metadata)
@@ -238,6 +238,11 @@ def describe_hf_directory(src: str | Path) -> dict[str, Any]:
         facts["use"] = "continue-pt convert DIR -o BUNDLE reads it back into the bundle it was exported from"
     else:
         facts["extras"] = None
+        layout = IMPORT_LAYOUTS.get(str(facts["architecture"]))
+        if layout is not None:
+            facts["use"] = (f"continue-pt convert DIR -o BUNDLE makes a {layout.family} {layout.kind} bundle"
+                            + (" (add --num-updates N: transformers does not record the updates trained)"
+                               if layout.kind == "pretrain" else ""))
     preprocessor = src / "preprocessor_config.json"
     if preprocessor.is_file():
         try:

@@ -350,3 +350,16 @@ def _cli():
     from continue_pt.cli import cli
 
     return cli
+
+
+def test_inspect_describes_a_published_directory_and_its_ctc_bundle(tmp_path):
+    hf = save(tiny_model("HubertForCTC"), tmp_path / "hf", "bin")
+    (hf / "vocab.json").write_text(json.dumps(LETTERS))
+    facts = json.loads(CliRunner().invoke(_cli(), ["inspect", str(hf), "--json"]).output)
+    assert facts["architecture"] == "HubertForCTC" and facts["weights"] == ["pytorch_model.bin"]
+    assert facts["extras"] is None and "hubert ctc bundle" in facts["use"]
+    convert_checkpoint(hf, tmp_path / "bundle")
+    shown = CliRunner().invoke(_cli(), ["inspect", str(tmp_path / "bundle"), "--json"])
+    assert shown.exit_code == 0, shown.output
+    facts = json.loads(shown.output)
+    assert (facts["kind"], facts["vocabulary"], facts["heads"]) == ("ctc", 12, ["ctc output layer"])
