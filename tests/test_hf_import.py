@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -363,3 +363,38 @@ def test_inspect_describes_a_published_directory_and_its_ctc_bundle(tmp_path):
     assert shown.exit_code == 0, shown.output
     facts = json.loads(shown.output)
     assert (facts["kind"], facts["vocabulary"], facts["heads"]) == ("ctc", 12, ["ctc output layer"])
+
+
+def test_sharded_pytorch_model_bin_and_what_a_bad_index_names(tmp_path):
+    model = tiny_model("Wav2Vec2Model", "layer", True)
+    hf = save(model, tmp_path / "hf", "bin")
+    state = model.state_dict()
+    names = list(state)
+    (hf / "pytorch_model.bin").unlink()
+    halves = {"pytorch_model-00001-of-00002.bin": names[: len(names) // 2],
+              "pytorch_model-00002-of-00002.bin": names[len(names) // 2:]}
+    for shard, keys in halves.items():
+        torch.save({k: state[k] for k in keys}, hf / shard)
+    index = {"metadata": {}, "weight_map": {k: shard for shard, keys in halves.items() for k in keys}}
+    (hf / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert_same_layers(convert_checkpoint(hf, tmp_path / "bundle"), model)
+
+    for bad, said in ((dict(index["weight_map"], **{names[0]: "../evil.bin"}), "'../evil.bin'"),
+                      (dict(index["weight_map"], **{names[0]: "absent.bin"}), "not in the directory: ['absent.bin']"),
+                      (dict(index["weight_map"], extra_tensor="pytorch_model-00001-of-00002.bin"),
+                       "lacks tensors its index names: ['extra_tensor']")):
+        (hf / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": bad}))
+        with pytest.raises(ConversionError, match=re.escape(said)):
+            convert_checkpoint(hf, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_exported_directory_keeps_its_num_updates(tmp_path):
+    from continue_pt.demo import ASSETS
+
+    bundle = convert_checkpoint(ASSETS / "tiny_wav2vec2.pt", tmp_path / "bundle")
+    hf = export_hf(bundle, tmp_path / "hf")
+    stored = load_bundle(bundle).num_updates
+    assert load_bundle(convert_checkpoint(hf, tmp_path / "same", num_updates=stored)).num_updates == stored
+    with pytest.raises(ConversionError, match=f"records num_updates {stored}, --num-updates gives 7"):
+        convert_checkpoint(hf, tmp_path / "other", num_updates=7)
