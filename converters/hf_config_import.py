@@ -31,7 +31,7 @@ HF_DEFAULTS: dict[str, Any] = {
     "use_weighted_layer_sum": False, "mask_time_length": 10, "num_codevectors_per_group": 320,
     "num_codevector_groups": 2, "codevector_dim": 256, "proj_codevector_dim": 256,
     "contrastive_logits_temperature": 0.1, "num_negatives": 100, "diversity_loss_weight": 0.1,
-    "feat_quantizer_dropout": 0.0, "pad_token_id": 0,
+    "feat_quantizer_dropout": 0.0, "pad_token_id": 0, "mask_time_prob": 0.05,
 }
 PREPROCESSOR_FILE = "preprocessor_config.json"
 VOCAB_FILE = "vocab.json"
@@ -107,6 +107,21 @@ def _rate(cfg: dict[str, Any], name: str, problems: list[str]) -> float:
     return float(value)
 
 
+def _number(cfg: dict[str, Any], name: str, problems: list[str]) -> float:
+    value = option(cfg, name)
+    if not _is_number(value):
+        problems.append(f"{name}={value!r} is not a number")
+        return 0.0
+    return float(value)
+
+
+def _flag(cfg: dict[str, Any], name: str, problems: list[str]) -> bool:
+    value = option(cfg, name)
+    if not isinstance(value, bool):
+        problems.append(f"{name}={value!r} is not true or false")
+    return bool(value)
+
+
 def encoder_args(cfg: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     """transformers options -> ``torchaudio.models.wav2vec2_model`` arguments (the inverse of ``hf_config``)."""
     dims, kernels, strides = (_int_list(cfg, n, problems) for n in ("conv_dim", "conv_kernel", "conv_stride"))
@@ -120,7 +135,7 @@ def encoder_args(cfg: dict[str, Any], problems: list[str]) -> dict[str, Any]:
     return {
         "extractor_mode": _EXTRACTOR_MODE.get(option(cfg, "feat_extract_norm"), "group_norm"),  # feat_extract_norm
         "extractor_conv_layer_config": [list(t) for t in zip(dims, kernels, strides)],  # conv_dim/kernel/stride
-        "extractor_conv_bias": bool(option(cfg, "conv_bias")),  # conv_bias
+        "extractor_conv_bias": _flag(cfg, "conv_bias", problems),  # conv_bias
         "encoder_embed_dim": width,  # hidden_size
         "encoder_projection_dropout": _rate(cfg, "feat_proj_dropout", problems),  # feat_proj_dropout
         "encoder_pos_conv_kernel": _positive_int(cfg, "num_conv_pos_embeddings", problems),
@@ -131,7 +146,7 @@ def encoder_args(cfg: dict[str, Any], problems: list[str]) -> dict[str, Any]:
         "encoder_ff_interm_features": _positive_int(cfg, "intermediate_size", problems),
         "encoder_ff_interm_dropout": _rate(cfg, "activation_dropout", problems),
         "encoder_dropout": _rate(cfg, "hidden_dropout", problems),
-        "encoder_layer_norm_first": bool(option(cfg, "do_stable_layer_norm")),  # do_stable_layer_norm
+        "encoder_layer_norm_first": _flag(cfg, "do_stable_layer_norm", problems),  # do_stable_layer_norm
         "encoder_layer_drop": _rate(cfg, "layerdrop", problems),
         "aux_num_out": None,
     }
@@ -159,19 +174,18 @@ def wav2vec2_heads(cfg: dict[str, Any], enc: dict[str, Any], problems: list[str]
     objective = {
         **masking_args({"mask_prob": _WAV2VEC2_RECIPE["mask_prob"], "mask_length": mask_length}),
         "feature_grad_mult": _WAV2VEC2_RECIPE["feature_grad_mult"],
-        "logit_temp": float(option(cfg, "contrastive_logits_temperature")),
+        "logit_temp": _number(cfg, "contrastive_logits_temperature", problems),
         "num_negatives": _positive_int(cfg, "num_negatives", problems),
         "cross_sample_negatives": 0,
         "codebook_negatives": 0,
         "negatives_from_everywhere": False,
         "dropout_features": _rate(cfg, "feat_quantizer_dropout", problems),
         "criterion": {"_name": "wav2vec", "infonce": True,
-                      "loss_weights": [float(option(cfg, "diversity_loss_weight"))]},
+                      "loss_weights": [_number(cfg, "diversity_loss_weight", problems)]},
     }
     assumed.extend([
         f"mask_prob {_WAV2VEC2_RECIPE['mask_prob']} (fairseq's pre-training recipe; transformers' mask_time_prob "
-        f"{option(cfg, 'mask_time_prob') if cfg.get('mask_time_prob') is not None else 0.05} is its fine-tuning "
-        "SpecAugment rate); mask_length from mask_time_length",
+        f"{option(cfg, 'mask_time_prob')} is its fine-tuning SpecAugment rate); mask_length from mask_time_length",
         f"feature_grad_mult {_WAV2VEC2_RECIPE['feature_grad_mult']} (fairseq's BASE and LARGE recipes)",
         f"Gumbel temperature schedule (max, min, decay) {tuple(_WAV2VEC2_RECIPE['latent_temp'])} (fairseq's recipes "
         "and transformers' pre-training example)",
@@ -239,11 +253,11 @@ def bundle_config(src: Path, cfg: dict[str, Any], imp: HFImportLayout, num_outpu
     assumed: list[str] = []
     pretrain_args = objective = label_dictionary = None
     if imp.kind == "ctc":
-        vocab_size = option(cfg, "vocab_size")
+        vocab_size = _positive_int(cfg, "vocab_size", problems)
         if num_outputs is not None and vocab_size != num_outputs:
             problems.append(f"vocab_size={vocab_size!r} but lm_head has {num_outputs} rows")
         enc["aux_num_out"] = num_outputs if num_outputs is not None else vocab_size
-        label_dictionary = ctc_symbols(src, int(enc["aux_num_out"] or 0), cfg.get("pad_token_id"), assumed)
+        label_dictionary = ctc_symbols(src, enc["aux_num_out"], cfg.get("pad_token_id"), assumed)
     if imp.kind == "pretrain":
         pretrain_args, objective = wav2vec2_heads(cfg, enc, problems, assumed)
     rate, normalize, normalize_from = audio_settings(src, enc, problems)

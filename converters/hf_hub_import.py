@@ -122,7 +122,7 @@ def _published_tensors(src: Path, imp: HFImportLayout, config: BundleConfig, sta
                        ) -> tuple[list[PendingTensor], list[PendingTensor]]:
     """(the bundle's model tensors, its fairseq_extras), each a tensor of the weight files renamed; every missing,
     misshapen or unplaced tensor reported at once."""
-    expected = {k: tuple(v.shape) for k, v in _bundle_model(config).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in _bundle_model(src, config).state_dict().items()}
     tensors, extras, problems, used = [], [], [], set()
     for key, shape in expected.items():
         where, name = bundle_key_to_hf(imp.layout, key) or ("", "")
@@ -151,12 +151,12 @@ def _published_tensors(src: Path, imp: HFImportLayout, config: BundleConfig, sta
     return tensors, extras
 
 
-def _bundle_model(config: BundleConfig) -> Any:
+def _bundle_model(src: Path, config: BundleConfig) -> Any:
     try:
         return build_pretrain_model(config) if config.kind == "pretrain" else build_encoder(config)
     except (TypeError, ValueError, RuntimeError) as exc:
-        raise ConversionError(Path(config.provenance.get("source_file", "?")), f"config.json does not describe a "
-                              f"buildable model ({exc})", hint=IMPORT_HINT) from None
+        raise ConversionError(src / HF_CONFIG_FILE, f"does not describe a buildable model ({exc})",
+                              hint=IMPORT_HINT) from None
 
 
 __all__ = ["HF_MODEL_TYPES", "IMPORT_HINT", "import_published"]

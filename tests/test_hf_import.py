@@ -398,3 +398,19 @@ def test_an_exported_directory_keeps_its_num_updates(tmp_path):
     assert load_bundle(convert_checkpoint(hf, tmp_path / "same", num_updates=stored)).num_updates == stored
     with pytest.raises(ConversionError, match=f"records num_updates {stored}, --num-updates gives 7"):
         convert_checkpoint(hf, tmp_path / "other", num_updates=7)
+
+
+def test_malformed_options_are_named_all_at_once(tmp_path):
+    hf = save(tiny_model("Wav2Vec2ForCTC"), tmp_path / "hf")
+    config = json.loads((hf / "config.json").read_text())
+    config.update(conv_bias="yes", hidden_size="32", conv_kernel=[10], vocab_size=-1, feat_extract_norm="batch")
+    (hf / "config.json").write_text(json.dumps(config))
+    (hf / "preprocessor_config.json").write_text("{not json")
+    with pytest.raises(ConversionError) as err:
+        convert_checkpoint(hf, tmp_path / "out")
+    text = str(err.value)
+    for said in ("conv_bias='yes' is not true or false", "hidden_size='32' is not a positive integer",
+                 "conv_dim, conv_kernel and conv_stride have 2, 1 and 2 entries", "vocab_size=-1",
+                 "feat_extract_norm='batch'", "preprocessor_config.json is not valid JSON"):
+        assert said in text, said
+    assert not (tmp_path / "out").exists()
