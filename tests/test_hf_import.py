@@ -414,3 +414,19 @@ def test_malformed_options_are_named_all_at_once(tmp_path):
                  "feat_extract_norm='batch'", "preprocessor_config.json is not valid JSON"):
         assert said in text, said
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("cls, published", [
+    ("HubertForCTC", dict(hidden_size=1024, num_attention_heads=16, intermediate_size=4096, feat_extract_norm="layer",
+                          do_stable_layer_norm=True, conv_bias=True, vocab_size=32)),  # hubert-large-ls960-ft
+    ("Wav2Vec2ForPreTraining", dict(hidden_size=768, num_attention_heads=12, intermediate_size=3072,
+                                    feat_extract_norm="group", do_stable_layer_norm=False, conv_bias=False)),
+])
+def test_published_widths_match_within_the_tolerances(cls, published, tmp_path):
+    """The published shapes (transformers' default front end and positional convolution; 1 layer, transformers' own
+    initialisation): the per-layer tolerances hold at full width too."""
+    config_class = transformers.HubertConfig if cls.startswith("Hubert") else transformers.Wav2Vec2Config
+    torch.manual_seed(0)
+    model = getattr(transformers, cls)(config_class(num_hidden_layers=1, **published)).eval()
+    out = convert_checkpoint(save(model, tmp_path / "hf"), tmp_path / "bundle")
+    assert_same_layers(out, model)
