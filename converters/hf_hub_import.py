@@ -34,8 +34,6 @@ IMPORT_HINT = f"continue-pt converts transformers' {', '.join(IMPORT_LAYOUTS)} (
 def import_published(src: Path, found: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
                      on_tensor: Callable[[PendingTensor], None] | None = None, num_updates: int | None = None) -> Path:
     """The bundle of the transformers directory ``src`` (``found``: its config.json), written to ``out_dir``."""
-    if not found:
-        raise ConversionError(src / HF_CONFIG_FILE, "is not valid JSON", hint="Download it again")
     with read_hf_weights(src) as weights:
         architecture = _architecture(src, found, weights)
         imp = IMPORT_LAYOUTS[architecture]

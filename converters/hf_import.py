@@ -167,6 +167,8 @@ def import_hf(src: str | Path, out_dir: str | Path, overwrite: bool = False,
     if found is None:
         raise ConversionError(src, "is not a transformers directory (no config.json of a transformers model)",
                               hint=IMPORT_HINT)
+    if not found:
+        raise ConversionError(src / HF_CONFIG_FILE, "is not valid JSON", hint="Download it again")
     if (src / EXTRAS_FILE).is_file():
         return _import_exported(src, found, out_dir, overwrite, on_tensor, num_updates)
     return import_published(src, found, out_dir, overwrite=overwrite, on_tensor=on_tensor, num_updates=num_updates)

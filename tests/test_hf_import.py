@@ -414,6 +414,9 @@ def test_malformed_options_are_named_all_at_once(tmp_path):
                  "feat_extract_norm='batch'", "preprocessor_config.json is not valid JSON"):
         assert said in text, said
     assert not (tmp_path / "out").exists()
+    (hf / "config.json").write_text("{broken")
+    result = CliRunner().invoke(_cli(), ["convert", str(hf), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1 and f"Error: {hf / 'config.json'}: is not valid JSON" in result.output
 
 
 @pytest.mark.parametrize("cls, published", [
