@@ -34,6 +34,7 @@ IMPORT_HINT = f"continue-pt converts transformers' {', '.join(IMPORT_LAYOUTS)} (
 def import_published(src: Path, found: dict[str, Any], out_dir: str | Path, *, overwrite: bool = False,
                      on_tensor: Callable[[PendingTensor], None] | None = None, num_updates: int | None = None) -> Path:
     """The bundle of the transformers directory ``src`` (``found``: its config.json), written to ``out_dir``."""
+    _check_model_type(src, found)  # before any weight file is opened
     with read_hf_weights(src) as weights:
         architecture = _architecture(src, found, weights)
         imp = IMPORT_LAYOUTS[architecture]
@@ -53,6 +54,16 @@ def import_published(src: Path, found: dict[str, Any], out_dir: str | Path, *, o
             raise ConversionError(weights.files[0], str(exc), hint="Is the download complete? Fetch it again") from None
 
 
+def _check_model_type(src: Path, found: dict[str, Any]) -> None:
+    model_type = found.get("model_type")
+    if model_type not in HF_MODEL_TYPES:
+        listed = found.get("architectures")
+        name = f" ({listed[0]})" if isinstance(listed, list) and listed else ""
+        raise ConversionError(src / HF_CONFIG_FILE, f"model_type {model_type!r}{name} is not HuBERT or wav2vec 2.0: "
+                              "torchaudio's Wav2Vec2Model, which a bundle loads into, cannot compute it",
+                              hint=IMPORT_HINT)
+
+
 def _architecture(src: Path, found: dict[str, Any], weights: HFWeights) -> str:
     """The transformers class: ``architectures[0]`` of config.json, else told by the tensors' names (the heads)."""
     model_type = found.get("model_type")
@@ -61,10 +72,6 @@ def _architecture(src: Path, found: dict[str, Any], weights: HFWeights) -> str:
         raise ConversionError(src / HF_CONFIG_FILE, f"architectures={listed!r} is not a list of class names",
                               hint=IMPORT_HINT)
     name = listed[0] if listed else _architecture_of_tensors(model_type, set(weights.tensors))
-    if model_type not in HF_MODEL_TYPES:
-        raise ConversionError(src / HF_CONFIG_FILE, f"model_type {model_type!r} ({name}) is not HuBERT or wav2vec "
-                              "2.0: torchaudio's Wav2Vec2Model, which a bundle loads into, cannot compute it",
-                              hint=IMPORT_HINT)
     if name not in IMPORT_LAYOUTS:
         why = [f"architecture {name!r} has no bundle form (a bundle holds an encoder with its pre-training or CTC "
                "head)"]
