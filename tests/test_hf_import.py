@@ -433,3 +433,28 @@ def test_published_widths_match_within_the_tolerances(cls, published, tmp_path):
     model = getattr(transformers, cls)(config_class(num_hidden_layers=1, **published)).eval()
     out = convert_checkpoint(save(model, tmp_path / "hf"), tmp_path / "bundle")
     assert_same_layers(out, model)
+
+
+@pytest.mark.fairseq
+@pytest.mark.parametrize("name", ["hubert_large_ll60k_finetune_ls960", "wav2vec_small", "libri960_big",
+                                  "wav2vec_small_960h"])
+def test_published_configurations_read_back_from_transformers_alone(name, tmp_path):
+    """fairseq (published configuration, 2 layers) -> bundle -> transformers, the extras file deleted (what a Hub
+    user has): the transformers directory alone gives the same model, every tensor bit for bit and the same
+    torchaudio arguments; only what transformers does not record (num_updates, the fairseq configuration) is lost."""
+    from tests.fairseq_reference import build_fairseq_model, save_checkpoint
+
+    ref = build_fairseq_model(name, num_layers=2, seed=1)
+    save_checkpoint(ref, tmp_path / "src.pt", "dict")
+    original = load_bundle(convert_checkpoint(tmp_path / "src.pt", tmp_path / "bundle"))
+    hf = export_hf(original.path, tmp_path / "hf")
+    (hf / "continue_pt_extras.safetensors").unlink()
+    back = load_bundle(convert_checkpoint(hf, tmp_path / "back"))
+    assert (back.family, back.kind) == (original.family, original.kind)
+    a, b = original.state_dict(), back.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert back.config.encoder_args == original.config.encoder_args
+    assert back.config.pretrain_args == original.config.pretrain_args
+    assert back.normalize_waveform == original.normalize_waveform
+    if original.kind == "ctc":
+        assert back.config.label_dictionary == original.config.label_dictionary
