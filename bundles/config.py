@@ -28,7 +28,8 @@ class BundleConfig:
     """``"hubert"`` or ``"wav2vec2"``."""
     kind: str
     """``"pretrain"`` (encoder + pre-training heads), ``"ctc"`` (fine-tuned encoder + CTC output layer) or
-    ``"encoder"`` (the encoder alone, e.g. from a torchaudio ``.pth`` state dict; see :mod:`bundles.encoder_only`)."""
+    ``"encoder"`` (the encoder alone: a source without pre-training heads, e.g. a torchaudio ``.pth`` state dict or
+    transformers' ``HubertModel``; see :mod:`bundles.encoder_only`)."""
     encoder_args: dict[str, Any]
     """Keyword arguments of ``torchaudio.models.wav2vec2_model`` (``aux_num_out`` set for CTC bundles)."""
     pretrain_args: dict[str, Any] | None

@@ -107,9 +107,13 @@ def _fetch_settings(cache_dir: Path | None, mirror: str | None, sha256: str | No
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("--family", type=click.Choice(["hubert", "wav2vec2"]),
               help="For a torchaudio .pth whose shapes cannot tell (BASE): which model it is.")
+@click.option("--num-updates", type=click.IntRange(min=0),
+              help="transformers directories: the updates the model was pre-trained for (not recorded by "
+                   "transformers; wav2vec 2.0's Gumbel temperature continues from it).")
 @_download_flags
 def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | None, overwrite: bool,
-            family: str | None, cache_dir: Path | None, mirror: str | None, sha256: str | None) -> None:
+            family: str | None, num_updates: int | None, cache_dir: Path | None, mirror: str | None,
+            sha256: str | None) -> None:
     """Convert a HuBERT / wav2vec 2.0 checkpoint SRC into a bundle.
 
     SRC: a fairseq .pt file, an s3prl converted checkpoint, a torchaudio .pth state dict, a transformers directory,
@@ -137,7 +141,8 @@ def convert(src: str, out_dir: Path, kmeans: Path | None, kmeans_layer: int | No
         with tqdm(total=src.stat().st_size if src.is_file() else 0, unit="B", unit_scale=True, desc="converting",
                   disable=None, leave=False) as bar:
             out = convert_checkpoint(src, out_dir, kmeans=kmeans, kmeans_layer=kmeans_layer, overwrite=overwrite,
-                                     on_tensor=lambda t: bar.update(t.nbytes), family=family)
+                                     on_tensor=lambda t: bar.update(t.nbytes), family=family,
+                                     num_updates=num_updates)
     except ConversionError:
         from continue_pt.checkpoint_facts import is_training_checkpoint
 

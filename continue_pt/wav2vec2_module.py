@@ -136,6 +136,15 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             quantizer.max_temperature, quantizer.min_temperature, quantizer.temperature_decay = options.latent_temp
         self.start_updates = int(bundle.num_updates or 0)
         quantizer.set_num_updates(self.start_updates)
+        if bundle.num_updates is None:  # e.g. converted from transformers, which does not record it
+            from continue_pt.options import PretrainOptionsWarning
+
+            warnings.warn(f"{bundle.path}: the updates it was pre-trained for are unknown, so the Gumbel temperature "
+                          f"starts from {quantizer.temperature:g} (its schedule at update 0: max "
+                          f"{quantizer.max_temperature:g}, min {quantizer.min_temperature:g}, decay "
+                          f"{quantizer.temperature_decay:g} per update); to continue the schedule where it was, "
+                          "convert again with `continue-pt convert SRC -o BUNDLE --num-updates N`",
+                          PretrainOptionsWarning, stacklevel=2)
 
         criterion = objective.get("criterion") or {}
         fairseq_weights = [float(w) for w in (criterion.get("loss_weights") or [])]

@@ -156,24 +156,32 @@ def convert_checkpoint(
     overwrite: bool = False,
     on_tensor: Callable[[PendingTensor], None] | None = None,
     family: str | None = None,
+    num_updates: int | None = None,
 ) -> Path:
     """Convert the fairseq checkpoint ``src`` into a bundle at ``out_dir`` (written atomically). ``src`` may also be
-    a transformers directory written by ``continue-pt export --to hf`` (see :mod:`converters.hf_import`), an s3prl
-    converted checkpoint or a torchaudio ``.pth`` state dict (``family``: ``"hubert"`` / ``"wav2vec2"`` where the
-    file cannot tell; see :mod:`converters.torchaudio_import`).
+    a transformers HuBERT / wav2vec 2.0 directory (see :mod:`converters.hf_import`), an s3prl converted checkpoint
+    or a torchaudio ``.pth`` state dict (``family``: ``"hubert"`` / ``"wav2vec2"`` where the file cannot tell; see
+    :mod:`converters.torchaudio_import`). ``num_updates`` says how many updates a transformers model was trained for
+    (transformers does not record it; a fairseq checkpoint does).
 
     ``kmeans`` (joblib ``.bin`` or ``km.safetensors``) is attached as the bundle's k-means; ``kmeans_layer``
     (1-based) says which layer's output it clusters. Raises :class:`ConversionError` naming what is wrong.
     """
     src = Path(src)
-    if src.is_dir() and _is_hf_directory(src):  # written by `continue-pt export --to hf`: read it back
+    if src.is_dir() and _is_hf_directory(src):  # a transformers directory (any, or written by export --to hf)
         from .hf_import import import_hf
 
         if kmeans is not None or kmeans_layer is not None:
             raise ConversionError(src, "--kmeans / --kmeans-layer were given for a transformers directory",
                                   hint="Its k-means (if any) travels in its continue_pt_extras.safetensors; attach "
                                        "another one to the bundle this writes with `continue-pt convert`'s .pt path")
-        return import_hf(src, out_dir, overwrite=overwrite, on_tensor=on_tensor)
+        if family is not None:
+            raise ConversionError(src, "--family was given for a transformers directory",
+                                  hint="Its config.json says which model it is; leave the option out")
+        return import_hf(src, out_dir, overwrite=overwrite, on_tensor=on_tensor, num_updates=num_updates)
+    if num_updates is not None:
+        raise ConversionError(src, "--num-updates is for transformers directories",
+                              hint="A fairseq checkpoint records its own num_updates; leave the option out")
     km = read_kmeans_file(kmeans, kmeans_layer) if kmeans is not None else None
     if km is None and kmeans_layer is not None:
         raise ConversionError(src, "--kmeans-layer was given without --kmeans", hint="Pass the k-means file too")

@@ -43,7 +43,8 @@ def _summary(config: Any, names: set[str], num_params: int) -> dict[str, Any]:
         "layer_norm_first": enc["encoder_layer_norm_first"],
         "conv_bias": enc["extractor_conv_bias"],
         "sample_rate": config.sample_rate,
-        "num_updates": config.num_updates,
+        "num_updates": config.num_updates if config.num_updates is not None or "num_updates_unknown" not in
+        config.provenance else f"unknown: {config.provenance['num_updates_unknown']}",
     }
     if config.label_dictionary and "num_clusters" in config.label_dictionary:  # CTC bundles keep ctc_symbols there
         facts["num_clusters"] = config.label_dictionary["num_clusters"]

@@ -1,11 +1,18 @@
-"""A transformers directory written by ``continue-pt export --to hf`` -> the bundle it came from.
+"""A transformers HuBERT / wav2vec 2.0 directory -> a bundle: ``continue-pt convert HF_DIR -o BUNDLE``.
 
-``continue-pt convert HF_DIR -o BUNDLE`` reads ``model.safetensors`` back through the key table of
-:mod:`converters.hf_layout` and ``continue_pt_extras.safetensors`` (HuBERT's head and k-means, wav2vec 2.0's heads
-when only the encoder was exported, and the bundle's own ``config.json``): bundle -> transformers -> bundle is
-lossless. The weights may have changed in between (fine-tuned with transformers); the architecture may not: a
-``config.json`` that no longer matches the stored bundle configuration is refused, naming the options that differ.
-A transformers directory without the extras file (any model from the Hub) is not read yet.
+Two kinds of directory:
+
+- written by ``continue-pt export --to hf`` (it carries ``continue_pt_extras.safetensors``): ``model.safetensors``
+  is read back through the key table of :mod:`converters.hf_layout` and the extras file (HuBERT's head and k-means,
+  wav2vec 2.0's heads when only the encoder was exported, and the bundle's own ``config.json``): bundle ->
+  transformers -> bundle is lossless. The weights may have changed in between (fine-tuned with transformers); the
+  architecture may not: a ``config.json`` that no longer matches the stored bundle configuration is refused,
+  naming the options that differ.
+- any other (as published on the Hub): the class in ``config.json`` (``architectures``, else the tensors' names)
+  decides the bundle (:data:`converters.hf_layout.IMPORT_LAYOUTS`): ``Wav2Vec2ForPreTraining`` a complete wav2vec
+  2.0 pre-training bundle, ``*ForCTC`` a CTC bundle (with ``vocab.json``'s symbols), ``HubertModel`` /
+  ``Wav2Vec2Model`` an encoder-only bundle. The configuration is derived by :mod:`converters.hf_config_import`,
+  the weights read by :mod:`converters.hf_weights` (a ``pytorch_model.bin`` only through the allow-list reader).
 """
 
 from __future__ import annotations
@@ -29,11 +36,10 @@ from bundles.writing import write_bundle
 from .errors import ConversionError
 from .hf_export import HF_CONFIG_FILE, HF_MODEL_FILE, hf_config
 from .hf_layout import (EXTRAS_FILE, EXTRAS_FORMAT, EXTRAS_FORMAT_VERSION, FAIRSEQ_EXTRAS_PREFIX, KMEANS_TENSOR,
-                        HFLayout, bundle_key_to_hf, layout_for_architecture)
+                        IMPORT_LAYOUTS, HFLayout, bundle_key_to_hf, layout_for_architecture)
+from .hf_hub_import import IMPORT_HINT, import_published
+from .hf_weights import read_hf_weights, weight_file
 
-_HF_MODEL_TYPES = ("hubert", "wav2vec2")
-_GENERAL_IMPORT_HINT = ("Only directories written by `continue-pt export --to hf` are read (they carry "
-                        f"{EXTRAS_FILE}); converting other transformers models is not supported yet")
 # Options of transformers' config.json that decide the tensors' shapes or the computation: they must still be
 # what the export wrote (dropouts and SpecAugment settings may have been changed for fine-tuning).
 _STRUCTURAL = ("architectures", "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
@@ -45,28 +51,31 @@ _STRUCTURAL = ("architectures", "model_type", "hidden_size", "num_hidden_layers"
 
 
 def read_hf_config(src: Path) -> dict[str, Any] | None:
-    """transformers' config.json of the directory ``src``, or None when ``src`` is no transformers directory."""
+    """transformers' config.json of the directory ``src``, or None when ``src`` is no transformers directory
+    (no config.json, a bundle's, or one that is neither readable nor beside transformers weights)."""
     path = Path(src) / HF_CONFIG_FILE
     if not Path(src).is_dir() or not path.is_file():
         return None
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
+        return {} if weight_file(Path(src)) is not None else None  # refused by import_hf, naming the file
+    if not isinstance(data, dict) or "format" in data:
         return None
-    if not isinstance(data, dict) or "format" in data or data.get("model_type") not in _HF_MODEL_TYPES:
+    if not isinstance(data.get("model_type"), str) and weight_file(Path(src)) is None:
         return None
     return data
 
 
 def is_hf_directory(src: str | Path) -> bool:
-    """A directory holding a transformers HuBERT / wav2vec 2.0 ``config.json`` (not a bundle's)."""
+    """A directory holding a transformers ``config.json`` (not a bundle's): ``convert`` reads or refuses it."""
     return read_hf_config(Path(src)) is not None
 
 
 def _read_extras(src: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
     path = src / EXTRAS_FILE
     if not path.is_file():
-        raise ConversionError(src, f"is a transformers directory without {EXTRAS_FILE}", hint=_GENERAL_IMPORT_HINT)
+        raise ConversionError(src, f"is a transformers directory without {EXTRAS_FILE}", hint=IMPORT_HINT)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -149,21 +158,38 @@ def _kmeans(metadata: dict[str, str], extras: dict[str, Tensor]) -> KMeansModel 
 
 
 def import_hf(src: str | Path, out_dir: str | Path, overwrite: bool = False,
-              on_tensor: Callable[[PendingTensor], None] | None = None) -> Path:
-    """Read the transformers directory ``src`` (written by ``export --to hf``) into a bundle at ``out_dir``."""
+              on_tensor: Callable[[PendingTensor], None] | None = None, num_updates: int | None = None) -> Path:
+    """Read the transformers directory ``src`` into a bundle at ``out_dir`` (written atomically). ``num_updates``:
+    the updates the model was trained for, which transformers does not record (wav2vec 2.0's Gumbel temperature
+    continues from it)."""
     src = Path(src)
     found = read_hf_config(src)
     if found is None:
-        raise ConversionError(src, "is not a transformers HuBERT / wav2vec 2.0 directory (no such config.json)",
-                              hint=_GENERAL_IMPORT_HINT)
+        raise ConversionError(src, "is not a transformers directory (no config.json of a transformers model)",
+                              hint=IMPORT_HINT)
+    if not found:
+        raise ConversionError(src / HF_CONFIG_FILE, "is not valid JSON", hint="Download it again")
+    if (src / EXTRAS_FILE).is_file():
+        return _import_exported(src, found, out_dir, overwrite, on_tensor, num_updates)
+    return import_published(src, found, out_dir, overwrite=overwrite, on_tensor=on_tensor, num_updates=num_updates)
+
+
+def _import_exported(src: Path, found: dict[str, Any], out_dir: str | Path, overwrite: bool,
+                     on_tensor: Callable[[PendingTensor], None] | None, num_updates: int | None) -> Path:
+    """A directory written by ``export --to hf``: the bundle it was exported from, with its current weights."""
     architectures = found.get("architectures") or [None]
     layout = layout_for_architecture(str(architectures[0]))
     if layout is None:
         raise ConversionError(src / HF_CONFIG_FILE, f"architecture {architectures[0]!r} is not one export --to hf "
                               "writes (HubertModel, HubertForCTC, Wav2Vec2Model, Wav2Vec2ForPreTraining, "
-                              "Wav2Vec2ForCTC)", hint=_GENERAL_IMPORT_HINT)
+                              "Wav2Vec2ForCTC)", hint=f"It carries {EXTRAS_FILE}, which only `continue-pt export "
+                                                      "--to hf` writes; remove that file to convert the model alone")
     metadata, extras = _read_extras(src)
     config = _stored_config(src / EXTRAS_FILE, metadata)
+    if num_updates is not None and config.num_updates not in (None, num_updates):
+        raise ConversionError(src / EXTRAS_FILE, f"records num_updates {config.num_updates}, --num-updates gives "
+                              f"{num_updates}", hint="Leave out --num-updates: the exported bundle's count is kept")
+    config.num_updates = num_updates if num_updates is not None else config.num_updates
     expected = hf_config(config, src / EXTRAS_FILE, encoder_only=layout.architecture == "Wav2Vec2Model")
     changed = _changed_options(found, expected)
     if changed:
@@ -201,10 +227,10 @@ def describe_hf_directory(src: str | Path) -> dict[str, Any]:
         "feat_extract_norm": found.get("feat_extract_norm"),
         "do_stable_layer_norm": found.get("do_stable_layer_norm"),
     }
-    model_path = src / HF_MODEL_FILE
-    if model_path.is_file():
-        with safe_open(str(model_path), framework="pt") as f:
-            facts["parameters"] = sum(_numel(f.get_slice(k).get_shape()) for k in f.keys())
+    if weight_file(src) is not None:
+        with read_hf_weights(src) as weights:  # a .bin through the allow-list reader, like convert
+            facts["parameters"] = sum(_numel(t.shape) for t in weights.tensors.values())
+            facts["weights"] = [p.name for p in weights.files]
     if (src / EXTRAS_FILE).is_file():
         metadata, extras = _read_extras(src)
         config = _stored_config(src / EXTRAS_FILE, metadata)
@@ -214,6 +240,11 @@ def describe_hf_directory(src: str | Path) -> dict[str, Any]:
         facts["use"] = "continue-pt convert DIR -o BUNDLE reads it back into the bundle it was exported from"
     else:
         facts["extras"] = None
+        layout = IMPORT_LAYOUTS.get(str(facts["architecture"]))
+        if layout is not None:
+            facts["use"] = (f"continue-pt convert DIR -o BUNDLE makes a {layout.family} {layout.kind} bundle"
+                            + (" (add --num-updates N: transformers does not record the updates trained)"
+                               if layout.kind == "pretrain" else ""))
     preprocessor = src / "preprocessor_config.json"
     if preprocessor.is_file():
         try:

@@ -118,3 +118,33 @@ def layout_for(family: str, kind: str, encoder_only: bool = False) -> HFLayout:
 
 def layout_for_architecture(architecture: str) -> HFLayout | None:
     return next((layout for layout in LAYOUTS.values() if layout.architecture == architecture), None)
+
+
+# -- reading any transformers directory (no extras file): the class of its config.json decides the bundle -----------
+
+@dataclass(frozen=True)
+class HFImportLayout:
+    """How a transformers class published on the Hub becomes a bundle."""
+
+    family: str
+    kind: str
+    """``"pretrain"`` (Wav2Vec2ForPreTraining: quantizer and heads), ``"ctc"`` or ``"encoder"`` (the bare models)."""
+    layout: HFLayout
+    mask_embedding_extra: str | None
+    """Where ``masked_spec_embed`` goes when the bundle's model has no slot for it: the name of fairseq's mask
+    embedding in ``fairseq_extras.safetensors`` (as fairseq bundles of the same kind keep it)."""
+
+
+IMPORT_LAYOUTS: dict[str, HFImportLayout] = {
+    "HubertModel": HFImportLayout("hubert", "encoder", HFLayout("HubertModel", "hubert", "", "", ()), "mask_emb"),
+    "Wav2Vec2Model": HFImportLayout("wav2vec2", "encoder", HFLayout("Wav2Vec2Model", "wav2vec2", "", "", ()),
+                                    "mask_emb"),
+    "HubertForCTC": HFImportLayout("hubert", "ctc", LAYOUTS[("hubert", "ctc")], "w2v_encoder.w2v_model.mask_emb"),
+    "Wav2Vec2ForCTC": HFImportLayout("wav2vec2", "ctc", LAYOUTS[("wav2vec2", "ctc")],
+                                     "w2v_encoder.w2v_model.mask_emb"),
+    "Wav2Vec2ForPreTraining": HFImportLayout("wav2vec2", "pretrain", LAYOUTS[("wav2vec2", "pretrain")], None),
+}
+"""transformers class -> bundle, for ``continue-pt convert`` of a directory without the extras file."""
+
+HEAD_PREFIXES = ("lm_head.", "quantizer.", "project_q.", "project_hid.")
+"""transformers keys of the heads, which sit beside the base model (never under its ``hubert.``/``wav2vec2.``)."""

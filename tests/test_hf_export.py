@@ -300,12 +300,15 @@ def test_convert_refuses_a_changed_or_foreign_transformers_directory(bundles, tm
     (hf / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConversionError, match="num_hidden_layers is 3, the stored bundle configuration gives 2"):
         convert_checkpoint(hf, tmp_path / "back")
-    (hf / EXTRAS_FILE).unlink()
+    (hf / EXTRAS_FILE).unlink()  # now read as any transformers directory: its weights lack the third layer
     result = CliRunner().invoke(_cli(), ["convert", str(hf), "-o", str(tmp_path / "back")])
     assert result.exit_code == 1
     lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1 and EXTRAS_FILE in result.output and "not supported yet" in result.output
+    assert len(lines) == 1 and "encoder.layers.2.attention.k_proj.weight is missing" in result.output
     assert not (tmp_path / "back").exists()
+    config["num_hidden_layers"] = 2  # as exported: the encoder alone (the head was in the extras file)
+    (hf / "config.json").write_text(json.dumps(config))
+    assert load_bundle(convert_checkpoint(hf, tmp_path / "back")).kind == "encoder"
 
 
 def test_the_convert_command_reads_an_exported_directory(bundles, tmp_path):
