@@ -262,6 +262,8 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                             needed=size)
     except FileProblem:
         raise
+    except ValueError as exc:  # a bundle file changed under us: it ends inside a tensor's bytes
+        raise BundleError(src, str(exc), hint="Re-create the bundle") from None
     except OSError as exc:
         raise ConversionError(out, f"could not be written ({exc.strerror or exc})",
                               hint="Check free disk space and permissions") from None

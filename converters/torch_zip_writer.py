@@ -14,6 +14,7 @@ equals what ``torch.save`` writes for the materialised object except for the ran
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 from collections import OrderedDict
@@ -132,11 +133,18 @@ def write_torch_zip(obj: Any, path: Path, *, pickler: type[pickle.Pickler] = pic
         target: Any = fh if on_bytes is None else _CountingFile(fh, on_bytes)
         # CRC-32 always: Python's zipfile (and so our own reader) checks it, whatever torch's save config says
         writer = torch._C.PyTorchFileWriter(target, True, int(alignment))
-        writer.write_record("data.pkl", data, len(data))
-        writer.write_record(".format_version", _FORMAT_VERSION, len(_FORMAT_VERSION))
-        writer.write_record(".storage_alignment", alignment, len(alignment))
-        writer.write_record("byteorder", _BYTE_ORDER, len(_BYTE_ORDER))
-        _write_storages(writer, storages)
+        try:
+            writer.write_record("data.pkl", data, len(data))
+            writer.write_record(".format_version", _FORMAT_VERSION, len(_FORMAT_VERSION))
+            writer.write_record(".storage_alignment", alignment, len(alignment))
+            writer.write_record("byteorder", _BYTE_ORDER, len(_BYTE_ORDER))
+            _write_storages(writer, storages)
+        except BaseException:
+            # torch's writer finishes an unfinished archive in its destructor; run after the file is closed, that
+            # write fails inside a C++ destructor and aborts the process. Finish it now; the caller drops the file.
+            with contextlib.suppress(Exception):
+                writer.write_end_of_file()
+            raise
         writer.write_end_of_file()
         target.flush()
 
