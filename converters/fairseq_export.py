@@ -9,9 +9,10 @@ primitives, plus the dictionaries as ``fairseq.data.dictionary.Dictionary`` (wri
 state dict, without fairseq installed) so that fairseq builds its task from them and our allow-list reader reads
 them back.
 
-The file is streamed (:mod:`converters.torch_zip_writer`): the bundle's tensors are not loaded; each is copied from
-its span in the bundle's safetensors files into its record of torch's zip format, one at a time, so that memory stays
-near the largest tensor. Only ``label_embs_concat``, rebuilt from two small tensors, is materialised.
+The file is streamed (:mod:`converters.torch_zip_writer`): the bundle's tensors are not loaded; each one's bytes are
+copied from their span in the bundle's safetensors files into their record of torch's zip format, in the kernel as
+``cp`` copies, so that memory does not grow with the model. Only ``label_embs_concat``, rebuilt from two small tensors,
+is materialised. The file is byte for byte what ``torch.save`` writes for the same checkpoint held in memory.
 """
 
 from __future__ import annotations

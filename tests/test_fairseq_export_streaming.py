@@ -208,31 +208,58 @@ def test_the_non_tensor_structure_reads_back_as_the_in_memory_exports(bundle_dir
     assert [vars(d) for d in a["task_state"]["dictionaries"]] == [vars(d) for d in b["task_state"]["dictionaries"]]
 
 
-def test_a_full_disk_mid_file_is_a_clear_error_and_leaves_nothing(bundle_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("where", ["kernel copy", "torch's writes"])
+def test_a_full_disk_mid_file_is_a_clear_error_and_leaves_nothing(where, bundle_dir, tmp_path, monkeypatch):
+    """The disk fills after 100 kB, in a span's copy or in a write of torch's zip writer (whose destructor must not
+    then run on a closed file: that would abort the process)."""
     import errno
-    import io
+    import os
 
     import converters.torch_zip_writer as writer
     from bundles.errors import DiskFull
 
-    class FillsUp(io.RawIOBase):
-        """The disk fills after 100 kB: the failure comes from inside torch's zip writer, mid-record."""
+    written = [0]
 
-        written = 0
+    def fills_up(n: int) -> None:
+        written[0] += n
+        if written[0] > 100_000:
+            raise OSError(errno.ENOSPC, "No space left on device")
 
-        def writable(self) -> bool:
-            return True
+    if where == "kernel copy":
+        copy = os.copy_file_range
 
-        def write(self, data) -> int:
-            self.written += len(data)
-            if self.written > 100_000:
-                raise OSError(errno.ENOSPC, "No space left on device")
-            return len(data)
+        def copy_file_range(src, dst, count, offset_src=None, offset_dst=None):
+            fills_up(count)
+            return copy(src, dst, count, offset_src, offset_dst)
 
-    def fake_open(path, mode="r", **kwargs):
-        return io.BufferedWriter(FillsUp()) if mode == "wb" else open(path, mode, **kwargs)
+        monkeypatch.setattr(os, "copy_file_range", copy_file_range)
+    else:
+        write_all = writer._write_all
 
-    monkeypatch.setattr(writer, "open", fake_open, raising=False)
+        def filling(out, data):
+            fills_up(memoryview(data).nbytes)
+            write_all(out, data)
+
+        monkeypatch.setattr(writer, "_write_all", filling)
+        monkeypatch.setattr(writer, "_kernel_copy", lambda *args: False)  # every byte through the writes
     with pytest.raises(DiskFull, match="model.pt"):
         export_fairseq(bundle_dir, tmp_path / "model.pt")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("kernel", ["cannot copy across these files", "has no copy_file_range"])
+def test_without_the_kernel_copy_the_file_is_the_same(kernel, bundle_dir, tmp_path, monkeypatch):
+    """Where copy_file_range is refused (another file system, an old kernel) or missing (macOS), the bytes are read,
+    summed and written by the writer itself."""
+    import errno
+    import os
+
+    if kernel == "has no copy_file_range":
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    else:
+        def refuses(*_args):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuses)
+    out = export_fairseq(bundle_dir, tmp_path / "streamed.pt")
+    assert_same_file(out, in_memory_export(bundle_dir, tmp_path / "in_memory.pt"))
