@@ -39,7 +39,8 @@ from .torch_file import STORAGE_DTYPES
 # dtype -> the legacy storage class torch.save names in a tensor's persistent id (torch's own names, read back by
 # converters.torch_file); every dtype a bundle's safetensors files can hold has one.
 STORAGE_CLASSES: dict[torch.dtype, Any] = {
-    dtype: getattr(torch, name.split(".")[1]) for name, dtype in STORAGE_DTYPES.items() if name != "torch.UntypedStorage"
+    dtype: getattr(torch, name.split(".")[1])
+    for name, dtype in STORAGE_DTYPES.items() if name != "torch.UntypedStorage"
 }
 _FORMAT_VERSION = "1"  # torch.save's .format_version: storages keyed by number in the order the pickle meets them
 # The bytes come from safetensors files, which are little-endian by definition (not the writing machine's order).
@@ -47,7 +48,8 @@ _BYTE_ORDER = "little"
 
 
 class StreamedTensor:
-    """A contiguous CPU tensor to be saved whose bytes are produced only when its storage record is written."""
+    """A contiguous CPU tensor to be saved whose bytes are copied from their span (or produced, without one) only
+    when its storage record is written."""
 
     def __init__(self, pending: PendingTensor):
         if pending.dtype not in STORAGE_CLASSES:
@@ -335,8 +337,8 @@ def _combine(seed: int, value: int) -> int:
 def _put_serialization_id(out: io.FileIO, path: Path, id_name: str, entries: list[tuple[str, int, int, bool]],
                           crcs: dict[str, int]) -> None:
     """torch's id is 20 digits of a hash of the record names, then 20 digits of the CRC-32 of every record that has
-    bytes, folded in order. Its second half is recomputed with the copied records' CRC-32 (torch folded in 0 for them), so the file is
-    the one ``torch.save`` writes. Should torch's id ever be made otherwise (its second half not the fold of what
+    bytes, folded in order. Its second half is recomputed with the copied records' CRC-32 (torch folded in 0 for
+    them), so the file is the one ``torch.save`` writes. Should torch's id ever be made otherwise (its second half not the fold of what
     torch summed), it is left as torch wrote it: it is an identifier, not a checksum."""
     others = [(name, crc) for name, _, crc, has_bytes in entries if name != id_name and has_bytes]
     id_entry = [(offset, crc) for name, offset, crc, _ in entries if name == id_name]
