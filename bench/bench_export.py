@@ -9,7 +9,12 @@ warm, ``sync`` before each run, rounds interleaved, median of ``--repeats``:
 
 * (a) baseline: ``cp -r BUNDLE copy`` wall + ``python -c "import torch"`` wall;
 * (b) ``continue-pt export BUNDLE --to fairseq -o OUT.pt``;
-* (c) ``continue-pt export BUNDLE --to hf -o OUT_DIR``.
+* (c) ``continue-pt export BUNDLE --to hf -o OUT_DIR``;
+* (d) for reference, not a target: ``python -c "import continue_pt.export, ..."``, what ``continue-pt export`` imports
+  before it reads anything (Lightning, through ``continue_pt.export``), so that (b) and (c) can be read as start-up
+  plus the export's own work;
+* (e) for reference: the library call ``converters.fairseq_export.export_fairseq(BUNDLE, OUT.pt)`` in a fresh
+  ``python``, i.e. (b) without the command line's start-up.
 
 Targets (the conversion's, issue 9): wall / (a) <= 1.5; (peak RSS - peak RSS of ``import torch``) / bundle size
 <= 0.25. Writes its section of ``bench/RESULTS.md``; removes ``bench/_work`` at the end unless ``--keep``.
@@ -27,6 +32,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 SECTION = "bench_export"
+_CLI_IMPORTS = "import continue_pt.cli, continue_pt.export, converters.fairseq_export, converters.hf_export"
+_LIBRARY_EXPORT = "import sys; from converters.fairseq_export import export_fairseq; export_fairseq(*sys.argv[1:])"
 
 
 def main() -> None:
@@ -48,12 +55,15 @@ def run(args: argparse.Namespace, command: str) -> None:
     source = C.convertible_large_checkpoint(bundle)
     size = _size(bundle)
     C.log(f"bundle from {source.path.name}: {size / 1e9:.3f} GB")
-    outputs = {"cp": work / "copy", "fairseq": work / "export.pt", "hf": work / "export_hf"}
+    outputs = {"cp": work / "copy", "fairseq": work / "export.pt", "hf": work / "export_hf",
+               "fairseq_library": work / "export_library.pt"}
     commands = {
         "cp": ["cp", "-r", str(bundle), str(outputs["cp"])],
         "import_torch": [C.PY, "-c", "import torch"],
         "fairseq": [C.CLI, "export", str(bundle), "--to", "fairseq", "-o", str(outputs["fairseq"])],
         "hf": [C.CLI, "export", str(bundle), "--to", "hf", "-o", str(outputs["hf"])],
+        "cli_imports": [C.PY, "-c", _CLI_IMPORTS],
+        "fairseq_library": [C.PY, "-c", _LIBRARY_EXPORT, str(bundle), str(outputs["fairseq_library"])],
     }
     series = {key: C.Series(key) for key in commands}
     written = {}
@@ -95,6 +105,15 @@ def run(args: argparse.Namespace, command: str) -> None:
         ratio_rows += [[f"{label}: wall / (a)", f"{s.wall / baseline:.2f}×", "≤ 1.5×", verdict(s.wall / baseline, 1.5)],
                        [f"{label}: (RSS − RSS import torch) / bundle size", f"{rss_ratio(s):.3f}×", "≤ 0.25×",
                         verdict(rss_ratio(s), 0.25)]]
+    imports, library = series["cli_imports"], series["fairseq_library"]
+    rows.append(["(d) what `export` imports first (reference)", f"{imports.wall:.2f}", imports.walls(), cpu(imports),
+                 f"{imports.rss_mb:.0f}", f"{rss_ratio(imports):.3f}"])
+    rows.append(["(e) `export_fairseq(...)`, no CLI (reference)", f"{library.wall:.2f}", library.walls(),
+                 cpu(library), f"{library.rss_mb:.0f}", f"{rss_ratio(library):.3f}"])
+    ratio_rows += [["(e) library `export_fairseq` (reference): wall / (a)", f"{library.wall / baseline:.2f}×",
+                    "(≤ 1.5×)", verdict(library.wall / baseline, 1.5)],
+                   ["(e) library `export_fairseq` (reference): (RSS − RSS import torch) / bundle size",
+                    f"{rss_ratio(library):.3f}×", "(≤ 0.25×)", verdict(rss_ratio(library), 0.25)]]
     body = [
         "## bench_export: `continue-pt export` of a full-size HuBERT LARGE bundle to fairseq and to transformers",
         "",
@@ -103,7 +122,13 @@ def run(args: argparse.Namespace, command: str) -> None:
         f"{size:,} bytes; written: fairseq `.pt` {written.get('fairseq', 0):,} bytes, transformers directory "
         f"{written.get('hf', 0):,} bytes",
         f"- Method: each measurement a fresh process; page cache warm; `sync` before every run; rounds interleaved "
-        f"(cp, import torch, fairseq, hf); median of {args.repeats}; outputs removed between runs.",
+        f"(cp, import torch, fairseq, hf, CLI imports, library export); median of {args.repeats}; outputs removed "
+        f"between runs.",
+        "- (d) is `python -c \"" + _CLI_IMPORTS + "\"`: the modules `continue-pt export` imports before it reads the "
+        "bundle (Lightning comes in through `continue_pt.export`). It is not a target; (b) − (d) and (c) − (d) are "
+        "about the exports' own work, in time and in memory. (e) is the same fairseq export called from Python "
+        "without the command line (`export_fairseq(BUNDLE, OUT)`): the targets are the CLI's, (e) says how much of "
+        "(b) is the export itself.",
         "",
     ]
     if source.note:

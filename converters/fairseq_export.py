@@ -8,31 +8,39 @@ dictionary's row order with its special rows back in place. The pickle holds onl
 primitives, plus the dictionaries as ``fairseq.data.dictionary.Dictionary`` (written as a class reference and a
 state dict, without fairseq installed) so that fairseq builds its task from them and our allow-list reader reads
 them back.
+
+The file is streamed (:mod:`converters.torch_zip_writer`): the bundle's tensors are not loaded; each one's bytes are
+copied from their span in the bundle's safetensors files into their record of torch's zip format, in the kernel as
+``cp`` copies, so that memory does not grow with the model. Only ``label_embs_concat``, rebuilt from two small tensors,
+is materialised. The file is byte for byte what ``torch.save`` writes for the same checkpoint held in memory.
 """
 
 from __future__ import annotations
 
 import copyreg
-import io
 import pickle
 import re
+import struct
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from types import ModuleType, SimpleNamespace
-from typing import Any, BinaryIO
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from bundles.atomic import atomic_write
-from bundles.config import BundleConfig
-from bundles.errors import FileProblem
+from bundles.config import MODEL_FILE, BundleConfig
+from bundles.errors import BundleError, FileProblem
 from bundles.loading import Bundle, load_bundle
+from bundles.safetensors_stream import PendingTensor, pending_tensors_of
 
 from .errors import ConversionError
 from .families import hubert, wav2vec2
 from .families.base import FEATURE_PROJECTION
 from .families.reverse_map import ReverseKeyMap, reverse_key_map
+from .torch_zip_writer import StreamedTensor, write_torch_zip
 
 _FAMILIES: dict[str, ModuleType] = {"hubert": hubert, "wav2vec2": wav2vec2}
 _CRITERION_CLASS = {"hubert": "HubertCriterion", "wav2vec": "Wav2vecCriterion", "ctc": "CtcCriterion"}
@@ -62,32 +70,10 @@ class _Pickler(pickle._Pickler):  # the pure-Python pickler: its save_global can
         super().save_global(obj, name)
 
 
-_PICKLE_MODULE = SimpleNamespace(Pickler=_Pickler, __name__="pickle")
-
-
-class _CountingFile(io.RawIOBase):
-    """A write-only file that reports how many bytes went through (for a progress bar on large exports)."""
-
-    def __init__(self, raw: BinaryIO, on_bytes: Callable[[int], None]):
-        self.raw, self.on_bytes = raw, on_bytes
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any) -> int:
-        written = self.raw.write(data)
-        self.on_bytes(written)
-        return written
-
-    def flush(self) -> None:
-        self.raw.flush()
-
-
 def save_fairseq_file(checkpoint: dict[str, Any], path: Path, on_bytes: Callable[[int], None] | None = None) -> None:
-    """``torch.save`` (zip format) with the pickler above; ``on_bytes(n)`` after every write."""
-    with open(path, "wb") as fh:
-        target = fh if on_bytes is None else _CountingFile(fh, on_bytes)
-        torch.save(checkpoint, target, pickle_module=_PICKLE_MODULE, pickle_protocol=2)
+    """What ``torch.save`` (zip format, pickle protocol 2) writes with the pickler above, streamed: each
+    :class:`StreamedTensor` is copied from its source when its record is written; ``on_bytes(n)`` after every write."""
+    write_torch_zip(checkpoint, path, pickler=_Pickler, protocol=2, on_bytes=on_bytes)
 
 
 # -- the state dict -------------------------------------------------------------------------------------------------
@@ -106,14 +92,34 @@ def _candidates(reverse: ReverseKeyMap, key: str) -> list[str]:
     return [re.fullmatch(p, key).expand(t) for p, t in reverse.rules if re.fullmatch(p, key)]
 
 
-def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Tensor]:
-    """The fairseq model's state dict from the bundle's tensors (every unmappable tensor goes to ``problems``)."""
+def bundle_tensors(bundle: Bundle, role: str) -> dict[str, PendingTensor]:
+    """The tensors of the bundle's ``role`` file (``model``, ``fairseq_extras``), unread: where each one's bytes lie.
+    A file that cannot be parsed, or ends before a tensor's bytes do, is a :class:`BundleError`."""
+    name = bundle.config.files.get(role) or (MODEL_FILE if role == "model" else None)
+    if not name:
+        return {}
+    path = bundle.path / name
+    try:
+        pending = pending_tensors_of(path)
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError, struct.error, UnicodeDecodeError) as exc:  # ValueError: broken JSON
+        raise BundleError(path, f"not a readable safetensors file ({exc})", hint="Re-create the bundle") from None
+    short = [k for k, t in pending.items() if t.source_span is not None and t.source_span[1] + t.nbytes > size]
+    if short:
+        raise BundleError(path, f"ends inside the data of {len(short)} tensor(s), e.g. {short[:3]} (is it truncated?)",
+                          hint="Re-create the bundle")
+    return pending
+
+
+def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, StreamedTensor]:
+    """The fairseq model's state dict from the bundle's tensors, unread (every unmappable tensor goes to
+    ``problems``)."""
     config = bundle.config
     family = _FAMILIES[config.family]
     reverse = reverse_key_map(family.CTC_KEY_MAP if config.kind == "ctc" else family.PRETRAIN_KEY_MAP)
     identity_projection = "identity_feature_projection" in config.provenance
-    state: dict[str, Tensor] = {}
-    tensors = bundle.state_dict()
+    state: dict[str, StreamedTensor] = {}
+    tensors = bundle_tensors(bundle, "model")
     for key, tensor in tensors.items():
         if identity_projection and FEATURE_PROJECTION + "projection." in key:
             continue  # derived by the converter; fairseq has no post_extract_proj here
@@ -123,14 +129,22 @@ def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Tensor]
         if not candidates:
             problems.append(f"no fairseq name for the bundle tensor {key!r}")
             continue
-        state[_pick(candidates, config.encoder_args)] = tensor
-    extras = bundle.fairseq_extras()
+        name = _pick(candidates, config.encoder_args)
+        state[name] = StreamedTensor(replace(tensor, name=name))
+    extras = bundle_tensors(bundle, "fairseq_extras")
     if config.family == "hubert" and config.kind == "pretrain":
-        embs = _label_embs_concat(config, tensors[LABEL_EMBEDDINGS], extras.get(NON_CLUSTER_ROWS), problems)
-        if embs is not None:
-            state["label_embs_concat"] = embs
+        specials = extras.get(NON_CLUSTER_ROWS)
+        clusters = tensors.get(LABEL_EMBEDDINGS)
+        if clusters is None:
+            problems.append(f"it has no label embeddings ({LABEL_EMBEDDINGS})")
+        else:  # two small tensors (K x final_dim): read, and the rows put in fairseq's order
+            embs = _label_embs_concat(config, clusters.produce(), None if specials is None else specials.produce(),
+                                      problems)
+            if embs is not None:
+                state["label_embs_concat"] = StreamedTensor(
+                    PendingTensor("label_embs_concat", tuple(embs.shape), embs.dtype, lambda: embs))
     if config.kind == "ctc":
-        kept = {k: v for k, v in extras.items() if k != NON_CLUSTER_ROWS}
+        kept = {k: StreamedTensor(v) for k, v in extras.items() if k != NON_CLUSTER_ROWS}
         if not kept:
             problems.append("it keeps none of the fine-tuned checkpoint's tensors that the CTC model has no slot for "
                             "(mask_emb), which fairseq's loader needs")
@@ -241,7 +255,7 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
     if problems:
         raise ConversionError(src, problems, hint=_RECONVERT)
-    size = sum(t.numel() * t.element_size() for t in checkpoint["model"].values())
+    size = sum(t.pending.nbytes for t in checkpoint["model"].values())
     written = [0]
 
     def count(n: int) -> None:
@@ -254,10 +268,12 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                             needed=size)
     except FileProblem:
         raise
+    except ValueError as exc:  # a bundle file changed under us: it ends inside a tensor's bytes
+        raise BundleError(src, str(exc), hint="Re-create the bundle") from None
     except OSError as exc:
         raise ConversionError(out, f"could not be written ({exc.strerror or exc})",
                               hint="Check free disk space and permissions") from None
 
 
-__all__ = ["FairseqDictionary", "export_fairseq", "fairseq_checkpoint_dict", "fairseq_state_dict",
+__all__ = ["FairseqDictionary", "bundle_tensors", "export_fairseq", "fairseq_checkpoint_dict", "fairseq_state_dict",
            "fairseq_task_state", "save_fairseq_file"]

@@ -4,7 +4,8 @@ fairseq-fixed loads the exported file with its own ``checkpoint_utils.load_model
 the file) and reproduces the bundle's outputs layer by layer; HuBERT's ``HubertCriterion`` on the loaded model gives
 the kit's loss on the bundle. Round trips: fairseq ``.pt`` -> bundle -> ``.pt`` gives the same tensors (bit for bit,
 same names), configuration, dictionaries and updates for every stored configuration and pickle era; bundle -> ``.pt``
--> bundle gives the same bundle.
+-> bundle gives the same bundle. The streamed file is, byte for byte, what ``torch.save`` writes for the same checkpoint
+with every tensor in memory (the former path), for every configuration and era.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from converters.fairseq_export import export_fairseq  # noqa: E402
 from converters.families import hubert, wav2vec2  # noqa: E402
 from converters.families.reverse_map import IrreversibleRule, reverse_key_map, reverse_rule  # noqa: E402
 from tests import fairseq_reference as fr  # noqa: E402
+from tests.test_fairseq_export_streaming import assert_same_file, in_memory_export  # noqa: E402
 
 pytestmark = pytest.mark.fairseq
 
@@ -137,6 +139,7 @@ def test_fairseq_to_bundle_to_fairseq_is_bit_identical(name, era, tmp_path):
     fr.save_checkpoint(ref, tmp_path / "source.pt", era, num_updates=NUM_UPDATES)
     bundle_dir = convert_checkpoint(tmp_path / "source.pt", tmp_path / "bundle")
     out = export_fairseq(bundle_dir, tmp_path / "exported.pt")
+    assert_same_file(out, in_memory_export(bundle_dir, tmp_path / "in_memory.pt"))
     tensors, cfg, task_state, updates, _ = _read(tmp_path / "source.pt")
     tensors2, cfg2, task_state2, updates2, era2 = _read(out)
     assert era2 == "dict"
