@@ -7,6 +7,7 @@ composition root: it imports ``converters`` lazily, so the training library neve
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import sys
@@ -465,14 +466,14 @@ def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None
 def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> None:
     """Turn a training CHECKPOINT (.ckpt) into a bundle that load_bundle loads, or a bundle / .ckpt into a fairseq
     checkpoint (--to fairseq) or a Hugging Face model (--to hf)."""
-    from continue_pt.export import bundle_of, export_checkpoint
-
     if target == "bundle":
+        from continue_pt.export import export_checkpoint
+
         click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
         return
     if checkpoint.is_file() and out_dir.exists() and not overwrite:  # before a .ckpt is turned into a bundle
         raise FileProblem(out_dir, "already exists", hint="Choose another output or pass --overwrite")
-    with bundle_of(checkpoint, out_dir.parent) as bundle_dir:  # a training .ckpt: a temporary bundle first
+    with _as_bundle(checkpoint, out_dir.parent) as bundle_dir:
         if target == "fairseq":
             from converters.fairseq_export import export_fairseq
 
@@ -485,6 +486,16 @@ def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> Non
                       disable=None, leave=False) as bar:
                 written = export_hf(bundle_dir, out_dir, overwrite=overwrite, on_tensor=lambda t: bar.update(t.nbytes))
     click.echo(f"wrote {written}")
+
+
+def _as_bundle(src: Path, scratch_dir: Path) -> Any:
+    """A bundle directory as it is; a training .ckpt through a temporary bundle. Only the latter imports the training
+    code (Lightning: seconds of start-up an export of a bundle does not need)."""
+    if not src.is_file():
+        return contextlib.nullcontext(src)
+    from continue_pt.export import bundle_of
+
+    return bundle_of(src, scratch_dir)
 
 
 _PROGRESS_FROM_BYTES = 256 << 20  # a progress bar only for files that take a while to write
