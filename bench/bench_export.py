@@ -10,9 +10,8 @@ warm, ``sync`` before each run, rounds interleaved, median of ``--repeats``:
 * (a) baseline: ``cp -r BUNDLE copy`` wall + ``python -c "import torch"`` wall;
 * (b) ``continue-pt export BUNDLE --to fairseq -o OUT.pt``;
 * (c) ``continue-pt export BUNDLE --to hf -o OUT_DIR``;
-* (d) for reference, not a target: ``python -c "import continue_pt.export, ..."``, what ``continue-pt export`` imports
-  before it reads anything (Lightning, through ``continue_pt.export``), so that (b) and (c) can be read as start-up
-  plus the export's own work;
+* (d) for reference, not a target: ``python -c "import continue_pt.cli, ..."``, what ``continue-pt export`` of a
+  bundle imports before it reads anything, so that (b) and (c) can be read as start-up plus the export's own work;
 * (e) for reference: the library call ``converters.fairseq_export.export_fairseq(BUNDLE, OUT.pt)`` in a fresh
   ``python``, i.e. (b) without the command line's start-up.
 
@@ -32,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 SECTION = "bench_export"
-_CLI_IMPORTS = "import continue_pt.cli, continue_pt.export, converters.fairseq_export, converters.hf_export"
+_CLI_IMPORTS = "import continue_pt.cli, converters.fairseq_export, converters.hf_export"
 _LIBRARY_EXPORT = "import sys; from converters.fairseq_export import export_fairseq; export_fairseq(*sys.argv[1:])"
 
 
@@ -125,7 +124,8 @@ def run(args: argparse.Namespace, command: str) -> None:
         f"(cp, import torch, fairseq, hf, CLI imports, library export); median of {args.repeats}; outputs removed "
         f"between runs.",
         "- (d) is `python -c \"" + _CLI_IMPORTS + "\"`: the modules `continue-pt export` imports before it reads the "
-        "bundle (Lightning comes in through `continue_pt.export`). It is not a target; (b) − (d) and (c) − (d) are "
+        "bundle (a training `.ckpt` would also import Lightning through `continue_pt.export`; a bundle does not). "
+        "It is not a target; (b) − (d) and (c) − (d) are "
         "about the exports' own work, in time and in memory. (e) is the same fairseq export called from Python "
         "without the command line (`export_fairseq(BUNDLE, OUT)`): the targets are the CLI's, (e) says how much of "
         "(b) is the export itself.",

@@ -26,6 +26,7 @@ import zipfile
 import zlib
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -126,36 +127,39 @@ class _SpanRecord:
     name: str
     pending: PendingTensor
     data_offset: int = -1
-    crc: int = 0
+    crc: int | Future[int] = 0
 
 
 class _Sources:
-    """The source files, open; copies a span's bytes to the output and returns their CRC-32."""
+    """The source files, open; copies a span's bytes to the output and sums their CRC-32 (in background threads
+    while the kernel copies the next spans: zlib releases the GIL, and the CRCs are needed only at the end)."""
 
     def __init__(self) -> None:
         self.files: dict[Path, io.FileIO] = {}
         self.chunk = memoryview(bytearray(_CHUNK))
+        self.summing = ThreadPoolExecutor(max_workers=2, thread_name_prefix="crc32")
 
     def close(self) -> None:
+        self.summing.shutdown(wait=True, cancel_futures=True)  # no thread may read a file closed below
         for fh in self.files.values():
             fh.close()
 
-    def copy(self, pending: PendingTensor, out: io.FileIO) -> int:
-        """Append ``pending``'s bytes to ``out`` (at its position) and return their CRC-32: copied in the kernel
-        (``os.copy_file_range``, as ``cp`` does) where it can, with the CRC from reads of the source in small
-        chunks; else read, summed and written chunk by chunk."""
+    def copy(self, pending: PendingTensor, out: io.FileIO) -> int | Future[int]:
+        """Append ``pending``'s bytes to ``out`` (at its position); their CRC-32, or its future: copied in the
+        kernel (``os.copy_file_range``, as ``cp`` does) where it can, with the CRC summed from reads of the source
+        in a background thread; else read, summed and written chunk by chunk."""
         path, offset = pending.source_span  # type: ignore[misc]
         if path not in self.files:
             self.files[path] = open(path, "rb", buffering=0)
         src = self.files[path]
         start = out.tell()
         if _kernel_copy(src, offset, pending, out):
-            return self._crc(src, offset, pending)
+            return self.summing.submit(_summed, src, offset, pending)
         out.seek(start)
         out.truncate(start)
         return self._crc(src, offset, pending, out)
 
-    def _crc(self, src: io.FileIO, offset: int, pending: PendingTensor, out: io.FileIO | None = None) -> int:
+    def _crc(self, src: io.FileIO, offset: int, pending: PendingTensor, out: io.FileIO) -> int:
         crc, done = 0, 0
         src.seek(offset)
         while done < pending.nbytes:
@@ -163,10 +167,22 @@ class _Sources:
             if not got:
                 raise _cut_short(src, pending)
             crc = zlib.crc32(self.chunk[:got], crc)
-            if out is not None:
-                _write_all(out, self.chunk[:got])
+            _write_all(out, self.chunk[:got])
             done += got
         return crc
+
+
+def _summed(src: io.FileIO, offset: int, pending: PendingTensor) -> int:
+    """CRC-32 of ``pending``'s span of ``src``, read with ``os.pread`` (no shared file position: threads share
+    ``src``)."""
+    crc, done = 0, 0
+    while done < pending.nbytes:
+        chunk = os.pread(src.fileno(), min(_CHUNK, pending.nbytes - done), offset + done)
+        if not chunk:
+            raise _cut_short(src, pending)
+        crc = zlib.crc32(chunk, crc)
+        done += len(chunk)
+    return crc
 
 
 def _kernel_copy(src: io.FileIO, offset: int, pending: PendingTensor, out: io.FileIO) -> bool:
@@ -261,6 +277,9 @@ def write_torch_zip(obj: Any, path: Path, *, pickler: type[pickle.Pickler] = pic
                     writer.write_end_of_file()
                 raise
             writer.write_end_of_file()
+            for record in copied:
+                if isinstance(record.crc, Future):
+                    record.crc = record.crc.result()
             _put_crcs(out, path, f"{writer.archive_name()}/", copied)
     finally:
         sources.close()
