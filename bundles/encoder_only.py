@@ -23,7 +23,8 @@ def what_it_is(kind: str) -> str:
     if kind == "ctc":
         return ("a fine-tuned (CTC) model: fine-tuning removed the pre-training heads (the pre-trained checkpoint it "
                 "was fine-tuned from, e.g. hubert_large_ll60k for hubert_large_ll60k_ft_ls960, has them)")
-    return "an encoder without heads (torchaudio ships the encoder only)"
+    return ("an encoder alone (torchaudio's .pth files and transformers' HubertModel / Wav2Vec2Model hold no "
+            "pre-training heads)")
 
 
 def ways_on(family: str, bundle: str = "BUNDLE") -> str:
