@@ -54,6 +54,8 @@ from continue_pt.hubert_objective import (
     hubert_frame_padding_mask,
     hubert_loss_terms,
     normalized_loss,
+    sample_size,
+    unnormalized_loss,
 )
 from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
 from continue_pt.module_base import (  # noqa: F401  (re-exported: older imports name this module)
@@ -271,20 +273,6 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         reduced = self.trainer.strategy.reduce(reduced, reduce_op="sum")
         return counts, StepTotals(*(int(round(c)) for c in reduced.tolist()))
 
-    def _sample_size(self, terms) -> int:
-        if self.options.loss_norm == "torchaudio":
-            return terms.num_masked
-        return terms.num_masked * (self.weights.masked > 0) + terms.num_unmasked * (self.weights.unmasked > 0)
-
-    def _unnormalized_loss(self, terms) -> Tensor:
-        w = self.weights
-        loss = terms.feature_penalty * (w.feature_penalty * self._sample_size(terms))
-        if w.masked != 0 and terms.masked_ce_sum is not None:
-            loss = loss + terms.masked_ce_sum * w.masked
-        if w.unmasked != 0 and terms.unmasked_ce_sum is not None:
-            loss = loss + terms.unmasked_ce_sum * w.unmasked
-        return loss
-
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
@@ -314,9 +302,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             size = float(terms.num_masked)  # logged as train/sample_size; the gradients are not divided
             logged = loss.detach()  # this micro-batch's share: summed over micro-batches and ranks, the step's loss
             to_backward = loss * (accumulate * world_size)
-        else:
-            unnormalized = self._unnormalized_loss(terms)
-            size = float(self._sample_size(terms))
+        else:  # divided by the step's summed sample size in on_before_optimizer_step
+            unnormalized = unnormalized_loss(terms, self.weights, self.options.loss_norm)
+            size = float(sample_size(terms, self.weights, self.options.loss_norm))
             logged = unnormalized.detach()
             to_backward = unnormalized * (accumulate * world_size)
         self._add_stats(terms, logged, size, batch)
@@ -401,8 +389,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
         terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)
-        size = max(self._sample_size(terms), 1)
-        loss = self._unnormalized_loss(terms).detach() / size
+        size = max(sample_size(terms, self.weights, self.options.loss_norm), 1)
+        loss = unnormalized_loss(terms, self.weights, self.options.loss_norm).detach() / size
         n_m = max(terms.num_masked, 1)
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy_masked", terms.masked_correct.double() / n_m, batch_size=n_m, sync_dist=True)

@@ -47,6 +47,8 @@ from continue_pt.wav2vec2_objective import (
     Wav2Vec2LossWeights,
     Wav2Vec2Outputs,
     normalized_wav2vec2_loss,
+    sample_size,
+    unnormalized_loss,
     wav2vec2_forward,
     wav2vec2_loss_terms,
 )
@@ -221,7 +223,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self.student.quantizer.set_num_updates(self.temperature_updates())
         fgm = 0.0 if step < self.options.freeze_feature_extractor_steps else self.objective.feature_grad_mult
         out, terms = self._forward(batch, (self.options.seed, step, micro, rank), fgm)
-        unnormalized = normalized_wav2vec2_loss(terms, 1, self.objective.weights)  # divided by S in the step hook
+        unnormalized = unnormalized_loss(terms, self.objective.weights)  # divided by the step's S in the step hook
         self._add_stats(out, terms, unnormalized.detach(), batch)
         return unnormalized * (self.trainer.accumulate_grad_batches * world_size)
 
@@ -229,7 +231,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
                    batch: dict[str, Any]) -> None:
         lengths = batch.get("lengths")  # on the CPU: summing it is free
         samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
-        n = float(terms.num_masked)
+        n = float(sample_size(terms))
         # the host's numbers go up in one non-blocking copy
         n_t, count, one, seconds = to_device(torch.tensor([n, terms.count, 1.0, samples / self.sample_rate],
                                                           dtype=torch.float64), self.device)
@@ -297,7 +299,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         _, rank = self._world()
         self.student.quantizer.set_num_updates(self.temperature_updates())
         _, terms = self._forward(batch, (self.options.seed, 2, batch_idx, rank), self.objective.feature_grad_mult)
-        size = max(terms.num_masked, 1)
+        size = max(sample_size(terms), 1)
         loss = normalized_wav2vec2_loss(terms, size, self.objective.weights).detach()
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy", terms.correct.double() / max(terms.count, 1), batch_size=max(terms.count, 1),

@@ -38,6 +38,8 @@ from continue_pt.hubert_objective import (
     hubert_loss_terms,
     label_logits,
     normalized_loss,
+    sample_size,
+    unnormalized_loss,
 )
 from continue_pt.masking import (
     HUBERT_MIN_MASKS,
@@ -446,6 +448,9 @@ def test_loss_and_every_gradient_match_fairseq(name, w_u, micro_batches, channel
     assert abs(loss - fairseq_loss) <= REL * abs(fairseq_loss)
     for log, terms in zip(logs, terms_list):
         assert log["sample_size"] == terms.num_masked + (terms.num_unmasked if w_u > 0 else 0)
+        # the pieces the training module runs (HubertContinuedPretraining.training_step, loss_norm "fairseq")
+        assert sample_size(terms, weights, "fairseq") == log["sample_size"]
+        assert abs(unnormalized_loss(terms, weights, "fairseq").item() - log["loss"]) <= REL * abs(log["loss"])
         assert abs(terms.masked_ce_sum.item() - log["loss_m_0"]) <= REL * log["loss_m_0"]
         penalty = 10.0 * terms.feature_penalty.item() * log["sample_size"]
         assert abs(penalty - log["loss_features_pen"]) <= REL * log["loss_features_pen"]

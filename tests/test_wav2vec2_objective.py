@@ -28,6 +28,8 @@ from continue_pt.wav2vec2_objective import (
     Wav2Vec2LossWeights,
     contrastive_logits,
     normalized_wav2vec2_loss,
+    sample_size,
+    unnormalized_loss,
     sample_negative_indices,
     wav2vec2_forward,
     wav2vec2_loss_terms,
@@ -268,7 +270,9 @@ def _check_step_against_fairseq(batches, outs, terms, loss, size, f_loss, f_size
     assert abs(loss - f_loss) <= rel * abs(f_loss)
     w = Wav2Vec2LossWeights(*loss_weights)
     for t, out, log in zip(terms, outs, f_logs):
-        assert t.num_masked == log["sample_size"] and t.count == log["count"]
+        # the pieces the training module runs (continue_pt's Wav2Vec2ContinuedPretraining.training_step)
+        assert sample_size(t) == t.num_masked == log["sample_size"] and t.count == log["count"]
+        assert abs(unnormalized_loss(t, w).item() - log["loss"]) <= rel * abs(log["loss"])
         assert int(t.correct) == log["correct"]
         assert out.temperature == pytest.approx(log["temp"], rel=1e-12)
         for ours, key in ((out.prob_perplexity, "prob_perplexity"), (out.code_perplexity, "code_perplexity")):
