@@ -212,7 +212,7 @@ def _single_gpu_run(work: Path, audio: Path, steps: int, before: bool) -> dict:
             _synchronize()
             self.times.append(time.perf_counter() - self.started)
 
-    from continue_pt.lightning_module import HubertContinuedPretraining
+    from continue_pt.hubert.module import HubertContinuedPretraining
 
     saved = targets_module.padded, HubertContinuedPretraining.transfer_batch_to_device
     if before:

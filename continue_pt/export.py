@@ -1,5 +1,5 @@
-"""A Lightning checkpoint of :class:`~continue_pt.lightning_module.HubertContinuedPretraining` or
-:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining` -> a bundle.
+"""A Lightning checkpoint of :class:`~continue_pt.hubert.module.HubertContinuedPretraining` or
+:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining` -> a bundle.
 
 The checkpoint holds everything needed (the student's weights, HuBERT's extra label rows, the bundle config it
 started from, the steps trained, HuBERT's k-means of the targets), so nothing else is read. It is read with

@@ -9,7 +9,7 @@ fitted again on the very same features numbers its clusters differently: that to
 
 :func:`check_kmeans` labels held-out audio with the k-means (teacher forward to layer L + nearest centroid, as
 :class:`~continue_pt.targets.OnlineTargets` does in training), masks each utterance with the checkpoint's own
-masking options (seeded), runs the checkpoint's masked prediction (:func:`~continue_pt.hubert_objective.hubert_forward`
+masking options (seeded), runs the checkpoint's masked prediction (:func:`~continue_pt.hubert.objective.hubert_forward`
 with the bundle's label head and fairseq's special-symbol rows) in eval mode, and compares the masked-frame
 accuracy with what a label set whose ids mean nothing gets:
 
@@ -72,8 +72,8 @@ from bundles.loading import Bundle
 from bundles.waveform import normalize_waveforms
 from continue_pt.audio import AudioError, read_audio
 from continue_pt.corpus import AUDIO_EXTENSIONS, AudioItem, scan_audio
-from continue_pt.hubert_objective import conv_output_frames, hubert_forward
-from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
+from continue_pt.hubert.objective import conv_output_frames, hubert_forward
+from continue_pt.masking import MaskingOptions, channel_mask, time_mask
 from continue_pt.targets import OnlineTargets
 
 logger = logging.getLogger(__name__)
@@ -271,7 +271,7 @@ def check_kmeans(
     student = bundle.get_pretrain_model().eval()
     rows = int(student.logit_generator.label_embeddings.shape[0])
     k = kmeans.num_clusters
-    masking = HubertMasking.from_options(bundle.config.pretrain_args or {})
+    masking = MaskingOptions.from_options(bundle.config.pretrain_args or {})
     report = CheckReport(verdict=DOES_NOT_MATCH, reason="", rule=VERDICT_RULE, num_clusters=k, label_head_rows=rows,
                          kmeans_layer=kmeans.layer, bundle=str(bundle.path), teacher=str(teacher.path),
                          masking=asdict(masking), seed=seed)
@@ -315,10 +315,10 @@ def check_kmeans(
             if frames < 2 * masking.mask_length:
                 continue
             try:
-                mask = hubert_time_mask((1, frames), None, masking, rng=rng)
+                mask = time_mask((1, frames), None, masking, rng=rng)
             except ValueError:
                 continue
-            channel = hubert_channel_mask(1, width, masking, rng=rng)
+            channel = channel_mask(1, width, masking, rng=rng)
             student_in = normalize_waveforms(piece) if bundle.normalize_waveform else piece
             out = hubert_forward(student, student_in, None, labels, torch.from_numpy(mask),
                                  extra_label_embeddings=extras, logit_temp=logit_temp,

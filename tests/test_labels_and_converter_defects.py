@@ -114,7 +114,8 @@ def test_inspect_says_a_km_file_holds_frame_labels(labelled, tmp_path):
 def test_the_teacher_sees_the_students_cropped_normalised_input(tmp_path):
     from torch.nn import functional as F
 
-    from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+    from continue_pt.hubert.module import HubertContinuedPretraining
+    from continue_pt.module_options import ModuleOptions
 
     ckpt = torch.load(CHECKPOINT, weights_only=False)  # the suite's own trusted asset
     ckpt["cfg"]["task"]["normalize"] = True  # a LARGE-style model: student and teacher normalise

@@ -1,4 +1,4 @@
-"""wav2vec 2.0's contrastive objective (continue_pt.wav2vec2_objective) against fairseq-fixed.
+"""wav2vec 2.0's contrastive objective (continue_pt.wav2vec2.objective) against fairseq-fixed.
 
 On a converted random-weight fairseq ``Wav2Vec2Model`` (BASE ``wav2vec_small``: loss weights [0.1, 10];
 LARGE ``libri960_big``: [0.1, 0]), train mode with dropout 0, the same waveforms, mask (fairseq's
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.reference import require
-from continue_pt.hubert_objective import conv_output_frames
+from continue_pt.hubert.objective import conv_output_frames
 from continue_pt.masking import compute_mask_indices
-from continue_pt.wav2vec2_objective import (
+from continue_pt.wav2vec2.objective import (
     Wav2Vec2LossWeights,
     contrastive_logits,
     normalized_wav2vec2_loss,

@@ -41,6 +41,7 @@ from torchaudio.models import HuBERTPretrainModel
 
 from continue_pt.conv_features import at_least_fp32, conv_features
 from continue_pt.device_batch import to_device
+from continue_pt.hubert.options import LOSS_NORMS
 
 __all__ = [
     "LOSS_MODES",
@@ -60,7 +61,7 @@ __all__ = [
 ]
 
 LossMode = Literal["fairseq", "torchaudio", "per-term"]
-LOSS_MODES: tuple[LossMode, ...] = ("fairseq", "torchaudio", "per-term")
+LOSS_MODES: tuple[LossMode, ...] = LOSS_NORMS  # type: ignore[assignment]  (named torch-free there)
 
 
 # ------------------------------------------------------------------------------------------------ frames
@@ -159,7 +160,7 @@ def hubert_forward(
             ``min(conv frames, label_frames)`` frames (fairseq's ``forward_targets`` at label rate = frame rate;
             labels past the conv frames are ignored). Values at padded frames are never read.
         mask: ``[batch, frames]`` bool time mask for those frames (True = masked), e.g. from
-            :func:`continue_pt.masking.hubert_time_mask`; padded frames are never treated as masked.
+            :func:`continue_pt.masking.time_mask`; padded frames are never treated as masked.
         extra_label_embeddings: ``[E, final_dim]`` rows appended to the softmax as classes that are never
             targets (fairseq's special-symbol rows, for exact fairseq parity); None for a ``K``-way softmax.
         logit_temp: fairseq's ``logit_temp`` (``bundle.config.objective["logit_temp"]``).
@@ -167,7 +168,7 @@ def hubert_forward(
             None: the model's ``feature_grad_mult`` (where None means 1.0). A bundle keeps fairseq's value,
             including 0, in ``bundle.config.objective["feature_grad_mult"]``.
         channel_mask: ``[batch, encoder_embed_dim]`` bool, channels zeroed in every frame
-            (:func:`continue_pt.masking.hubert_channel_mask`); None for none (the published setting).
+            (:func:`continue_pt.masking.channel_mask`); None for none (the published setting).
         skip_masked, skip_nomask: compute no masked / unmasked logits. Default: the model's logit generator's.
         unmasked_grad: False computes the unmasked logits without a graph (for their accuracy only: their loss
             weight is 0, fairseq's default), which saves the memory and backward of a ``[frames, classes]`` matrix.

@@ -1,6 +1,6 @@
 """``HubertContinuedPretraining``: a thin LightningModule around a bundle's HuBERT pre-training model.
 
-The objective itself lives in plain functions (:mod:`continue_pt.hubert_objective`, :mod:`continue_pt.masking`);
+The objective itself lives in plain functions (:mod:`continue_pt.hubert.objective`, :mod:`continue_pt.masking`);
 this module only wires them to Lightning: it draws the masks, makes the targets, returns the loss, normalises the
 gradients as fairseq's trainer does, logs, and puts what :func:`continue_pt.export.export_checkpoint` needs into
 the checkpoint. Optimisation is automatic: precision, gradient accumulation, clipping and DDP come from the
@@ -31,7 +31,6 @@ length that differs from the scanned one), a warning says that step's normalisat
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from typing import Any
@@ -43,9 +42,9 @@ from torch import Tensor, nn
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
-from continue_pt.device_batch import batch_to_device, to_device
+from continue_pt.device_batch import to_device
 from continue_pt.empty_batch import is_empty, skip_update, zero_loss
-from continue_pt.hubert_objective import (
+from continue_pt.hubert.objective import (
     HubertLossTerms,
     LossWeights,
     StepTotals,
@@ -57,15 +56,9 @@ from continue_pt.hubert_objective import (
     sample_size,
     unnormalized_loss,
 )
-from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
-from continue_pt.module_base import (  # noqa: F401  (re-exported: older imports name this module)
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_KEY,
-    DEFAULT_PEAK_LR,
-    ContinuedPretrainingBase,
-    ModuleOptions,
-    seed_of,
-)
+from continue_pt.masking import MaskingOptions, channel_mask, time_mask
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
+from continue_pt.module_options import ModuleOptions
 from continue_pt.targets import OnlineTargets, padded
 
 
@@ -74,15 +67,12 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
 
     Args:
         options: :class:`ModuleOptions` or the dict of its fields (what Lightning gives back from a checkpoint).
-        kmeans: a :class:`~bundles.kmeans.KMeansModel` to label with, overriding ``options.kmeans``.
+        kmeans: a :class:`~bundles.kmeans.KMeansModel` to label with, overriding ``options.hubert.kmeans``.
     """
 
     def __init__(self, options: ModuleOptions | dict[str, Any], kmeans: KMeansModel | None = None):
         super().__init__()
-        if isinstance(options, dict):
-            options = ModuleOptions(**options)
-        self.options = options
-        self.save_hyperparameters({"options": options.to_hparams()})
+        options = self.take_options(options, "hubert")
 
         bundle = load_bundle(options.bundle)
         if bundle.family != "hubert":
@@ -96,11 +86,11 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.kmeans: KMeansModel | None = None
         self.targets: OnlineTargets | None = None
         self._teacher_conv_layers = None
-        if not options.offline_labels:
-            teacher = load_bundle(options.teacher) if options.teacher else bundle
+        if not options.hubert.offline_labels:
+            teacher = load_bundle(options.hubert.teacher) if options.hubert.teacher else bundle
             self._teacher_conv_layers = teacher.config.encoder_args["extractor_conv_layer_config"]
-            if kmeans is None and options.kmeans:
-                kmeans = load_kmeans(options.kmeans)
+            if kmeans is None and options.hubert.kmeans:
+                kmeans = load_kmeans(options.hubert.kmeans)
             self.targets = OnlineTargets.from_bundle(teacher, kmeans)
             self.kmeans = self.targets.kmeans
         # The data pipeline normalises each utterance before cropping, as fairseq does, when the student expects
@@ -113,8 +103,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         if self.targets is not None:  # normalised data: the teacher takes the student's input as it is
             self.targets.input_normalized = self.data_normalizes
         num_classes = self.student.logit_generator.label_embeddings.shape[0]
-        new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.num_classes or num_classes)
-        if options.reinit_label_head:
+        new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.hubert.num_classes or num_classes)
+        if options.hubert.reinit_label_head:
             self._reinit_label_head(new_k)
         elif new_k != num_classes:
             raise ValueError(f"the k-means has {new_k} clusters but the label head of {bundle.path} has "
@@ -126,13 +116,13 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         criterion = objective.get("criterion") or {}
         pen = (criterion.get("loss_weights") or [10.0])[0]
         self.weights = LossWeights(
-            masked=options.masked_weight if options.masked_weight is not None
+            masked=options.hubert.masked_weight if options.hubert.masked_weight is not None
             else float(criterion.get("pred_masked_weight", 1.0)),
-            unmasked=options.unmasked_weight if options.unmasked_weight is not None
+            unmasked=options.hubert.unmasked_weight if options.hubert.unmasked_weight is not None
             else float(criterion.get("pred_nomask_weight", 0.0)),
             feature_penalty=options.feature_penalty_weight if options.feature_penalty_weight is not None
             else float(pen))
-        self.masking = HubertMasking.from_options({**(bundle.config.pretrain_args or {}), **options.masking})
+        self.masking = MaskingOptions.from_options({**(bundle.config.pretrain_args or {}), **options.masking})
         fgm = options.feature_grad_mult
         if fgm is None:
             fgm = objective.get("feature_grad_mult", self.student.feature_grad_mult)
@@ -142,10 +132,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.sample_rate = bundle.sample_rate
 
         # per optimizer step (reset in on_before_optimizer_step)
-        self._micro_index = 0
         self._step_stats: Tensor | None = None
         self._step_plan: tuple[list[StepTotals], StepTotals] | None = None  # per-term: planned counts, totals
-        self._reinit_pending = False
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -163,7 +151,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         return int(self.student.logit_generator.label_embeddings.shape[0])
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.options.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \
+        if stage == "fit" and self.options.hubert.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \
                 and not callable(getattr(self.trainer.datamodule, "micro_batch_plans", None)):
             raise ValueError("per-term with gradient accumulation needs the shapes of a step's micro-batches before "
                              "its first backward: train with a datamodule that has micro_batch_plans(first, stop) "
@@ -181,13 +169,10 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
                    rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
         """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws, on the CPU:
         counted there (no host sync) and uploaded once by :func:`hubert_forward`."""
-        time_mask = hubert_time_mask(shape, frame_padding, self.masking, rng=rng)
-        channel = hubert_channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
+        spans = time_mask(shape, frame_padding, self.masking, rng=rng)
+        channel = channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
                                       .attention.embed_dim, self.masking, rng=rng)
-        return torch.from_numpy(time_mask), torch.from_numpy(channel) if channel is not None else None
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
+        return torch.from_numpy(spans), torch.from_numpy(channel) if channel is not None else None
 
     def _labels(self, batch: dict[str, Any]) -> Tensor:
         if self.targets is not None:
@@ -216,7 +201,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         frame_padding = None
         if padded(lengths, num_samples):
             frame_padding = hubert_frame_padding_mask(lengths.cpu(), num_samples, num_frames)
-        mask, channel_mask = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
+        mask, channels = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
         counts = StepTotals.of_masks(mask.cpu(), frame_padding)
         if self.normalize_student_input:
             waveforms = normalize_waveforms(waveforms, to_device(lengths, waveforms.device)
@@ -224,7 +209,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         labels = self._labels(batch)
         out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
                              mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
-                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask,
+                             feature_grad_mult=feature_grad_mult, channel_mask=channels,
                              unmasked_grad=self.weights.unmasked != 0,
                              # k-means labels are cluster ids on every unpadded frame: checked only with padding
                              check_labels=self.targets is None or frame_padding is not None)
@@ -276,19 +261,14 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
-        world_size, rank = self._world()
-        step = self.global_step
-        micro = self._micro_index
-        self._micro_index += 1
-        # dropout and layer drop draw from the global torch RNG: seed it per micro-batch for an exact resume
-        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        step, micro, rank, world_size = self.begin_micro_batch()  # dropout and layer drop: seeded per micro-batch
         rng = np.random.default_rng([self.options.seed, step, micro, rank])
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
             fgm = 0.0
         terms, mask_counts = self._forward_terms(batch, rng, fgm)
         accumulate = self.trainer.accumulate_grad_batches
-        if self.options.loss_norm == "per-term":
+        if self.options.hubert.loss_norm == "per-term":
             if micro == 0 or self._step_plan is None:
                 self._step_plan = self._plan_step(mask_counts, batch_idx, step, rank)
             planned, totals = self._step_plan
@@ -303,8 +283,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             logged = loss.detach()  # this micro-batch's share: summed over micro-batches and ranks, the step's loss
             to_backward = loss * (accumulate * world_size)
         else:  # divided by the step's summed sample size in on_before_optimizer_step
-            unnormalized = unnormalized_loss(terms, self.weights, self.options.loss_norm)
-            size = float(sample_size(terms, self.weights, self.options.loss_norm))
+            unnormalized = unnormalized_loss(terms, self.weights, self.options.hubert.loss_norm)
+            size = float(sample_size(terms, self.weights, self.options.hubert.loss_norm))
             logged = unnormalized.detach()
             to_backward = unnormalized * (accumulate * world_size)
         self._add_stats(terms, logged, size, batch)
@@ -316,7 +296,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         micro = self._micro_index
         self._micro_index += 1
         nothing = StepTotals(0, 0, 0)
-        if self.options.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
+        if self.options.hubert.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
             self._step_plan = self._plan_step(nothing, batch_idx, int(self.global_step), self._world()[1])
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         none = torch.zeros((), dtype=torch.long, device=self.device)
@@ -351,7 +331,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self._step_plan = None
         if stats is None:
             return
-        if self.global_step < self.options.head_only_steps:
+        if self.global_step < self.options.hubert.head_only_steps:
             head = {id(p) for p in self.head_parameters()}
             for p in self.parameters():
                 if id(p) not in head:
@@ -362,7 +342,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             skip_update(self, int(self.global_step))
             return
         divisor = size if size > 0 else 1.0
-        if self.options.loss_norm == "per-term":
+        if self.options.hubert.loss_norm == "per-term":
             divisor = 1.0
         self.step_or_skip(loss_sum, health, divisor)
 
@@ -389,8 +369,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
         terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)
-        size = max(sample_size(terms, self.weights, self.options.loss_norm), 1)
-        loss = unnormalized_loss(terms, self.weights, self.options.loss_norm).detach() / size
+        size = max(sample_size(terms, self.weights, self.options.hubert.loss_norm), 1)
+        loss = unnormalized_loss(terms, self.weights, self.options.hubert.loss_norm).detach() / size
         n_m = max(terms.num_masked, 1)
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy_masked", terms.masked_correct.double() / n_m, batch_size=n_m, sync_dist=True)
@@ -404,15 +384,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("targets.")]:
             del state[key]
-        extra: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "family": "hubert",
-            "bundle_config": self.bundle_config.to_json(),
-            "steps": int(self.global_step),
-            "num_classes": self.num_classes,
-            "loss_norm": self.options.loss_norm,
-            "options": json.dumps(self.options.to_hparams()),
-        }
+        extra = self.checkpoint_section(family="hubert", num_classes=self.num_classes,
+                                        loss_norm=self.options.hubert.loss_norm)
         if self.kmeans is not None:
             extra["kmeans"] = {"centroids": self.kmeans.centroids.detach().cpu().clone(),
                                "layer": self.kmeans.layer, "metadata": dict(self.kmeans.metadata)}
