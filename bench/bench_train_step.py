@@ -89,7 +89,7 @@ def _batch(bundle: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from continue_pt.hubert.objective import conv_output_frames
+    from continue_pt.frames import conv_output_frames
     from continue_pt.masking import MaskingOptions, time_mask
 
     g = torch.Generator().manual_seed(SEED)
@@ -164,7 +164,7 @@ class Steps:
 
         from bundles.kmeans import KMeansModel
         from continue_pt.hubert.objective import LossWeights
-        from continue_pt.targets import OnlineTargets
+        from continue_pt.teacher import OnlineTargets
 
         self.torch = torch
         self.batch = batch

@@ -88,7 +88,7 @@ def _batch(bundle: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from continue_pt.hubert.objective import conv_output_frames
+    from continue_pt.frames import conv_output_frames
     from continue_pt.masking import MaskingOptions, time_mask
 
     g = torch.Generator().manual_seed(SEED)

@@ -32,7 +32,6 @@ from continue_pt.hubert.objective import (
     HubertOutputs,
     LossWeights,
     StepTotals,
-    conv_output_frames,
     hubert_forward,
     hubert_frame_padding_mask,
     hubert_loss_terms,
@@ -41,6 +40,7 @@ from continue_pt.hubert.objective import (
     sample_size,
     unnormalized_loss,
 )
+from continue_pt.frames import conv_output_frames
 from continue_pt.masking import (
     TIME_MIN_MASKS,
     MaskingOptions,

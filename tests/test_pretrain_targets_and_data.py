@@ -21,7 +21,7 @@ from continue_pt.hubert.module import HubertContinuedPretraining
 from continue_pt.module_options import ModuleOptions
 from continue_pt.hubert.options import HubertOptions
 from continue_pt.pretrain import PretrainOptions, run_pretraining
-from continue_pt.targets import OnlineTargets
+from continue_pt.teacher import OnlineTargets
 from converters.convert import convert_checkpoint
 
 SECONDS = 2.0

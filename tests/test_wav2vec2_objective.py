@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.reference import require
-from continue_pt.hubert.objective import conv_output_frames
+from continue_pt.frames import conv_output_frames
 from continue_pt.masking import compute_mask_indices
 from continue_pt.wav2vec2.objective import (
     Wav2Vec2LossWeights,

@@ -1,32 +1,9 @@
-"""``HubertContinuedPretraining``: a thin LightningModule around a bundle's HuBERT pre-training model.
+"""``HubertContinuedPretraining``: a thin LightningModule that continues HuBERT's masked prediction on a bundle.
 
-The objective itself lives in plain functions (:mod:`continue_pt.hubert.objective`, :mod:`continue_pt.masking`);
-this module only wires them to Lightning: it draws the masks, makes the targets, returns the loss, normalises the
-gradients as fairseq's trainer does, logs, and puts what :func:`continue_pt.export.export_checkpoint` needs into
-the checkpoint. Optimisation is automatic: precision, gradient accumulation, clipping and DDP come from the
-``Trainer``.
-
-Loss normalisation, exact under gradient accumulation and DDP (modes ``"fairseq"`` and ``"torchaudio"``):
-``training_step`` returns the micro-batch's *un-normalised* loss ``w_m CE_m + w_u CE_u + w_p pen S_i`` times
-``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP averages
-gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss *summed* over every
-micro-batch of every rank. ``on_before_optimizer_step`` then all-reduces the step's sample size ``S`` (summed
-over micro-batches and ranks) and divides every gradient by it: fairseq's ``multiply_grads(1 / sample_size)``.
-Lightning calls it after the fp16 scaler's ``unscale_`` and before gradient clipping
-(``Precision._after_closure`` / ``MixedPrecision.optimizer_step`` in Lightning 2.6), so clipping sees the
-normalised gradient, as in fairseq.
-
-Mode ``"per-term"`` (each term divided by its own count over the step, pytorch/audio#2947) needs the step's
-masked, unmasked and feature-frame totals over every micro-batch and rank *before the first backward*. Masks are
-drawn from ``(seed, step, micro-batch, rank)`` and depend only on the micro-batch's shape, so at the first
-micro-batch of a step the module draws the masks of the step's other micro-batches in advance from their shapes,
-which the data side knows before loading them (``AudioDataModule.micro_batch_plans``: the sampler's batches of the
-epoch, the scanned lengths and the crop each batch will get), counts them and all-reduces the counts over ranks.
-The step's micro-batches are the epoch's batches ``[k N, (k + 1) N)`` (``N = accumulate_grad_batches``), the last
-group of an epoch cut at ``trainer.num_training_batches``, as Lightning groups them. Each micro-batch then draws
-its masks as before (the same ones) and backwards ``per-term share * N * world_size``; the gradients are not
-divided afterwards. Should a micro-batch's mask counts differ from the planned ones (a file that failed to load, a
-length that differs from the scanned one), a warning says that step's normalisation is approximate.
+It draws the masks, makes the targets (online from the frozen teacher, or offline labels), runs
+:mod:`continue_pt.hubert.objective` and hands its loss to Lightning; the step's gradient division, skipping,
+logging and checkpoint section are the base module's (:mod:`continue_pt.module_base`). How each loss
+normalisation stays exact under gradient accumulation and DDP: :meth:`HubertContinuedPretraining.training_step`.
 """
 
 from __future__ import annotations
@@ -42,13 +19,13 @@ from torch import Tensor, nn
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
-from continue_pt.device_batch import to_device
+from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, skip_update, zero_loss
+from continue_pt.frames import conv_output_frames
 from continue_pt.hubert.objective import (
     HubertLossTerms,
     LossWeights,
     StepTotals,
-    conv_output_frames,
     hubert_forward,
     hubert_frame_padding_mask,
     hubert_loss_terms,
@@ -59,7 +36,7 @@ from continue_pt.hubert.objective import (
 from continue_pt.masking import MaskingOptions, channel_mask, time_mask
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.module_options import ModuleOptions
-from continue_pt.targets import OnlineTargets, padded
+from continue_pt.teacher import OnlineTargets
 
 
 class HubertContinuedPretraining(ContinuedPretrainingBase):
@@ -238,7 +215,11 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
     def _plan_step(self, first_counts: StepTotals, batch_idx: int, step: int, rank: int
                    ) -> tuple[list[StepTotals], StepTotals]:
         """At the first micro-batch of a step: every micro-batch's mask counts on this rank (this one's as drawn,
-        the others' planned) and the step's totals over all ranks."""
+        the others' planned) and the step's totals over all ranks. The planned shapes come from the data side
+        (``AudioDataModule.micro_batch_plans``: the sampler's batches of the epoch, the scanned lengths and the crop
+        each batch will get); the step's micro-batches are the epoch's batches ``[k N, (k + 1) N)``
+        (``N = accumulate_grad_batches``), the last group of an epoch cut at ``trainer.num_training_batches``, as
+        Lightning groups them."""
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
         counts = [first_counts]
@@ -259,6 +240,25 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         return counts, StepTotals(*(int(round(c)) for c in reduced.tolist()))
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        """One micro-batch's loss, to be backwarded.
+
+        ``"fairseq"`` and ``"torchaudio"``: the micro-batch's :func:`~continue_pt.hubert.objective.unnormalized_loss`
+        times ``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP
+        averages gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss
+        *summed* over every micro-batch of every rank; ``on_before_optimizer_step`` then divides every gradient by
+        the step's :func:`~continue_pt.hubert.objective.sample_size` summed over micro-batches and ranks
+        (all-reduced): fairseq's ``multiply_grads(1 / sample_size)``. Lightning calls it after the fp16 scaler's
+        ``unscale_`` and before gradient clipping, so clipping sees the normalised gradient, as in fairseq.
+
+        ``"per-term"`` (each term divided by its own count over the step, pytorch/audio#2947) needs the step's
+        masked, unmasked and feature-frame totals before the first backward: masks depend only on
+        ``(seed, step, micro-batch, rank)`` and the micro-batch's shape, so the first micro-batch of a step draws
+        the others' masks in advance from their planned shapes (:meth:`_plan_step`) and all-reduces the counts;
+        each micro-batch then backwards its :func:`~continue_pt.hubert.objective.normalized_loss` share times
+        ``N * world_size`` and the gradients are not divided afterwards. Should a micro-batch's mask counts differ
+        from the planned ones (a file that failed to load, a length other than the scanned one), a warning says
+        that step's normalisation is approximate.
+        """
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
         step, micro, rank, world_size = self.begin_micro_batch()  # dropout and layer drop: seeded per micro-batch

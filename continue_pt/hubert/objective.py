@@ -30,7 +30,7 @@ How this differs from the modules' own ``forward``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchaudio.models import HuBERTPretrainModel
 
-from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.frames import at_least_fp32, conv_features
 from continue_pt.device_batch import to_device
 from continue_pt.hubert.options import LOSS_NORMS
 
@@ -50,7 +50,6 @@ __all__ = [
     "LossMode",
     "LossWeights",
     "StepTotals",
-    "conv_output_frames",
     "hubert_forward",
     "hubert_frame_padding_mask",
     "hubert_loss_terms",
@@ -65,15 +64,6 @@ LOSS_MODES: tuple[LossMode, ...] = LOSS_NORMS  # type: ignore[assignment]  (name
 
 
 # ------------------------------------------------------------------------------------------------ frames
-
-
-def conv_output_frames(conv_layers: Sequence[Sequence[int]], num_samples: int) -> int:
-    """Frames the feature extractor makes of ``num_samples`` samples; ``conv_layers`` as
-    ``(channels, kernel, stride)`` (a bundle's ``encoder_args["extractor_conv_layer_config"]``)."""
-    frames = int(num_samples)
-    for _, kernel, stride in conv_layers:
-        frames = (frames - int(kernel)) // int(stride) + 1
-    return max(frames, 0)
 
 
 def hubert_frame_padding_mask(lengths: Tensor, num_samples: int, num_frames: int) -> Tensor:

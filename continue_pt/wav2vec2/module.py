@@ -1,21 +1,10 @@
-"""``Wav2Vec2ContinuedPretraining``: a thin LightningModule around a bundle's wav2vec 2.0 pre-training model.
+"""``Wav2Vec2ContinuedPretraining``: a thin LightningModule that continues wav2vec 2.0's contrastive task on a bundle.
 
-The objective lives in plain functions (:mod:`continue_pt.wav2vec2.objective`); this module wires them to
-Lightning exactly as :class:`~continue_pt.hubert.module.HubertContinuedPretraining` does for HuBERT: masks and
-negatives are drawn from ``(seed, step, micro-batch, rank)`` (an exact resume), the Gumbel temperature continues
-from the bundle's ``num_updates`` plus the steps trained, and the loss is normalised as fairseq's trainer does.
-
-Loss normalisation: ``training_step`` returns the micro-batch's un-normalised ``Wav2vecCriterion`` loss
-(``InfoNCE sum + w_div * diversity * S_i + w_pen * features_pen * S_i``, ``S_i`` its masked frames) times
-``accumulate_grad_batches * world_size``; Lightning divides by the first, DDP averages over the second, so after
-the step's backwards ``.grad`` holds the gradient of the loss summed over every micro-batch of every rank.
-``on_before_optimizer_step`` divides it by the step's sample size (masked frames over micro-batches and ranks,
-all-reduced): fairseq's ``multiply_grads(1 / sample_size)``, before gradient clipping.
-
-Collapse guard: each step logs the code perplexity (hard code choices) and the prob perplexity (soft
-distribution, what the diversity loss raises). When the code perplexity falls below
-``codebook_warn_threshold`` of what the step could use, a warning says so, with what to try; it repeats at most
-every ``codebook_warn_every`` steps.
+Masks and negatives are drawn from ``(seed, step, micro-batch, rank)`` (an exact resume), the Gumbel temperature
+continues from the bundle's ``num_updates`` plus the steps trained, and each micro-batch backwards its
+:func:`~continue_pt.wav2vec2.objective.unnormalized_loss`; the base module (:mod:`continue_pt.module_base`) divides
+the step's summed gradient by its summed :func:`~continue_pt.wav2vec2.objective.sample_size`, as HuBERT's
+``"fairseq"`` mode does. A collapse guard warns when the quantizer uses few of its codewords.
 """
 
 from __future__ import annotations
@@ -29,11 +18,10 @@ import torch
 from torch import Tensor
 
 from bundles.loading import load_bundle
-from continue_pt.device_batch import to_device
+from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, skip_update, zero_loss
-from continue_pt.hubert.objective import conv_output_frames
+from continue_pt.frames import conv_output_frames
 from continue_pt.masking import MaskingOptions, time_mask
-from continue_pt.targets import padded
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, seed_of
 from continue_pt.module_options import ModuleOptions
 from continue_pt.wav2vec2.objective import (

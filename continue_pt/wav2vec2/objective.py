@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bundles.wav2vec2_pretrain import Wav2Vec2PretrainModel
-from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.frames import at_least_fp32, conv_features
 from continue_pt.device_batch import to_device
 
 __all__ = [
