@@ -31,7 +31,7 @@ from continue_pt.families import FAMILIES
 from continue_pt.interruption import RunInterrupted, StopOnSignal
 from continue_pt.labels import DEFAULT_LABEL_RATE, bundle_label_rate
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
-from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
+from continue_pt.options import PretrainOptions
 from continue_pt.progress import StepProgressBar
 from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes
 from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger

@@ -16,7 +16,8 @@ import torch
 from bundles import load_bundle
 from continue_pt.demo import demo_audio
 from continue_pt.module_base import SkippedStepWarning
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from continue_pt.step_guard import BadStepGuard, TrainingStopped, divide_, fused_grad_norm, stop_message
 from tests.training_helpers import StopAt, logged_rows
 

@@ -15,7 +15,8 @@ from bundles import load_bundle
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
 from continue_pt.label_dump import dump_labels
 from continue_pt.labels import bundle_label_rate, label_set_size
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from converters.convert import convert_checkpoint
 
 SECONDS = 2.0

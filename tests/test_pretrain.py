@@ -21,7 +21,8 @@ from continue_pt.hubert.module import HubertContinuedPretraining
 from continue_pt.module_options import ModuleOptions
 from continue_pt.hubert.options import HubertOptions
 from continue_pt.masking import time_mask
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0

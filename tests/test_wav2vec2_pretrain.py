@@ -22,7 +22,8 @@ from continue_pt.export import export_checkpoint
 from continue_pt.masking import MaskingOptions, time_mask
 from continue_pt.module_options import ModuleOptions
 from continue_pt.wav2vec2.options import Wav2Vec2Options
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, build_module, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, build_module, run_pretraining
 from continue_pt.wav2vec2.module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
 from continue_pt.wav2vec2.objective import sample_negative_indices
 from tests.reference import require
