@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import types
 import typing
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -21,6 +20,7 @@ from typing import Any
 from bundles.errors import BundleError, FileProblem
 from continue_pt.families import FAMILIES, family_of_option
 from continue_pt.hubert.options import LOSS_NORMS
+from continue_pt.option_types import coerce, type_problem
 
 DEFAULT_PEAK_LR = 5e-5
 """Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
@@ -353,76 +353,9 @@ def warmup_warning(options: PretrainOptions) -> str:
 _TYPES = typing.get_type_hints(PretrainOptions)
 
 
-def _allowed(annotation: Any) -> tuple[type, ...]:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return tuple(a for arg in typing.get_args(annotation) for a in _allowed(arg))
-    origin = typing.get_origin(annotation)
-    return (origin if origin is not None else annotation,)
-
-
-def _describe_types(allowed: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-             type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in allowed)
-
-
 def coerce_value(name: str, value: Any) -> Any:
-    """``value`` as the type ``name`` is declared with; ValueError says what was expected.
-
-    YAML 1.1 reads ``1e-4`` (no dot) as a string and ``1.0e4`` as a float: numbers written either way are taken,
-    and a float that is a whole number is taken where an integer is expected (``max_steps: 1e4``)."""
-    allowed = _allowed(_TYPES[name])
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ValueError(f"{name} needs {_describe_types(allowed)}, got nothing (null)")
-    for kind in allowed:
-        converted = _convert(value, kind)
-        if converted is not _NO:
-            return converted
-    raise ValueError(f"{name} needs {_describe_types(tuple(t for t in allowed if t is not type(None)))}, "
-                     f"got {value!r}")
-
-
-_NO = object()
-
-
-def _convert(value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            return value.strip().lower() in ("true", "yes")
-        return _NO
-    if isinstance(value, bool):  # True is an int in Python, not a number of steps
-        return str(value).lower() if kind is str else _NO
-    if kind is int:
-        number = _number(value)
-        return int(number) if number is not None and float(number).is_integer() else _NO
-    if kind is float:
-        number = _number(value)
-        return float(number) if number is not None else _NO
-    if kind is str:
-        return str(value) if isinstance(value, (str, int, float, Path)) else _NO
-    if kind is dict:
-        return value if isinstance(value, dict) else _NO
-    return value if isinstance(value, kind) else _NO
-
-
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return number if number == number and abs(number) != float("inf") else None
-    return None
+    """``value`` as the type option ``name`` is declared with (:func:`continue_pt.option_types.coerce`)."""
+    return coerce(name, _TYPES[name], value)
 
 
 def coerce_options(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -441,20 +374,8 @@ def coerce_options(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def type_problems(options: PretrainOptions) -> list[str]:
     """Fields whose value is not of the declared type (the Python API gets the CLI's type checks too)."""
-    problems = []
-    for f in fields(options):
-        value, allowed = getattr(options, f.name), _allowed(_TYPES[f.name])
-        if not _has_type(value, allowed):
-            problems.append(f"{f.name} needs {_describe_types(allowed)}, got {value!r}")
-    return problems
-
-
-def _has_type(value: Any, allowed: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int) and float in allowed:
-        return True
-    return isinstance(value, allowed)
+    return [problem for f in fields(options)
+            if (problem := type_problem(f.name, _TYPES[f.name], getattr(options, f.name))) is not None]
 
 
 def unknown_option_problem(name: str, known: set[str]) -> str:
