@@ -7,10 +7,12 @@ No torch here: ``continue_pt.options`` checks the options against this table bef
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
+from typing import Any
 
-from continue_pt.hubert.options import HubertOptions
-from continue_pt.wav2vec2.options import Wav2Vec2Options
+from continue_pt.hubert import options as hubert_options
+from continue_pt.wav2vec2 import options as wav2vec2_options
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,8 @@ class Family:
     """``PretrainOptions`` fields that only this family reads besides its ``options`` fields."""
     without: str
     """Why the other families' options do not apply to a bundle of this family."""
+    describe_targets: Callable[[Mapping[str, Any]], tuple[str | None, str]]
+    """``(teacher, how the targets were made)`` of a run from its flat module options (export, inspect)."""
 
     def module_class(self) -> type:
         module, _, name = self.module.partition(":")
@@ -38,13 +42,15 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "hubert": Family("hubert", "HuBERT", "continue_pt.hubert.module:HubertContinuedPretraining", HubertOptions,
-                     label_file_options=("labels", "label_dict", "val_labels"),
-                     without="HuBERT has no quantizer or negatives"),
+    "hubert": Family("hubert", "HuBERT", "continue_pt.hubert.module:HubertContinuedPretraining",
+                     hubert_options.HubertOptions, label_file_options=("labels", "label_dict", "val_labels"),
+                     without="HuBERT has no quantizer or negatives",
+                     describe_targets=hubert_options.describe_targets),
     "wav2vec2": Family("wav2vec2", "wav2vec 2.0", "continue_pt.wav2vec2.module:Wav2Vec2ContinuedPretraining",
-                       Wav2Vec2Options, label_file_options=(),
+                       wav2vec2_options.Wav2Vec2Options, label_file_options=(),
                        without="wav2vec 2.0 learns from its own quantizer (no k-means, labels or label head; its "
-                               "loss is normalised by the step's masked frames, fairseq's sample_size)"),
+                               "loss is normalised by the step's masked frames, fairseq's sample_size)",
+                       describe_targets=wav2vec2_options.describe_targets),
 }
 """Every family ``continue-pt pretrain`` continues, by bundle family."""
 

@@ -5,7 +5,9 @@ No torch here: ``continue_pt.options`` (the CLI's ``--help``) reads these names 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 LOSS_NORMS = ("fairseq", "torchaudio", "per-term")
 """The loss normalisations (``continue_pt.hubert.objective.LOSS_MODES``)."""
@@ -38,3 +40,11 @@ class HubertOptions:
     def __post_init__(self) -> None:
         if self.loss_norm not in LOSS_NORMS:
             raise ValueError(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_NORMS}")
+
+
+def describe_targets(options: Mapping[str, Any]) -> tuple[str | None, str]:
+    """``(teacher, how the targets were made)`` of a run, from its flat module options (a checkpoint's)."""
+    if options.get("offline_labels"):
+        return None, "offline frame labels"
+    teacher = options.get("teacher") or options.get("bundle")
+    return teacher, f"online: teacher {teacher}, k-means {options.get('kmeans') or 'of the teacher bundle'}"

@@ -5,7 +5,9 @@ No torch here: ``continue_pt.options`` (the CLI's ``--help``) reads these names 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -31,3 +33,8 @@ class Wav2Vec2Options:
             self.latent_temp = tuple(float(t) for t in self.latent_temp)  # type: ignore[assignment]
             if len(self.latent_temp) != 3:
                 raise ValueError(f"latent_temp is {self.latent_temp}; expected (max, min, decay)")
+
+
+def describe_targets(options: Mapping[str, Any]) -> tuple[str | None, str]:
+    """``(teacher, how the targets were made)``: no teacher, the model's own quantizer."""
+    return None, "contrastive: the model's own Gumbel quantizer"
