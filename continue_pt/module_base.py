@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from continue_pt.device_batch import batch_to_device
+from continue_pt.empty_batch import skip_update
 from continue_pt.families import FAMILIES
 from continue_pt.module_options import ModuleOptions
 from continue_pt.step_guard import (
@@ -73,7 +74,10 @@ class ContinuedPretrainingBase(pl.LightningModule):
         self.stop_reason: str | None = None
         """Set when the guard stopped training (too many consecutive bad steps)."""
         self._micro_index = 0
-        """Micro-batches run so far in this optimizer step (reset by the family's ``on_before_optimizer_step``)."""
+        """Micro-batches run so far in this optimizer step (reset by :meth:`close_step`)."""
+        self._step_stats: Tensor | None = None
+        """The step's statistics summed over its micro-batches so far, audio seconds last (read by
+        :meth:`close_step`)."""
 
     def take_options(self, options: ModuleOptions | Mapping[str, Any], family: str) -> ModuleOptions:
         """Keep ``options`` (or the flat dict Lightning gives back from a checkpoint) as ``self.options`` and in the
@@ -138,6 +142,20 @@ class ContinuedPretrainingBase(pl.LightningModule):
                 else torch.zeros(1, dtype=torch.float64, device=reduced.device))
         values = torch.cat([reduced, tail]).tolist()
         return values[:-2], StepHealth(grads_finite=values[-2] == 0, grad_norm=values[-1])
+
+    def close_step(self) -> tuple[list[float], StepHealth] | None:
+        """At the optimizer step: the step's statistics (``self._step_stats``, summed over its micro-batches, with
+        the audio seconds last) summed over ranks and read once, with the step's health; the per-step state is
+        reset. None when no micro-batch ran, or when every micro-batch of the step on every rank was empty (then
+        no update is made)."""
+        stats, self._step_stats, self._micro_index = self._step_stats, None, 0
+        if stats is None:
+            return None
+        values, health = self.read_step(stats)
+        if values[-1] == 0:  # no audio seconds: every micro-batch of the step, on every rank, was empty
+            skip_update(self, int(self.global_step))
+            return None
+        return values, health
 
     def step_or_skip(self, loss: float, health: StepHealth, divisor: float) -> bool:
         """Divide every gradient by ``divisor`` (fairseq's ``multiply_grads(1 / sample_size)``), or, when the

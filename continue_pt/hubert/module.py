@@ -20,7 +20,7 @@ from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
 from continue_pt.device_batch import padded, to_device
-from continue_pt.empty_batch import is_empty, skip_update, zero_loss
+from continue_pt.empty_batch import is_empty, zero_loss
 from continue_pt.frames import conv_output_frames
 from continue_pt.hubert.objective import (
     HubertLossTerms,
@@ -109,7 +109,6 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.sample_rate = bundle.sample_rate
 
         # per optimizer step (reset in on_before_optimizer_step)
-        self._step_stats: Tensor | None = None
         self._step_plan: tuple[list[StepTotals], StepTotals] | None = None  # per-term: planned counts, totals
 
     # ------------------------------------------------------------------------------------------- set-up
@@ -325,22 +324,17 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         """Divide every gradient by the step's sample size over all micro-batches and ranks (fairseq's
         ``multiply_grads``), or skip the step if its loss or gradient is not finite, then log the step. Runs after
         fp16 unscaling and before clipping."""
-        stats = self._step_stats
-        self._step_stats = None
-        self._micro_index = 0
         self._step_plan = None
-        if stats is None:
-            return
-        if self.global_step < self.options.hubert.head_only_steps:
+        if self._step_stats is not None and self.global_step < self.options.hubert.head_only_steps:
             head = {id(p) for p in self.head_parameters()}
             for p in self.parameters():
                 if id(p) not in head:
                     p.grad = None  # AdamW skips parameters without gradient: no update, no weight decay
-        values, health = self.read_step(stats)
-        (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = values
-        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
-            skip_update(self, int(self.global_step))
+        step = self.close_step()
+        if step is None:
             return
+        values, health = step
+        (loss_sum, size, correct_m, n_m, correct_u, n_u, ce_m, ce_u, pen_sum, frames, audio_seconds) = values
         divisor = size if size > 0 else 1.0
         if self.options.hubert.loss_norm == "per-term":
             divisor = 1.0

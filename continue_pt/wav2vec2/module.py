@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bundles.loading import load_bundle
 from continue_pt.device_batch import padded, to_device
-from continue_pt.empty_batch import is_empty, skip_update, zero_loss
+from continue_pt.empty_batch import is_empty, zero_loss
 from continue_pt.frames import conv_output_frames
 from continue_pt.masking import MaskingOptions, time_mask
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, seed_of
@@ -132,7 +132,6 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self.data_normalizes = bundle.normalize_waveform  # the data pipeline normalises each utterance
         self._conv_layers = bundle.config.encoder_args["extractor_conv_layer_config"]
 
-        self._step_stats: Tensor | None = None
         self._last_collapse_warning: int | None = None
 
     # ------------------------------------------------------------------------------------------- steps
@@ -208,15 +207,12 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         """Divide every gradient by the step's masked frames over all micro-batches and ranks (fairseq's
         ``multiply_grads``), or skip the step if its loss or gradient is not finite, log the step and watch the
         codebook. Runs after fp16 unscaling, before clipping."""
-        stats, self._step_stats, self._micro_index = self._step_stats, None, 0
-        if stats is None:
+        step = self.close_step()
+        if step is None:
             return
-        values, health = self.read_step(stats)
+        values, health = step
         (loss_sum, size, correct, count, infonce, diversity, penalty, code_ppl, prob_ppl, batches,
          audio_seconds) = values
-        if audio_seconds == 0:  # every micro-batch of the step, on every rank, was empty
-            skip_update(self, int(self.global_step))
-            return
         divisor = size if size > 0 else 1.0
         self.step_or_skip(loss_sum, health, divisor)
         code_ppl, prob_ppl = code_ppl / batches, prob_ppl / batches  # mean over micro-batches (and ranks)
