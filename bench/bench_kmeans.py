@@ -16,7 +16,7 @@ Each stage runs in a fresh process (``bench/_common.measure``: wall time around 
   1. ``dump_hubert_feature.py`` / ``feature_utils.dump_feature``: per utterance of ``{split}.tsv`` the layer-L
      features (``max_chunk`` 1,600,000 samples) appended to ``{feat_dir}/{split}_0_1.npy`` (NpyAppendArray, here a
      byte-identical minimal equivalent since ``npy_append_array`` is not installed) + frame counts to ``.len``.
-     The forward is **our** teacher forward (``continue_pt.kmeans_fit.layer_features`` on ``read_audio``), so only
+     The forward is **our** teacher forward (``continue_pt.teacher.Teacher.features`` on ``read_audio``), so only
      the k-means pipeline differs;
   2. ``learn_kmeans.py``: ``load_feature`` (``percent = -1``, fairseq's default: all features, ``np.load(mmap)``)
      + ``MiniBatchKMeans(n_clusters=50, init="k-means++", max_iter=100, batch_size=10000, verbose=1,
@@ -82,11 +82,10 @@ def _emit(result: dict[str, Any]) -> None:
 
 def _teacher(bundle_dir: str):
     from bundles.loading import load_bundle
-    from continue_pt.kmeans_fit import prepare_teacher
+    from continue_pt.teacher import Teacher
 
     bundle = load_bundle(bundle_dir)
-    encoder, normalize = prepare_teacher(bundle, LAYER, "cpu")
-    return bundle, encoder, normalize
+    return bundle, Teacher.from_bundle(bundle, LAYER)
 
 
 class _NpyAppend:
@@ -123,9 +122,7 @@ def worker_fs_dump(bundle_dir: str, tsv_dir: str, feat_dir: str) -> None:
     import torch
 
     from continue_pt.audio import read_audio
-    from continue_pt.kmeans_fit import layer_features
-
-    bundle, encoder, normalize = _teacher(bundle_dir)
+    bundle, teacher = _teacher(bundle_dir)
     max_chunk = 1_600_000
     # feature_utils.get_path_iterator (nshard 1, rank 0)
     with open(f"{tsv_dir}/{SPLIT}.tsv") as f:
@@ -140,7 +137,7 @@ def worker_fs_dump(bundle_dir: str, tsv_dir: str, feat_dir: str) -> None:
         for line in lines:
             subpath, _nsample = line.split("\t")
             wav = read_audio(f"{root}/{subpath}", bundle.sample_rate)  # HubertFeatureReader.read_audio
-            feat = torch.cat([layer_features(encoder, normalize, LAYER, wav[s:s + max_chunk])  # get_feats
+            feat = torch.cat([teacher.features(wav[s:s + max_chunk])  # get_feats
                               for s in range(0, len(wav), max_chunk)], 0)
             feat_f.append(feat.cpu().numpy())
             leng_f.write(f"{len(feat)}\n")
@@ -262,10 +259,8 @@ def _heldout_features(bundle_dir: Path, held: Path):
     import torch
 
     from continue_pt.audio import read_audio
-    from continue_pt.kmeans_fit import layer_features
-
-    _, encoder, normalize = _teacher(str(bundle_dir))
-    return torch.cat([layer_features(encoder, normalize, LAYER, read_audio(p, RATE))
+    _, teacher = _teacher(str(bundle_dir))
+    return torch.cat([teacher.features(read_audio(p, RATE))
                       for p in sorted(held.glob("*.wav"))])
 
 
@@ -485,7 +480,7 @@ def run(args: argparse.Namespace, scales: list[int], command: str, work: Path) -
         f"- scikit-learn {sklearn.__version__}; torch / OpenMP threads: the defaults ({info['torch_threads']}).",
         f"- Teacher (both pipelines): the tiny demo checkpoint `continue_pt/demo_assets/tiny_hubert.pt` converted with "
         f"`convert_checkpoint` (2 layers, 64-d), layer {LAYER}; K = {K}. fairseq's feature dump uses **our** teacher "
-        "forward (`continue_pt.kmeans_fit.layer_features` on `read_audio`), so only the k-means pipeline differs.",
+        "forward (`continue_pt.teacher.Teacher.features` on `read_audio`), so only the k-means pipeline differs.",
         f"- Audio: `continue_pt.demo.demo_audio` in {FILE_SECONDS:g} s 16 kHz wav files (seeds 1000+i): "
         + ", ".join(f"{s}x = {BASE_FILES * s} files = {minutes[s]:g} min" for s in scales)
         + "; page cache warm (just written).",

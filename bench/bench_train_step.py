@@ -7,7 +7,7 @@ dictionary) is built with fairseq (``tests/fairseq_reference.py``, seed 0), save
 converted with ``converters.convert.convert_checkpoint`` into a bundle (both cached in
 ``bench/_work/train_step``). One process, ``torch.set_num_threads(2)``, float32, the same batch for everything:
 2 utterances x 4 s of 16 kHz noise (seeded, unpadded), 199 frames each, one time mask drawn with the checkpoint's
-masking (``hubert_time_mask``, mask_prob 0.8, length 10, seeded), random targets in 0..499 (seeded).
+masking (``time_mask``, mask_prob 0.8, length 10, seeded), random targets in 0..499 (seeded).
 
 * (a) fairseq-fixed: ``HubertModel`` (train mode) forward with the mask injected (``compute_mask_indices``
   patched to return it) + ``HubertCriterion(pred_masked_weight=1, pred_nomask_weight=0, loss_weights=[10])`` +
@@ -89,15 +89,15 @@ def _batch(bundle: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from continue_pt.hubert_objective import conv_output_frames
-    from continue_pt.masking import HubertMasking, hubert_time_mask
+    from continue_pt.frames import conv_output_frames
+    from continue_pt.masking import MaskingOptions, time_mask
 
     g = torch.Generator().manual_seed(SEED)
     samples = int(SECONDS * SAMPLE_RATE)
     wav = 0.1 * torch.randn(BATCH, samples, generator=g)  # task.normalize is False for BASE
     frames = conv_output_frames(bundle.config.encoder_args["extractor_conv_layer_config"], samples)
-    masking = HubertMasking.from_options(bundle.config.pretrain_args)
-    mask = torch.from_numpy(hubert_time_mask((BATCH, frames), None, masking, rng=np.random.default_rng(SEED)))
+    masking = MaskingOptions.from_options(bundle.config.pretrain_args)
+    mask = torch.from_numpy(time_mask((BATCH, frames), None, masking, rng=np.random.default_rng(SEED)))
     labels = torch.randint(0, K, (BATCH, frames), generator=g)
     rows = torch.tensor(bundle.config.label_dictionary["cluster_rows"])[labels]  # fairseq's targets: dict rows
     return {"wav": wav, "labels": labels, "rows": rows, "mask": mask, "frames": frames, "masking": masking,
@@ -163,8 +163,8 @@ class Steps:
         from fairseq.criterions.hubert_criterion import HubertCriterion
 
         from bundles.kmeans import KMeansModel
-        from continue_pt.hubert_objective import LossWeights
-        from continue_pt.targets import OnlineTargets
+        from continue_pt.hubert.objective import LossWeights
+        from continue_pt.teacher import OnlineTargets
 
         self.torch = torch
         self.batch = batch
@@ -204,7 +204,7 @@ class Steps:
                 "grad_norm": _grad_norm(self.fs_model.parameters(), size)}
 
     def ours(self, seed: int) -> dict[str, Any]:
-        from continue_pt.hubert_objective import StepTotals, hubert_forward, hubert_loss_terms, normalized_loss
+        from continue_pt.hubert.objective import StepTotals, hubert_forward, hubert_loss_terms, normalized_loss
 
         b = self.batch
         self.model.zero_grad(set_to_none=True)
@@ -344,7 +344,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
         "(`tests/fairseq_reference.py`, seed 0), saved as a checkpoint and converted to a bundle "
         "(`converters.convert.convert_checkpoint`); (b) and (c) load the bundle.",
         f"- Batch (the same for all): {BATCH} utterances × {SECONDS:g} s of 16 kHz noise (seeded, unpadded), "
-        f"{batch['frames']} frames each; one time mask from the checkpoint's masking (`hubert_time_mask`, "
+        f"{batch['frames']} frames each; one time mask from the checkpoint's masking (`time_mask`, "
         f"mask_prob {batch['masking'].mask_prob}, length {batch['masking'].mask_length}, seeded): {masked} of "
         f"{BATCH * batch['frames']} frames masked; random targets in 0..{K - 1}. fairseq gets the mask injected "
         "(`compute_mask_indices` patched) and the dictionary rows of the targets.",
@@ -381,7 +381,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
         body += ["", "### Where (b)'s time goes", "", _profile_table(steps)]
         if ratio <= TARGET_RATIO:
             body += ["", f"(b) meets its target ({ratio:.2f}× ≤ {TARGET_RATIO}×), so no change to "
-                     "`continue_pt/hubert_objective.py` is measured here; the profile is context."]
+                     "`continue_pt/hubert/objective.py` is measured here; the profile is context."]
     C.publish(SECTION, body)
 
 

@@ -6,8 +6,8 @@ A random-weight fairseq wav2vec 2.0 BASE (the real ``wav2vec_small`` config, all
 (``tests/fairseq_reference.py``, seed 0), saved as a fairseq checkpoint and converted with
 ``converters.convert.convert_checkpoint`` into a bundle (both cached in ``bench/_work/w2v_train_step``). One
 process, ``torch.set_num_threads(2)``, float32, the same batch for both: 2 utterances x 4 s of 16 kHz noise
-(seeded, unpadded), 199 frames each, one time mask drawn with the checkpoint's masking (``hubert_time_mask`` with
-``HubertMasking.from_options(bundle.config.objective)``: mask_prob 0.65, length 10, seeded; the same number of
+(seeded, unpadded), 199 frames each, one time mask drawn with the checkpoint's masking (``time_mask`` with
+``MaskingOptions.from_options(bundle.config.objective)``: mask_prob 0.65, length 10, seeded; the same number of
 masked frames in each utterance, which fairseq needs).
 
 * (a) fairseq-fixed: ``Wav2Vec2Model`` (train mode) forward with the mask injected (``compute_mask_indices``
@@ -16,7 +16,7 @@ masked frames in each utterance, which fairseq needs).
 * (b) ours: ``bundle.get_pretrain_model()`` (train mode) + ``wav2vec2_forward(..., feature_grad_mult=0.1,
   dropout_features=0.1, rng=torch.Generator().manual_seed(i))`` + ``wav2vec2_loss_terms`` +
   ``normalized_wav2vec2_loss(terms, terms.num_masked, (0.1, 10))`` + ``backward``: what
-  ``continue_pt/wav2vec2_module.py`` runs per micro-batch.
+  ``continue_pt/wav2vec2/module.py`` runs per micro-batch.
 
 Timing runs with the config's dropout (0.1, attention 0.1, dropout_input / dropout_features 0.1, layer drop 0.05)
 in train mode; before every step ``torch.manual_seed(i)`` and ``np.random.seed(i)`` (fairseq draws layer drop
@@ -88,15 +88,15 @@ def _batch(bundle: Any) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from continue_pt.hubert_objective import conv_output_frames
-    from continue_pt.masking import HubertMasking, hubert_time_mask
+    from continue_pt.frames import conv_output_frames
+    from continue_pt.masking import MaskingOptions, time_mask
 
     g = torch.Generator().manual_seed(SEED)
     samples = int(SECONDS * SAMPLE_RATE)
     wav = 0.1 * torch.randn(BATCH, samples, generator=g)  # task.normalize is False for BASE
     frames = conv_output_frames(bundle.config.encoder_args["extractor_conv_layer_config"], samples)
-    masking = HubertMasking.from_options(bundle.config.objective)
-    mask = torch.from_numpy(hubert_time_mask((BATCH, frames), None, masking, rng=np.random.default_rng(SEED)))
+    masking = MaskingOptions.from_options(bundle.config.objective)
+    mask = torch.from_numpy(time_mask((BATCH, frames), None, masking, rng=np.random.default_rng(SEED)))
     counts = mask.sum(1)
     if not bool((counts == counts[0]).all()):
         raise RuntimeError(f"fairseq needs the same masked count in every utterance, got {counts.tolist()}")
@@ -212,7 +212,7 @@ class Steps:
                 "layers": self.fs_layers.take(), "grad_norm": _grad_norm(self.fs_model.parameters(), size)}
 
     def ours(self, seed: int) -> dict[str, Any]:
-        from continue_pt.wav2vec2_objective import normalized_wav2vec2_loss, wav2vec2_forward, wav2vec2_loss_terms
+        from continue_pt.wav2vec2.objective import normalized_wav2vec2_loss, wav2vec2_forward, wav2vec2_loss_terms
 
         b = self.batch
         extra: dict[str, Any] = {}
@@ -349,15 +349,15 @@ def run(args: argparse.Namespace, command: str, work: Path) -> None:
         f"{objective['logit_temp']:g}), built with fairseq (`tests/fairseq_reference.py`, seed 0), saved as a "
         "checkpoint and converted to a bundle (`converters.convert.convert_checkpoint`); (b) loads the bundle.",
         f"- Batch (the same for both): {BATCH} utterances × {SECONDS:g} s of 16 kHz noise (seeded, unpadded), "
-        f"{batch['frames']} frames each; one time mask from the checkpoint's masking (`hubert_time_mask` with "
-        f"`HubertMasking.from_options(bundle.config.objective)`: mask_prob {m.mask_prob}, length {m.mask_length}, "
+        f"{batch['frames']} frames each; one time mask from the checkpoint's masking (`time_mask` with "
+        f"`MaskingOptions.from_options(bundle.config.objective)`: mask_prob {m.mask_prob}, length {m.mask_length}, "
         f"seeded): {masked} of {BATCH * batch['frames']} frames masked, the same count in each utterance (fairseq "
         "needs it). fairseq gets the mask injected (`compute_mask_indices` patched).",
         "- (a): `Wav2vecCriterion(infonce=True, loss_weights=[0.1, 10], log_keys=[prob_perplexity, "
         "code_perplexity, temp])(model, sample)` + `loss.backward()`. (b): `wav2vec2_forward(model, wav, None, "
         "mask, num_negatives, logit_temp, feature_grad_mult, dropout_features, rng=Generator(i))` + "
         "`wav2vec2_loss_terms` + `normalized_wav2vec2_loss(terms, terms.num_masked, (0.1, 10))` + `backward()` "
-        "(what `continue_pt/wav2vec2_module.py` runs per micro-batch).",
+        "(what `continue_pt/wav2vec2/module.py` runs per micro-batch).",
         f"- (a′), (b′) (context; timed in every round after (a) and (b)): the quantizer head alone, forward + "
         "backward of `mean(project_q(quantizer(f).x)²) − prob_perplexity` on the same seeded features f "
         f"{list(steps.head_input.shape)} (the masked frames' count), train mode (Gumbel sampling). Ours picks the "

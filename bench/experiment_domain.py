@@ -32,7 +32,9 @@ from _common import machine_info, machine_lines, table, write_section  # noqa: E
 
 from continue_pt.data import AudioDataModule  # noqa: E402
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio  # noqa: E402
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions  # noqa: E402
+from continue_pt.hubert.module import HubertContinuedPretraining  # noqa: E402
+from continue_pt.module_options import ModuleOptions  # noqa: E402
+from continue_pt.hubert.options import HubertOptions  # noqa: E402
 from continue_pt.pretrain import PretrainOptions, run_pretraining  # noqa: E402
 from converters.convert import convert_checkpoint  # noqa: E402
 
@@ -62,7 +64,7 @@ def write_corpus(directory: Path, make, count: int, seed: int) -> Path:
 
 def masked_accuracy(bundle: Path, teacher: Path, audio: Path) -> tuple[float, float]:
     """(masked accuracy, loss) of ``bundle`` on ``audio`` with targets from ``teacher`` (Trainer.validate)."""
-    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle), teacher=str(teacher), seed=123))
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle), seed=123, hubert=HubertOptions(teacher=str(teacher))))
     data = AudioDataModule(str(audio), str(audio), sample_rate=16000, normalize=module.data_normalizes,
                            max_batch_seconds=4 * SECONDS, min_seconds=1.0, num_workers=0, seed=123)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,

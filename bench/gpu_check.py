@@ -160,7 +160,7 @@ def check_targets(work: Path) -> list[str]:
     from continue_pt.audio import read_audio
     from continue_pt.demo import demo_audio
     from continue_pt.label_dump import dump_labels
-    from continue_pt.targets import OnlineTargets
+    from continue_pt.teacher import OnlineTargets
 
     bundle = load_bundle(_tiny_bundle(work, "tiny_targets"))
     crops = work / "crops"
@@ -187,7 +187,7 @@ def _single_gpu_run(work: Path, audio: Path, steps: int, before: bool) -> dict:
     import lightning.pytorch as pl
     import torch
 
-    import continue_pt.targets as targets_module
+    import continue_pt.teacher as targets_module
     from continue_pt.pretrain import PretrainOptions, run_pretraining
 
     class Measure(pl.Callback):
@@ -212,7 +212,7 @@ def _single_gpu_run(work: Path, audio: Path, steps: int, before: bool) -> dict:
             _synchronize()
             self.times.append(time.perf_counter() - self.started)
 
-    from continue_pt.lightning_module import HubertContinuedPretraining
+    from continue_pt.hubert.module import HubertContinuedPretraining
 
     saved = targets_module.padded, HubertContinuedPretraining.transfer_batch_to_device
     if before:

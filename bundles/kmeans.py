@@ -9,6 +9,8 @@ the stdlib only, so labelling works where sklearn is not installed.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +29,19 @@ RESERVED_METADATA = frozenset({"format", "format_version", "layer"})
 # Rows labelled per matrix product: bounds the distance matrix to ROWS_PER_CHUNK x K floats
 # (16k x 500 x 4 bytes = 32 MB) whatever the input size.
 ROWS_PER_CHUNK = 16_384
+
+
+@contextmanager
+def highest_matmul_precision() -> Iterator[None]:
+    """Full float32 matrix products inside, the caller's setting restored after. Training scripts often allow TF32
+    (Lightning suggests it on every tensor-core GPU); its 10-bit mantissa would move frames near a cluster boundary
+    to the other cluster, in labelling and in fitting alike."""
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved)
 
 
 @dataclass(eq=False)
@@ -99,17 +114,10 @@ class KMeansModel:
         x = features.reshape(-1, self.dim)
         c, c_sq = self._centroids_on(x.device)
         labels = torch.empty(x.shape[0], dtype=torch.long, device=x.device)
-        # Training scripts often allow TF32 matmuls (Lightning suggests it on every tensor-core GPU); TF32's
-        # 10-bit mantissa would move frames near a cluster boundary to the other cluster. Label in full float32.
-        # Training runs inside Lightning's bf16 autocast, which would cast this product to bf16 whatever the
-        # .to(float32) says (0.8 % of the tiny model's frames changed cluster): autocast is off here.
-        precision = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        try:
-            with torch.autocast(device_type=x.device.type, enabled=False):
-                self._label_chunks(x, c, c_sq, labels)
-        finally:
-            torch.set_float32_matmul_precision(precision)
+        # Label in full float32 (highest_matmul_precision). Training runs inside Lightning's bf16 autocast, which
+        # would cast this product to bf16 whatever the .to(float32) says: autocast is off here.
+        with highest_matmul_precision(), torch.autocast(device_type=x.device.type, enabled=False):
+            self._label_chunks(x, c, c_sq, labels)
         return labels.reshape(lead)
 
     @staticmethod

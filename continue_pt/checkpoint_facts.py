@@ -9,6 +9,7 @@ from typing import Any
 
 from bundles.errors import BundleError
 from continue_pt.export import read_training_checkpoint
+from continue_pt.families import FAMILIES
 from continue_pt.module_base import CHECKPOINT_KEY
 
 
@@ -34,18 +35,14 @@ def describe_training_checkpoint(path: str | Path) -> dict[str, Any]:
         "num_updates": (config.get("num_updates") or 0) + steps,
         "data": (checkpoint.get("AudioDataModule") or {}).get("train_source"),
     }
+    teacher, facts["targets"] = FAMILIES[family].describe_targets(options) if family in FAMILIES else (None, None)
     if family == "hubert":
-        offline = bool(options.get("offline_labels"))
-        facts["teacher"] = None if offline else (options.get("teacher") or options.get("bundle"))
+        facts["teacher"] = teacher
         stored = extra.get("kmeans") if isinstance(extra.get("kmeans"), dict) else {}
-        facts["targets"] = "offline frame labels" if offline else \
-            f"online: k-means {options.get('kmeans') or 'of the teacher bundle'}"
         facts["num_classes"] = extra.get("num_classes")
         if stored.get("layer") is not None:
             facts["kmeans_layer"] = stored.get("layer")
         facts["label_head_reinitialised"] = bool(options.get("reinit_label_head"))
-    else:
-        facts["targets"] = "contrastive: the model's own Gumbel quantizer"
     facts.update({"loss_norm": extra.get("loss_norm"), "peak_lr": options.get("lr"),
                   "warmup_steps": options.get("warmup_steps"), "schedule": options.get("schedule"),
                   "seed": options.get("seed"), "lightning_version": checkpoint.get("pytorch-lightning_version")})

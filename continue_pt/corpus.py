@@ -164,7 +164,7 @@ def _scan_manifest(source: Path, sample_rate: int, min_seconds: float, read_head
             continue
         entries.append((fields[0], int(fields[1])))
     if problems:
-        raise FileProblem(source, _capped(problems),
+        raise FileProblem(source, capped(problems),
                           "fix or remove these lines (a .km label file must stay line-aligned with the manifest)")
     if not entries:
         raise FileProblem(source, "lists no audio files (only the root directory line)", SOURCE_HINT)
@@ -254,7 +254,8 @@ def _seconds(value: float) -> str:
     return f"{value:.1f}" if round(value, 1) == value else f"{value:g}"
 
 
-def _capped(problems: list[str]) -> list[str]:
+def capped(problems: list[str]) -> list[str]:
+    """At most ``MAX_LISTED_PROBLEMS`` of ``problems``, and how many more there are."""
     if len(problems) <= MAX_LISTED_PROBLEMS:
         return problems
     return problems[:MAX_LISTED_PROBLEMS] + [f"... and {len(problems) - MAX_LISTED_PROBLEMS} more"]

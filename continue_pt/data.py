@@ -1,8 +1,6 @@
-"""The training data for Lightning: ``AudioDataModule`` ties corpus scanning, labels and batching together.
-
-The pieces live in ``corpus`` (finding audio), ``labels`` (fairseq label files), ``batching`` (reading, cropping,
-length-bucketed batches); they are re-exported here.
-"""
+"""The training data for Lightning: ``AudioDataModule`` ties corpus scanning (``corpus``), fairseq label files
+(``labels``) and reading, cropping and length-bucketed batching (``batching``) together, and splits off the
+validation files."""
 
 from __future__ import annotations
 
@@ -18,22 +16,11 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader
 
 from bundles.errors import FileProblem
+from continue_pt.batching import AudioDataset, BatchCollater, BucketBatchSampler
+from continue_pt.corpus import AudioItem, ScanResult, not_audio_note, scan_audio
+from continue_pt.labels import FrameLabels, read_label_file
 
 logger = logging.getLogger(__name__)
-
-
-from continue_pt.batching import (
-    AudioDataset,
-    BatchCollater,
-    BucketBatchSampler,
-    collate_audio,
-)
-from continue_pt.corpus import AudioItem, ScanResult, not_audio_note, scan_audio
-from continue_pt.labels import FrameLabels, read_label_dictionary, read_label_file
-
-__all__ = ["AudioDataModule", "AudioDataset", "AudioItem", "BatchCollater", "BucketBatchSampler", "FrameLabels",
-           "ScanResult", "collate_audio", "held_out_files", "read_label_dictionary", "read_label_file",
-           "scan_audio", "validation_share"]
 
 
 def validation_share(name: str) -> float:

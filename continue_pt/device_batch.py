@@ -1,4 +1,4 @@
-"""Moving a training batch to the device without host syncs (issue 15, item 4).
+"""Moving a training batch to the device without host syncs.
 
 Lightning's default ``transfer_batch_to_device`` moves every tensor of the batch; then every ``bool()``, ``int()``,
 ``.tolist()`` on the lengths (is anything padded? how many frames? how many samples?) waits for the GPU. Here only
@@ -38,3 +38,9 @@ def batch_to_device(batch: Any, device: torch.device | str) -> Any:
         return move_data_to_device(batch, device)
     return {key: value if key in HOST_KEYS or not isinstance(value, Tensor) else to_device(value, device)
             for key, value in batch.items()}
+
+
+def padded(lengths: Tensor | None, num_samples: int) -> bool:
+    """Whether any utterance of a ``[batch, num_samples]`` batch is shorter than ``num_samples`` (a host sync
+    when ``lengths`` is on a GPU; free on the CPU, where the data loader makes it)."""
+    return lengths is not None and bool((lengths < num_samples).any())

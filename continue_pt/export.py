@@ -1,5 +1,5 @@
-"""A Lightning checkpoint of :class:`~continue_pt.lightning_module.HubertContinuedPretraining` or
-:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining` -> a bundle.
+"""A Lightning checkpoint of :class:`~continue_pt.hubert.module.HubertContinuedPretraining` or
+:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining` -> a bundle.
 
 The checkpoint holds everything needed (the student's weights, HuBERT's extra label rows, the bundle config it
 started from, the steps trained, HuBERT's k-means of the targets), so nothing else is read. It is read with
@@ -26,6 +26,7 @@ from bundles.errors import BundleError
 from bundles.kmeans import KMeansModel
 from bundles.safetensors_stream import PendingTensor
 from bundles.writing import write_bundle
+from continue_pt.families import FAMILIES
 from continue_pt.module_base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from continue_pt.resume_notes import SEGMENTS_KEY
 
@@ -113,6 +114,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         raise BundleError(path, "holds no student weights", hint=_NOT_OURS_HINT)
     options = json.loads(extra.get("options", "{}"))
     steps = int(extra.get("steps", 0))
+    if config.family not in FAMILIES:
+        raise BundleError(path, f"was written for a {config.family!r} model, which this version cannot export",
+                          hint=_NOT_OURS_HINT)
 
     if config.family == "hubert":
         num_classes = int(extra.get("num_classes", model_state["logit_generator.label_embeddings"].shape[0]))
@@ -120,11 +124,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
         config.label_dictionary = _label_dictionary(
             num_classes, config.label_dictionary if num_classes == previous_classes else None)
-        teacher = None if options.get("offline_labels") else (options.get("teacher") or options.get("bundle"))
-        targets = ("offline frame labels" if teacher is None else
-                   f"online: teacher {teacher}, k-means {options.get('kmeans') or 'of the teacher bundle'}")
-    else:  # wav2vec 2.0: its own quantizer makes the targets; num_updates below continues the Gumbel temperature
-        teacher, targets = None, "contrastive: the model's own Gumbel quantizer"
+    teacher, targets = FAMILIES[config.family].describe_targets(options)
+    # num_updates continues (for wav2vec 2.0 so does the Gumbel temperature, which follows it)
     start_updates = config.num_updates or 0
     config.num_updates = start_updates + steps
     history = list(config.provenance.get("training", [])) if isinstance(config.provenance.get("training"), list) \

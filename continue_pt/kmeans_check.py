@@ -1,59 +1,7 @@
-"""Does a k-means model give the targets a HuBERT checkpoint was trained on? Measure it.
-
-The only published HuBERT k-means is ``hubert_base_ls960_L9_km500.bin``, while HuBERT BASE was trained on the
-layer-6 km500 targets of an unpublished iteration-1 model (and LARGE/XLARGE on ``lyr9.km500``). Whether a given
-k-means (on a given teacher layer) reproduces a checkpoint's training targets cannot be read from the files, but
-it can be measured: a checkpoint predicts its *own* training cluster ids at masked frames far better than chance,
-and a label set whose ids mean something else gets chance accuracy, however good the clustering is (a k-means
-fitted again on the very same features numbers its clusters differently: that too "does not match").
-
-:func:`check_kmeans` labels held-out audio with the k-means (teacher forward to layer L + nearest centroid, as
-:class:`~continue_pt.targets.OnlineTargets` does in training), masks each utterance with the checkpoint's own
-masking options (seeded), runs the checkpoint's masked prediction (:func:`~continue_pt.hubert_objective.hubert_forward`
-with the bundle's label head and fairseq's special-symbol rows) in eval mode, and compares the masked-frame
-accuracy with what a label set whose ids mean nothing gets:
-
-* chance ``1/K``;
-* the marginal baseline ``sum_c q_c p_c`` (``q``: how often the checkpoint predicts ``c``, ``p``: how often the
-  label is ``c``): the expected accuracy of predictions independent of the frames. A wrong label set can reach it
-  far above chance by coincidence: a random-init checkpoint predicts one id at most masked frames (73 % of them
-  for the tiny demo model), and a k-means whose largest cluster has that id then "scores" that much;
-* a relabelling control: the same predictions scored against the labels mapped through ``shuffles`` (1000) random
-  permutations of the cluster ids. It keeps the label sequence and the partition and destroys only the identity
-  of the ids, which is exactly what a wrong k-means is: another partition of the same features whose ids were
-  numbered arbitrarily. The identity numbering of a wrong k-means is one more draw from this distribution, whose
-  spread is set by clusters, not frames: when one id of the wrong partition happens to land on the id the
-  checkpoint predicts for a large cluster of it, the accuracy jumps by that cluster's share, whatever the amount
-  of audio. So its tail is read from many permutations (the accuracy of each is computed from the K x K
-  prediction-label count matrix, so 1000 cost nothing); mean, 99th percentile and max are reported.
-
-Verdict rule (``null = max(1/K, marginal)``, the expected accuracy of a wrong label set;
-``se = sqrt(null (1 - null) / n_eff)`` with ``n_eff = masked frames / mask_length``, because the frames of one
-mask span are strongly correlated, so only about one independent observation per span is counted):
-
-* K differs (the k-means has a different number of clusters than the label head has rows): **does not match**,
-  nothing is run. The label head has exactly one row per training cluster, so a label set of another size cannot
-  be the training targets.
-* fewer than ``min_masked_frames`` (1000) masked frames: **inconclusive** (too little audio to tell).
-* ``accuracy >= max(2 null, null + 5 se)`` and ``accuracy >`` every relabelling: **matches**. Twice the expected
-  accuracy of a wrong label set is an effect size, ``+5 se`` makes a sampling excursion of that size practically
-  impossible even with the conservative ``n_eff``, and beating all 1000 relabellings means the ids themselves
-  (not the partition) carry it (p < 1/1000). For K = 500 the effect-size bar is ~0.4-1 %; a checkpoint scored
-  against its own targets reaches tens of percent (HuBERT's reported masked accuracies). The tiny demo model
-  reaches ~35-39 % at K = 20 (bar ~18-21 %, set by the best relabelling) after 300 steps on audio whose ids last
-  several frames, as phones do (tests/kmeans_check_fixture.py); on ``demo_audio`` its k-means ids change at ~85 %
-  of frames, so no model predicts a masked frame's id from its context there (~9 % after 500 steps).
-* ``accuracy <= max(1.5 null, 99th percentile of the relabellings)``: **does not match**: at most half again
-  the expected accuracy of a wrong label set, or no better than 1 in 100 arbitrary numberings of the same
-  clusters, i.e. the ids carry no evidence of being the training ids.
-* otherwise: **inconclusive**: a partial agreement (e.g. a k-means close to the training one, a teacher layer next
-  to the right one, or a checkpoint trained too little on these targets) or too few frames to separate.
-
-Measured on that trained tiny model (K = 20, 2549 masked frames): of 200 random k-means 199 do not match and 1 is
-inconclusive (its own numbering lies in the top 1 % of relabellings), and 50 renumberings of the training k-means
-all do not match. The earlier rule (null = max(1/K, max of 3 relabellings), no relabelling tail) left 15 of the 200
-and 2 of the 50 inconclusive, and said "matches" for a one-cluster k-means on the untrained checkpoint (accuracy
-0.74 = its marginal baseline) and for a random k-means on a collapsed checkpoint (trained with a too-high lr).
+"""``continue-pt kmeans check``: does a k-means give the targets a HuBERT checkpoint was trained on? Measured: the
+checkpoint's masked-frame accuracy on held-out audio labelled with the k-means, against chance, the marginal
+baseline and random relabellings of the cluster ids (:func:`check_kmeans`). The verdict rule and what it was
+measured on are in the README, section "Does a k-means match a checkpoint?".
 """
 
 from __future__ import annotations
@@ -72,9 +20,10 @@ from bundles.loading import Bundle
 from bundles.waveform import normalize_waveforms
 from continue_pt.audio import AudioError, read_audio
 from continue_pt.corpus import AUDIO_EXTENSIONS, AudioItem, scan_audio
-from continue_pt.hubert_objective import conv_output_frames, hubert_forward
-from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
-from continue_pt.targets import OnlineTargets
+from continue_pt.frames import conv_output_frames
+from continue_pt.hubert.objective import hubert_forward
+from continue_pt.masking import MaskingOptions, channel_mask, time_mask
+from continue_pt.teacher import OnlineTargets
 
 logger = logging.getLogger(__name__)
 
@@ -271,7 +220,7 @@ def check_kmeans(
     student = bundle.get_pretrain_model().eval()
     rows = int(student.logit_generator.label_embeddings.shape[0])
     k = kmeans.num_clusters
-    masking = HubertMasking.from_options(bundle.config.pretrain_args or {})
+    masking = MaskingOptions.from_options(bundle.config.pretrain_args or {})
     report = CheckReport(verdict=DOES_NOT_MATCH, reason="", rule=VERDICT_RULE, num_clusters=k, label_head_rows=rows,
                          kmeans_layer=kmeans.layer, bundle=str(bundle.path), teacher=str(teacher.path),
                          masking=asdict(masking), seed=seed)
@@ -315,10 +264,10 @@ def check_kmeans(
             if frames < 2 * masking.mask_length:
                 continue
             try:
-                mask = hubert_time_mask((1, frames), None, masking, rng=rng)
+                mask = time_mask((1, frames), None, masking, rng=rng)
             except ValueError:
                 continue
-            channel = hubert_channel_mask(1, width, masking, rng=rng)
+            channel = channel_mask(1, width, masking, rng=rng)
             student_in = normalize_waveforms(piece) if bundle.normalize_waveform else piece
             out = hubert_forward(student, student_in, None, labels, torch.from_numpy(mask),
                                  extra_label_embeddings=extras, logit_temp=logit_temp,

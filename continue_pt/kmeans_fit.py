@@ -1,8 +1,8 @@
 """Fit a HuBERT k-means on a teacher's layer-L features, streaming: features are never all held, never written.
 
-fairseq's recipe (``examples/hubert/simple_kmeans``) dumps every frame's features to disk (960 h of BASE layer 9:
-~531 GB) and fits scikit-learn's ``MiniBatchKMeans`` on a subset held in RAM. Here the teacher runs over the corpus
-twice and only a bounded sample is ever kept:
+fairseq's recipe (``examples/hubert/simple_kmeans``) dumps every frame's features to disk and fits scikit-learn's
+``MiniBatchKMeans`` on a subset held in RAM. Here the teacher (:class:`continue_pt.teacher.Teacher`) runs over the
+corpus twice and only a bounded sample is ever kept:
 
 1. pass 1 runs the teacher over the corpus and keeps a uniform *reservoir* sample of at most ``reservoir_size``
    frames (Algorithm R); k-means++ (scikit-learn's greedy variant) seeds K centroids on it and a few Lloyd
@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from bundles.kmeans import KMeansModel
+from bundles.kmeans import KMeansModel, highest_matmul_precision
 from bundles.loading import Bundle
-from bundles.waveform import NormalizingWav2Vec2Model, normalize_waveforms
 from continue_pt.audio import AudioError, read_audio
 from continue_pt.corpus import AudioItem, scan_audio
+from continue_pt.frames import conv_layers_of, conv_stride
+from continue_pt.teacher import Teacher
 
 logger = logging.getLogger(__name__)
 
@@ -87,17 +88,6 @@ def _assign(x: Tensor, c: Tensor, chunk: int = 16_384) -> tuple[Tensor, Tensor]:
         d = _sq_distances(x[s:s + chunk], c, c_sq)
         dist[s:s + chunk], labels[s:s + chunk] = d.min(dim=1)
     return labels, dist
-
-
-class _HighestPrecision:
-    """TF32 would move frames near cluster boundaries; compute distances in full float32."""
-
-    def __enter__(self):
-        self.saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-
-    def __exit__(self, *exc):
-        torch.set_float32_matmul_precision(self.saved)
 
 
 def kmeans_plus_plus(x: Tensor, k: int, generator: torch.Generator) -> Tensor:
@@ -211,7 +201,7 @@ def fit_stream(batches: Callable[[], Iterable[Tensor]], k: int, *, seed: int = 0
         raise ValueError(f"reservoir_size {capacity} is smaller than k={k}")
     generator = torch.Generator().manual_seed(int(seed))
     device = torch.device(device)
-    with _HighestPrecision(), torch.no_grad():
+    with highest_matmul_precision(), torch.no_grad():
         reservoir = None
         if on_pass:
             on_pass(1)
@@ -251,7 +241,7 @@ def fit_stream(batches: Callable[[], Iterable[Tensor]], k: int, *, seed: int = 0
 def inertia_of(kmeans: KMeansModel, features: Tensor) -> float:
     """Mean squared Euclidean distance of each row of ``features`` ``[n, D]`` to its nearest centroid."""
     x = features.reshape(-1, kmeans.dim).to(torch.float32)
-    with _HighestPrecision():
+    with highest_matmul_precision():
         _, dist = _assign(x, kmeans.centroids.to(x.device))
     return float(dist.double().mean())
 
@@ -260,45 +250,13 @@ def inertia_of(kmeans: KMeansModel, features: Tensor) -> float:
 # the teacher over a corpus
 # ---------------------------------------------------------------------------------------------------------------
 
-def prepare_teacher(teacher: Bundle, layer: int, device: torch.device | str) -> tuple[nn.Module, bool]:
-    """The bundle's encoder cut after ``layer`` (1-based), frozen, on ``device``; and whether it normalises."""
-    model = teacher.get_model()
-    encoder = model.model if isinstance(model, NormalizingWav2Vec2Model) else model
-    num_layers = len(encoder.encoder.transformer.layers)
-    if not 1 <= int(layer) <= num_layers:
-        raise ValueError(f"layer {layer} is outside the teacher's 1..{num_layers} (1-based, fairseq numbering)")
-    del encoder.encoder.transformer.layers[int(layer):]
-    return encoder.eval().requires_grad_(False).to(device), teacher.normalize_waveform
-
-
-@torch.inference_mode()
-def layer_features(encoder: nn.Module, normalize: bool, layer: int, waveform: Tensor) -> Tensor:
-    """``[frames, D]`` layer-``layer`` output for one whole utterance ``[T]`` (as :class:`OnlineTargets` does)."""
-    wav = waveform[None]
-    if normalize:
-        wav = normalize_waveforms(wav)
-    layers, _ = encoder.extract_features(wav, None, num_layers=layer)
-    return layers[-1][0]
-
-
-def conv_frames(encoder: nn.Module, num_samples: int) -> int:
-    """Frames the convolutional front end makes of ``num_samples`` samples (0 when shorter than its field)."""
-    n = int(num_samples)
-    for block in encoder.feature_extractor.conv_layers:
-        conv = block.conv
-        n = (n - conv.kernel_size[0]) // conv.stride[0] + 1
-        if n <= 0:
-            return 0
-    return n
-
-
 class _CorpusFeatures:
     """Re-iterable: the teacher's features file by file (long files in chunks), within ``max_hours``."""
 
-    def __init__(self, items: list[AudioItem], encoder: nn.Module, normalize: bool, layer: int, sample_rate: int,
+    def __init__(self, items: list[AudioItem], teacher: Teacher, sample_rate: int,
                  device: torch.device, max_hours: float | None, max_chunk_seconds: float,
                  progress: Callable[[str, float, float], None] | None):
-        self.items, self.encoder, self.normalize, self.layer = items, encoder, normalize, layer
+        self.items, self.teacher = items, teacher
         self.sample_rate, self.device = sample_rate, device
         self.max_samples = None if max_hours is None else int(max_hours * 3600 * sample_rate)
         self.chunk = max(int(max_chunk_seconds * sample_rate), 400)
@@ -322,14 +280,14 @@ class _CorpusFeatures:
                 self.failed[item.path] = f"unreadable: {error.problems[0]}"
                 logger.warning("%s; skipped", error)
                 continue
-            if conv_frames(self.encoder, len(wav)) == 0:
+            if self.teacher.frames(len(wav)) == 0:
                 self.failed[item.path] = f"too short: {len(wav)} samples make no feature frame"
                 continue
             for start in range(0, len(wav), self.chunk):
                 piece = wav[start:start + self.chunk]
-                if conv_frames(self.encoder, len(piece)) == 0:
+                if self.teacher.frames(len(piece)) == 0:
                     break
-                yield layer_features(self.encoder, self.normalize, self.layer, piece.to(self.device)).float()
+                yield self.teacher.features(piece.to(self.device)).float()
             self.samples_seen += len(wav)
             if self.progress:
                 self.progress(self.phase, self.samples_seen / self.sample_rate, self.total_seconds)
@@ -350,14 +308,13 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
     """
     audio = Path(audio)
     device = torch.device(device)
-    encoder, normalize = prepare_teacher(teacher, layer, device)
+    frozen = Teacher.from_bundle(teacher, layer).to(device)
     rate = teacher.sample_rate
     scan = scan_audio(audio, rate, min_seconds=min_seconds)
     if not scan.items:
         raise AudioError(audio, f"holds no usable audio ({scan.summary()})")
-    frame_rate = rate / _conv_stride(encoder)
-    corpus = _CorpusFeatures(scan.items, encoder, normalize, int(layer), rate, device, max_hours,
-                             max_chunk_seconds, progress)
+    frame_rate = rate / conv_stride(conv_layers_of(frozen.teacher))
+    corpus = _CorpusFeatures(scan.items, frozen, rate, device, max_hours, max_chunk_seconds, progress)
 
     def on_pass(number: int) -> None:
         corpus.phase = f"pass {number}"
@@ -384,10 +341,3 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
     skipped = list(scan.skipped) + list(corpus.failed.items())
     return FitResult(kmeans, inertia, hours, stats["frames_seen"], skipped, stats["reservoir_frames"],
                      stats["peak_buffer_frames"])
-
-
-def _conv_stride(encoder: nn.Module) -> int:
-    stride = 1
-    for block in encoder.feature_extractor.conv_layers:
-        stride *= block.conv.stride[0]
-    return stride

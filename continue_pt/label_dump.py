@@ -1,6 +1,7 @@
-"""Write fairseq HuBERT label files (``{split}.tsv``, ``{split}.km``, ``dict.km.txt``) with a teacher + k-means.
+"""``continue-pt labels dump``: label audio with a teacher + k-means and write fairseq's HuBERT label files
+(``{split}.tsv``, ``{split}.km``, ``dict.km.txt``, through :func:`continue_pt.labels.write_label_files`).
 
-The same labels :class:`continue_pt.targets.OnlineTargets` computes during training, for whole files, in the files
+The same labels :class:`continue_pt.teacher.OnlineTargets` computes during training, for whole files, in the files
 fairseq's ``HubertPretrainingTask`` reads (``examples/hubert/simple_kmeans/dump_km_label.py`` and the manifest of
 ``examples/wav2vec/wav2vec_manifest.py``):
 
@@ -24,22 +25,19 @@ files beside their targets and renamed into place only when every file has been 
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from bundles.atomic import disk_full, file_mode
 from bundles.errors import BundleError
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from continue_pt.audio import AudioError, read_audio
-from continue_pt.corpus import AudioItem, ScanResult, scan_audio
-from continue_pt.kmeans_fit import conv_frames
-from continue_pt.targets import OnlineTargets
+from continue_pt.corpus import AudioItem, scan_audio
+from continue_pt.labels import manifest_root, write_label_files
+from continue_pt.teacher import OnlineTargets
 
 logger = logging.getLogger(__name__)
 
@@ -54,15 +52,6 @@ class DumpResult:
     counts: list[int]
     """Frames per cluster id 0..K-1 (what ``dict.km.txt`` holds)."""
     files_skipped: list[tuple[Path, str]] = field(default_factory=list)
-
-
-def manifest_root(scan: ScanResult) -> Path:
-    """The directory the items' names are relative to (the scanned directory, or the manifest's root line)."""
-    if scan.source is not None and scan.source.is_dir():
-        return Path(os.path.abspath(scan.source))
-    item = scan.items[0]
-    depth = len(Path(item.name).parts)
-    return Path(os.path.abspath(item.path.parents[depth - 1])) if depth else Path(os.path.abspath(item.path.parent))
 
 
 def dump_labels(teacher: Bundle, kmeans: KMeansModel | None, audio: str | Path, out_dir: str | Path,
@@ -101,25 +90,20 @@ def dump_labels(teacher: Bundle, kmeans: KMeansModel | None, audio: str | Path, 
 
     skipped = list(scan.skipped)
     counts = torch.zeros(kmeans.num_clusters, dtype=torch.long)
-    tsv_lines = [str(manifest_root(scan))]
-    km_lines: list[str] = []
+    entries: list[tuple[str, int, list[int]]] = []
     for done, item in enumerate(scan.items, start=1):
         labels = _label_file(targets, item, rate, device, skipped)
         if labels is not None:
             frames = item.file_frames if item.file_frames is not None else item.num_samples
-            tsv_lines.append(f"{item.name}\t{frames}")
-            km_lines.append(" ".join(map(str, labels.tolist())))
+            entries.append((item.name, frames, labels.tolist()))
             counts += torch.bincount(labels, minlength=kmeans.num_clusters)
         if progress:
             progress(done, len(scan.items))
-    if not km_lines:
+    if not entries:
         raise AudioError(audio, "no file could be labelled", hint="; ".join(f"{p}: {r}" for p, r in skipped[:5]))
 
-    paths = {"tsv": out_dir / f"{split}.tsv", "km": out_dir / f"{split}.km", "dict": out_dir / "dict.km.txt"}
-    texts = {"tsv": "\n".join(tsv_lines) + "\n", "km": "\n".join(km_lines) + "\n",
-             "dict": "".join(f"{c} {int(n)}\n" for c, n in enumerate(counts.tolist()))}
-    _write_all_atomically({paths[key]: texts[key] for key in paths})
-    return DumpResult(paths["tsv"], paths["km"], paths["dict"], len(km_lines), int(counts.sum()), counts.tolist(),
+    paths = write_label_files(out_dir, split, manifest_root(scan), entries, counts.tolist())
+    return DumpResult(paths["tsv"], paths["km"], paths["dict"], len(entries), int(counts.sum()), counts.tolist(),
                       skipped)
 
 
@@ -133,32 +117,7 @@ def _label_file(targets: OnlineTargets, item: AudioItem, rate: int, device, skip
     if len(wav) != item.num_samples:  # changed since the scan: the .tsv length would be wrong
         skipped.append((item.path, f"changed: {len(wav)} samples read, {item.num_samples} at scan time"))
         return None
-    if conv_frames(targets.teacher, len(wav)) == 0:
+    if targets.frames(len(wav)) == 0:
         skipped.append((item.path, f"too short: {len(wav)} samples make no feature frame"))
         return None
     return targets(wav[None].to(device))[0].cpu()
-
-
-def _write_all_atomically(files: dict[Path, str]) -> None:
-    """Write each text to a temporary sibling, then rename them all into place (none is left half-written)."""
-    temps: dict[Path, str] = {}
-    path = next(iter(files))
-    try:
-        for path, text in files.items():
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            temps[path] = tmp
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-                fh.write(text)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, file_mode())  # mkstemp's 0600 would survive the rename: give the umask's permissions
-        for path, tmp in temps.items():
-            os.replace(tmp, path)
-    except OSError as exc:
-        full = disk_full(path, exc, len(files[path].encode("utf-8")))
-        if full is not None:
-            raise full from exc
-        raise
-    finally:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)

@@ -1,8 +1,12 @@
-"""fairseq's offline HuBERT targets: ``.km`` label files read through ``dict.km.txt`` as cluster ids."""
+"""fairseq's HuBERT label files, read and written: ``{split}.tsv`` (the manifest), ``{split}.km`` (cluster ids per
+frame, one line per file) and ``dict.km.txt`` (the label dictionary), as fairseq's ``HubertPretrainingTask`` reads
+them and ``examples/hubert/simple_kmeans/dump_km_label.py`` writes them."""
 
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,12 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from bundles.atomic import disk_full, file_mode
 from bundles.errors import FileProblem
+from continue_pt.corpus import AudioItem, ScanResult, capped
 
 logger = logging.getLogger(__name__)
-
-
-from continue_pt.corpus import AudioItem, _capped
 
 
 class FrameLabels(Sequence):
@@ -92,7 +95,7 @@ def read_label_dictionary(dict_path: str | Path) -> dict[str, int]:
     if not symbols and not problems:
         problems.append("lists no symbols")
     if problems:
-        raise FileProblem(dict_path, _capped(problems), "Give fairseq's dict.km.txt: one 'symbol count' line per "
+        raise FileProblem(dict_path, capped(problems), "Give fairseq's dict.km.txt: one 'symbol count' line per "
                                                         "cluster id")
     return symbols
 
@@ -183,7 +186,7 @@ def read_label_file(km_path: str | Path, dict_path: str | Path, items: Sequence[
     elif wanted and max(wanted) >= num_lines:
         problems.append(f"has {num_lines} lines but the manifest lists at least {max(wanted) + 1} files")
     if problems:
-        raise FileProblem(km_path, _capped(problems),
+        raise FileProblem(km_path, capped(problems),
                           "Write the .km file for this manifest (fairseq's dump_km_label.py)")
     mismatched = []
     for item, ids in zip(items, sequences):
@@ -193,8 +196,58 @@ def read_label_file(km_path: str | Path, dict_path: str | Path, items: Sequence[
             mismatched.append(f"line {item.manifest_entry + 1}: {len(ids)} labels at {label_rate:g} Hz = "
                               f"{label_seconds:.2f} s, but {item.name} is {audio_seconds:.2f} s")
     if mismatched:
-        raise FileProblem(km_path, _capped(mismatched),
+        raise FileProblem(km_path, capped(mismatched),
                           f"Label and audio durations differ by more than {tolerance_seconds:g} s. Check label_rate "
                           f"(now {label_rate:g} Hz; HuBERT feature labels are 50 Hz, MFCC labels 100 Hz) and that "
                           "the .km file was written for this manifest, line by line")
     return FrameLabels.from_sequences(sequences)
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def manifest_root(scan: ScanResult) -> Path:
+    """The directory the items' names are relative to (the scanned directory, or the manifest's root line)."""
+    if scan.source is not None and scan.source.is_dir():
+        return Path(os.path.abspath(scan.source))
+    item = scan.items[0]
+    depth = len(Path(item.name).parts)
+    return Path(os.path.abspath(item.path.parents[depth - 1])) if depth else Path(os.path.abspath(item.path.parent))
+
+
+def write_label_files(out_dir: Path, split: str, root: Path, entries: Sequence[tuple[str, int, list[int]]],
+                      counts: Sequence[int]) -> dict[str, Path]:
+    """Write ``{split}.tsv`` (``root``, then ``name<TAB>frames`` per entry), ``{split}.km`` (each entry's cluster
+    ids) and ``dict.km.txt`` (``c count`` for every cluster c = 0..K-1, unused ones with count 0) into ``out_dir``,
+    all renamed into place together; returns their paths by kind (``tsv``, ``km``, ``dict``)."""
+    paths = {"tsv": out_dir / f"{split}.tsv", "km": out_dir / f"{split}.km", "dict": out_dir / "dict.km.txt"}
+    texts = {"tsv": "\n".join([str(root)] + [f"{name}\t{frames}" for name, frames, _ in entries]) + "\n",
+             "km": "\n".join(" ".join(map(str, labels)) for _, _, labels in entries) + "\n",
+             "dict": "".join(f"{c} {int(n)}\n" for c, n in enumerate(counts))}
+    write_texts_atomically({paths[key]: texts[key] for key in paths})
+    return paths
+
+
+def write_texts_atomically(files: dict[Path, str]) -> None:
+    """Write each text to a temporary sibling, then rename them all into place (none is left half-written)."""
+    temps: dict[Path, str] = {}
+    path = next(iter(files))
+    try:
+        for path, text in files.items():
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            temps[path] = tmp
+            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, file_mode())  # mkstemp's 0600 would survive the rename: give the umask's permissions
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
+    except OSError as exc:
+        full = disk_full(path, exc, len(files[path].encode("utf-8")))
+        if full is not None:
+            raise full from exc
+        raise
+    finally:
+        for tmp in temps.values():
+            Path(tmp).unlink(missing_ok=True)

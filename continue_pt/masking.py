@@ -8,10 +8,9 @@ the same random source it returns the same mask. The difference is the random so
 With a shared, seeded generator (or ``np.random``'s global ``RandomState`` after ``np.random.seed``) both
 functions draw the same numbers and return the same mask; the parity tests check it.
 
-:func:`hubert_time_mask` and :func:`hubert_channel_mask` call it with the exact arguments of fairseq's
-``HubertModel.apply_mask`` (``min_masks=2`` for time spans; channel spans with fairseq's defaults). Masks are
-drawn on the data side, so the number of masked frames of every micro-batch is known before the backward pass
-(see :class:`continue_pt.hubert_objective.StepTotals`).
+:func:`time_mask` and :func:`channel_mask` call it with the exact arguments of fairseq's ``apply_mask`` (the
+same in ``HubertModel`` and ``Wav2Vec2Model``: ``min_masks=2`` for time spans; channel spans with fairseq's
+defaults); both objectives use them, with :class:`MaskingOptions`.
 """
 
 from __future__ import annotations
@@ -26,15 +25,15 @@ import torch
 MaskSelection = Literal["static", "uniform", "normal", "poisson"]
 Rng = np.random.Generator | np.random.RandomState
 
-HUBERT_MIN_MASKS = 2
-"""``min_masks`` of HuBERT's time masks (``HubertModel.apply_mask``); its channel masks use fairseq's default 0."""
+TIME_MIN_MASKS = 2
+"""``min_masks`` of the time masks (fairseq's ``apply_mask``, both families); channel masks use fairseq's default 0."""
 
 __all__ = [
-    "HUBERT_MIN_MASKS",
-    "HubertMasking",
+    "TIME_MIN_MASKS",
+    "MaskingOptions",
     "compute_mask_indices",
-    "hubert_channel_mask",
-    "hubert_time_mask",
+    "channel_mask",
+    "time_mask",
 ]
 
 
@@ -106,7 +105,7 @@ def compute_mask_indices(
     """Random mask spans, ``[batch, length]`` bool (True = masked), as fairseq's ``compute_mask_indices``.
 
     The defaults are fairseq's (HuBERT passes ``min_masks=2`` and its ``mask_min_space``: use
-    :func:`hubert_time_mask`). For each row, with ``sz`` unpadded positions: ``num_mask = max(min_masks,
+    :func:`time_mask`). For each row, with ``sz`` unpadded positions: ``num_mask = max(min_masks,
     int(mask_prob * sz / mask_length + U[0,1)))`` spans of ``mask_selection`` lengths start at distinct
     random positions (or are placed without overlap); the masked set is cut to ``sz``. With
     ``require_same_masks`` every row then keeps a random subset as large as the smallest row's set, and
@@ -170,11 +169,12 @@ def compute_mask_indices(
 
 
 @dataclass(frozen=True)
-class HubertMasking:
-    """HuBERT's masking options, named as in fairseq's ``HubertConfig`` and a bundle's ``pretrain_args``.
+class MaskingOptions:
+    """The masking options of both objectives, named as in fairseq's ``HubertConfig`` / ``Wav2Vec2Config`` and a
+    bundle's ``pretrain_args`` (HuBERT) or ``objective`` (wav2vec 2.0).
 
-    The defaults are fairseq's ``HubertConfig`` defaults; the published recipes use ``mask_prob=0.8``.
-    Take the checkpoint's values with ``HubertMasking.from_options(bundle.config.pretrain_args)``.
+    The defaults are fairseq's ``HubertConfig`` defaults; the published HuBERT recipes use ``mask_prob=0.8``.
+    Take the checkpoint's values with ``MaskingOptions.from_options(bundle.config.pretrain_args)``.
     """
 
     mask_prob: float = 0.65
@@ -191,31 +191,31 @@ class HubertMasking:
     mask_channel_min_space: int = 1
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any]) -> "HubertMasking":
+    def from_options(cls, options: Mapping[str, Any]) -> "MaskingOptions":
         """The masking options found in ``options`` (other keys, e.g. ``num_classes``, are ignored)."""
         return cls(**{f.name: options[f.name] for f in fields(cls) if f.name in options})
 
 
-def hubert_time_mask(
+def time_mask(
     shape: tuple[int, int],
     frame_padding_mask: torch.Tensor | np.ndarray | None,
-    masking: HubertMasking,
+    masking: MaskingOptions,
     *,
     rng: Rng,
 ) -> np.ndarray:
     """The time mask ``[batch, frames]`` fairseq's ``HubertModel.apply_mask`` draws (all False when
     ``mask_prob`` is 0). ``frame_padding_mask`` is fairseq's frame padding (see
-    :func:`continue_pt.hubert_objective.hubert_frame_padding_mask`)."""
+    :func:`continue_pt.hubert.objective.hubert_frame_padding_mask`)."""
     if masking.mask_prob <= 0:
         return np.full(tuple(shape), False)
     return compute_mask_indices(
         shape, frame_padding_mask, masking.mask_prob, masking.mask_length, masking.mask_selection,
-        masking.mask_other, min_masks=HUBERT_MIN_MASKS, no_overlap=masking.no_mask_overlap,
+        masking.mask_other, min_masks=TIME_MIN_MASKS, no_overlap=masking.no_mask_overlap,
         min_space=masking.mask_min_space, rng=rng,
     )
 
 
-def hubert_channel_mask(batch: int, channels: int, masking: HubertMasking, *, rng: Rng) -> np.ndarray | None:
+def channel_mask(batch: int, channels: int, masking: MaskingOptions, *, rng: Rng) -> np.ndarray | None:
     """The channel mask ``[batch, encoder_embed_dim]`` fairseq's ``HubertModel.apply_mask`` draws after the
     time mask (None when ``mask_channel_prob`` is 0, the published HuBERT setting). Masked channels are set to
     0 in every frame."""

@@ -1,16 +1,19 @@
-"""What the two continued pre-training modules share: options, the checkpoint section, seeding, world size,
-fairseq's gradient normalisation and the optimiser with its schedule.
+"""What the two continued pre-training modules share, written once: options, the checkpoint section, micro-batch
+seeding, world size, the all-reduced step statistics, fairseq's gradient division (or skipping a bad step), step
+logging and the optimiser with its schedule.
 
-:class:`~continue_pt.lightning_module.HubertContinuedPretraining` and
-:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining` differ only in the objective they run.
+:class:`~continue_pt.hubert.module.HubertContinuedPretraining` and
+:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining` differ only in the objective they run.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -18,9 +21,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from continue_pt.hubert_objective import LOSS_MODES
-from continue_pt.masking import HubertMasking
-from continue_pt.options import DEFAULT_PEAK_LR  # defined torch-free there, for the CLI's --help
+from continue_pt.device_batch import batch_to_device
+from continue_pt.families import FAMILIES
+from continue_pt.module_options import ModuleOptions
 from continue_pt.step_guard import (
     BadStepGuard,
     divide_,
@@ -35,86 +38,6 @@ CHECKPOINT_KEY = "continue_pt"
 CHECKPOINT_FORMAT = "continue-pt-lightning-checkpoint"
 STEP_GUARD_KEY = "continue_pt_step_guard"
 """Key of the skipped-step counters in a Lightning checkpoint (an exact resume continues them)."""
-
-
-@dataclass
-class ModuleOptions:
-    """What the module is built from; only primitives, so ``torch.load(weights_only=True)`` reads the
-    hyper-parameters Lightning stores in every checkpoint."""
-
-    bundle: str
-    """The bundle directory of the student (``continue-pt convert`` output)."""
-    teacher: str | None = None
-    """Bundle directory of the teacher making online targets; None: the student's bundle (frozen copy)."""
-    kmeans: str | None = None
-    """A ``km.safetensors`` file for online targets; None: the teacher bundle's k-means."""
-    offline_labels: bool = False
-    """Take the targets from ``batch["labels"]`` (fairseq ``.km`` frame labels) instead of a teacher."""
-    reinit_label_head: bool = False
-    """Re-initialise ``label_embeddings`` (K rows for the k-means' K clusters, + fairseq's special rows) and
-    ``final_proj`` as torchaudio/fairseq initialise them (for a new label set)."""
-    head_only_steps: int = 0
-    """During the first N steps only the label head (``final_proj``, label embeddings) is updated."""
-    num_classes: int | None = None
-    """K for offline labels with ``reinit_label_head`` (else from the k-means)."""
-    loss_norm: str = "fairseq"
-    """``"fairseq"`` (divide by masked (+ unmasked if weighted) frames of the whole step), ``"torchaudio"``
-    (masked frames only) or ``"per-term"`` (pytorch/audio#2947; each term over its own frames of the step)."""
-    masked_weight: float | None = None
-    unmasked_weight: float | None = None
-    feature_penalty_weight: float | None = None
-    """Loss weights; None: the bundle's ``objective.criterion`` (fairseq's pred_masked_weight,
-    pred_nomask_weight, loss_weights[0])."""
-    masking: dict[str, Any] = field(default_factory=dict)
-    """Overrides of the bundle's masking options (``HubertMasking`` field names, e.g. ``mask_prob``)."""
-    feature_grad_mult: float | None = None
-    """Gradient scale of the conv feature extractor (0 freezes it); None: the bundle's objective value."""
-    freeze_feature_extractor_steps: int = 0
-    """The conv feature extractor gets no gradient during the first N steps."""
-    logit_temp: float | None = None
-    diversity_weight: float | None = None
-    """wav2vec 2.0: weight of the codebook diversity loss (fairseq's loss_weights[0]); None: the checkpoint's."""
-    num_negatives: int | None = None
-    """wav2vec 2.0: distractors per masked frame from the same utterance; None: the checkpoint's (100)."""
-    latent_temp: tuple[float, float, float] | None = None
-    """wav2vec 2.0: Gumbel temperature schedule ``(max, min, decay)``; None: the checkpoint's. The temperature
-    continues from the bundle's ``num_updates`` either way."""
-    codebook_warn_threshold: float = 0.1
-    """wav2vec 2.0 collapse guard: warn when the code perplexity falls below this fraction of the codewords a
-    step could use (``groups * min(latent_vars, masked frames)``)."""
-    codebook_warn_every: int = 1000
-    """wav2vec 2.0 collapse guard: after the first warning, warn again at most every N steps."""
-    lr: float = DEFAULT_PEAK_LR
-    warmup_steps: int = 1000
-    schedule: str = "linear"
-    """Decay after warm-up, to 0 at ``max_steps``: ``"linear"`` (fairseq's polynomial_decay, power 1) or
-    ``"cosine"``."""
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    seed: int = 0
-    """Masks and dropout of each micro-batch are drawn from ``(seed, step, micro-batch, rank)``: a resumed run
-    draws exactly what the uninterrupted run drew."""
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if self.latent_temp is not None:
-            self.latent_temp = tuple(float(t) for t in self.latent_temp)  # type: ignore[assignment]
-            if len(self.latent_temp) != 3:
-                raise ValueError(f"latent_temp is {self.latent_temp}; expected (max, min, decay)")
-        if self.loss_norm not in LOSS_MODES:
-            raise ValueError(f"loss_norm is {self.loss_norm!r}; expected one of {LOSS_MODES}")
-        if self.schedule not in ("linear", "cosine"):
-            raise ValueError(f"schedule is {self.schedule!r}; expected 'linear' or 'cosine'")
-        unknown = sorted(set(self.masking) - {f.name for f in fields(HubertMasking)})
-        if unknown:
-            raise ValueError(f"unknown masking options {unknown}")
-
-    def to_hparams(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["betas"] = list(self.betas)
-        data["latent_temp"] = list(self.latent_temp) if self.latent_temp is not None else None
-        return data
 
 
 def seed_of(*parts: int) -> int:
@@ -149,6 +72,40 @@ class ContinuedPretrainingBase(pl.LightningModule):
         a module option, so a resumed run can change it."""
         self.stop_reason: str | None = None
         """Set when the guard stopped training (too many consecutive bad steps)."""
+        self._micro_index = 0
+        """Micro-batches run so far in this optimizer step (reset by the family's ``on_before_optimizer_step``)."""
+
+    def take_options(self, options: ModuleOptions | Mapping[str, Any], family: str) -> ModuleOptions:
+        """Keep ``options`` (or the flat dict Lightning gives back from a checkpoint) as ``self.options`` and in the
+        checkpoint's hyper-parameters; another family's options, set to anything but their defaults, are refused."""
+        options = ModuleOptions.of(options)
+        foreign = [f"{name} ({other.title})" for key, other in FAMILIES.items() if key != family
+                   for name, value in vars(options.family_part(key)).items()
+                   if value != getattr(other.options(), name)]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} do not apply to {FAMILIES[family].title} pre-training: "
+                             f"{FAMILIES[family].without}")
+        self.options = options
+        self.save_hyperparameters({"options": options.to_hparams()})
+        return options
+
+    def begin_micro_batch(self) -> tuple[int, int, int, int]:
+        """``(step, micro-batch, rank, world size)`` of the micro-batch about to run, with torch's global RNG (dropout,
+        layer drop, Gumbel noise) seeded from ``(seed, step, micro-batch, rank)``: an exact resume."""
+        world_size, rank = self._world()
+        step, micro = int(self.global_step), self._micro_index
+        self._micro_index += 1
+        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        return step, micro, rank, world_size
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
+
+    def checkpoint_section(self, **extra: Any) -> dict[str, Any]:
+        """What export needs in the checkpoint (``checkpoint[CHECKPOINT_KEY]``): the bundle config it started from,
+        the steps trained and the options, with the family's ``extra``."""
+        return {"format": CHECKPOINT_FORMAT, "bundle_config": self.bundle_config.to_json(),
+                "steps": int(self.global_step), "options": json.dumps(self.options.to_hparams()), **extra}
 
     def log_step(self, metrics: dict[str, float], optimizer: torch.optim.Optimizer, audio_seconds: float,
                  grad_norm: float | None = None) -> None:

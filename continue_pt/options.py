@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import types
 import typing
 import warnings
 from dataclasses import MISSING, dataclass, field, fields
@@ -19,6 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from bundles.errors import BundleError, FileProblem
+from continue_pt.families import FAMILIES, family_of_option
+from continue_pt.hubert.options import LOSS_NORMS
+from continue_pt.option_types import coerce, type_problem
 
 DEFAULT_PEAK_LR = 5e-5
 """Default peak learning rate for *continued* pre-training: 10x below the HuBERT BASE recipe's 5e-4. The
@@ -26,16 +28,12 @@ published models are already at the end of a decayed schedule; a fresh optimiser
 the advice for continuing (facebookresearch/fairseq#2840), and a full-size peak tends to undo what the model has
 learnt before it adapts (and makes fp16 runs diverge, pytorch/audio#2947)."""
 
-TRAINABLE_FAMILIES = ("hubert", "wav2vec2")
-"""The bundle families ``continue_pt.pretrain.MODULES`` continues (a test keeps the two equal)."""
-LOSS_NORMS = ("fairseq", "torchaudio", "per-term")
-"""``continue_pt.hubert_objective.LOSS_MODES``, named here without importing torch (a test keeps them equal)."""
+TRAINABLE_FAMILIES = tuple(FAMILIES)
+"""The bundle families continued pre-training supports (``continue_pt.families.FAMILIES``)."""
 SCHEDULES = ("linear", "cosine")
 PRECISIONS = ("bf16-mixed", "32-true", "16-mixed", "bf16-true", "16-true", "64-true", "32", "16", "bf16", "64")
 """What Lightning's Trainer accepts, less transformer-engine (an extra package)."""
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-_HUBERT_ONLY = ("teacher", "kmeans", "labels", "label_dict", "val_labels", "reinit_label_head", "head_only_steps",
-                "unmasked_weight")
 _MUST_EXIST = ("train_data", "val_data", "init_from", "resume", "teacher", "kmeans", "labels", "label_dict",
                "val_labels")
 
@@ -288,14 +286,19 @@ class PretrainOptions:
         if config.family not in TRAINABLE_FAMILIES:
             return [f"{self.init_from} is a {config.family} bundle; continuation is implemented for "
                     f"{list(TRAINABLE_FAMILIES)}"]
-        if config.family == "hubert":
-            return ["diversity_weight and num_negatives are wav2vec 2.0 options; HuBERT has no quantizer or "
-                    "negatives"] if self.diversity_weight is not None or self.num_negatives is not None else []
-        problems = [f"{name} is a HuBERT option; wav2vec 2.0 learns from its own quantizer (no k-means, labels or "
-                    "label head)" for name in _HUBERT_ONLY if getattr(self, name)]
-        if self.loss_norm != "fairseq":
-            problems.append(f"loss_norm {self.loss_norm!r} is a HuBERT option; wav2vec 2.0's loss is normalised by "
-                            "the step's masked frames (fairseq's sample_size)")
+        return self._other_family_problems(config.family)
+
+    def _other_family_problems(self, family: str) -> list[str]:
+        """One problem per option, set to anything but its default, that belongs to a family other than the
+        bundle's (``continue_pt.families.FAMILIES``)."""
+        problems = []
+        for f in fields(self):
+            owner = family_of_option(f.name)
+            value = getattr(self, f.name)
+            if owner is None or owner.name == family or value == option_default(f.name):
+                continue
+            named = f"{f.name} {value!r}" if isinstance(option_default(f.name), str) else f.name
+            problems.append(f"{named} is a {owner.title} option; {FAMILIES[family].without}")
         return problems
 
     def _new_head_possible(self, config: Any) -> bool:
@@ -305,30 +308,27 @@ class PretrainOptions:
         return config.family == "hubert" and bool(self.reinit_label_head) and targets
 
     def _wav2vec2_masking_problems(self, bundle: Any) -> list[str]:
-        from continue_pt.masking import HubertMasking
-        from continue_pt.wav2vec2_module import unsupported_wav2vec2_options
+        from continue_pt.masking import MaskingOptions
+        from continue_pt.wav2vec2.module import unsupported_wav2vec2_options
 
         try:
-            masking = HubertMasking.from_options({**(bundle.config.objective or {}), **self.masking})
+            masking = MaskingOptions.from_options({**(bundle.config.objective or {}), **self.masking})
         except TypeError as exc:
             return [f"masking: {exc}"]
         return [f"{self.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
 
     def module_options(self) -> Any:
+        """The :class:`~continue_pt.module_options.ModuleOptions` of this run: every option of the same name, by
+        name, and what the label files and the bundle path give."""
         from continue_pt.labels import label_set_size
-        from continue_pt.module_base import ModuleOptions
+        from continue_pt.module_options import ModuleOptions
 
-        return ModuleOptions(
-            bundle=str(Path(self.init_from).resolve()), teacher=self.teacher, kmeans=self.kmeans,
-            offline_labels=self.labels is not None, reinit_label_head=self.reinit_label_head,
-            num_classes=label_set_size(self.label_dict) if self.labels is not None else None,
-            head_only_steps=self.head_only_steps, loss_norm=self.loss_norm,
-            unmasked_weight=self.unmasked_weight, feature_penalty_weight=self.feature_penalty_weight,
-            masking=dict(self.masking),
-            feature_grad_mult=self.feature_grad_mult, diversity_weight=self.diversity_weight,
-            num_negatives=self.num_negatives, codebook_warn_threshold=self.codebook_warn_threshold,
-            freeze_feature_extractor_steps=self.freeze_feature_extractor_steps, lr=self.lr,
-            warmup_steps=self.warmup_steps, schedule=self.schedule, seed=self.seed)
+        module_names = set(ModuleOptions.from_hparams({"bundle": ""}).to_hparams())
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in module_names}
+        values.update(bundle=str(Path(self.init_from).resolve()), masking=dict(self.masking),
+                      offline_labels=self.labels is not None,
+                      num_classes=label_set_size(self.label_dict) if self.labels is not None else None)
+        return ModuleOptions.from_hparams(values)
 
 
 def auto_log_every(max_steps: int) -> int:
@@ -361,76 +361,9 @@ def warmup_warning(options: PretrainOptions) -> str:
 _TYPES = typing.get_type_hints(PretrainOptions)
 
 
-def _allowed(annotation: Any) -> tuple[type, ...]:
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return tuple(a for arg in typing.get_args(annotation) for a in _allowed(arg))
-    origin = typing.get_origin(annotation)
-    return (origin if origin is not None else annotation,)
-
-
-def _describe_types(allowed: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping",
-             type(None): "null"}
-    return " or ".join(names.get(t, t.__name__) for t in allowed)
-
-
 def coerce_value(name: str, value: Any) -> Any:
-    """``value`` as the type ``name`` is declared with; ValueError says what was expected.
-
-    YAML 1.1 reads ``1e-4`` (no dot) as a string and ``1.0e4`` as a float: numbers written either way are taken,
-    and a float that is a whole number is taken where an integer is expected (``max_steps: 1e4``)."""
-    allowed = _allowed(_TYPES[name])
-    if value is None:
-        if type(None) in allowed:
-            return None
-        raise ValueError(f"{name} needs {_describe_types(allowed)}, got nothing (null)")
-    for kind in allowed:
-        converted = _convert(value, kind)
-        if converted is not _NO:
-            return converted
-    raise ValueError(f"{name} needs {_describe_types(tuple(t for t in allowed if t is not type(None)))}, "
-                     f"got {value!r}")
-
-
-_NO = object()
-
-
-def _convert(value: Any, kind: type) -> Any:
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no"):
-            return value.strip().lower() in ("true", "yes")
-        return _NO
-    if isinstance(value, bool):  # True is an int in Python, not a number of steps
-        return str(value).lower() if kind is str else _NO
-    if kind is int:
-        number = _number(value)
-        return int(number) if number is not None and float(number).is_integer() else _NO
-    if kind is float:
-        number = _number(value)
-        return float(number) if number is not None else _NO
-    if kind is str:
-        return str(value) if isinstance(value, (str, int, float, Path)) else _NO
-    if kind is dict:
-        return value if isinstance(value, dict) else _NO
-    return value if isinstance(value, kind) else _NO
-
-
-def _number(value: Any) -> float | int | None:
-    if isinstance(value, (int, float)):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
-        try:
-            number = float(value.strip())
-        except ValueError:
-            return None
-        return number if number == number and abs(number) != float("inf") else None
-    return None
+    """``value`` as the type option ``name`` is declared with (:func:`continue_pt.option_types.coerce`)."""
+    return coerce(name, _TYPES[name], value)
 
 
 def coerce_options(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
@@ -449,20 +382,8 @@ def coerce_options(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
 
 def type_problems(options: PretrainOptions) -> list[str]:
     """Fields whose value is not of the declared type (the Python API gets the CLI's type checks too)."""
-    problems = []
-    for f in fields(options):
-        value, allowed = getattr(options, f.name), _allowed(_TYPES[f.name])
-        if not _has_type(value, allowed):
-            problems.append(f"{f.name} needs {_describe_types(allowed)}, got {value!r}")
-    return problems
-
-
-def _has_type(value: Any, allowed: tuple[type, ...]) -> bool:
-    if isinstance(value, bool):
-        return bool in allowed
-    if isinstance(value, int) and float in allowed:
-        return True
-    return isinstance(value, allowed)
+    return [problem for f in fields(options)
+            if (problem := type_problem(f.name, _TYPES[f.name], getattr(options, f.name))) is not None]
 
 
 def unknown_option_problem(name: str, known: set[str]) -> str:

@@ -1,7 +1,7 @@
 """``run_pretraining``: continue pre-training a HuBERT or wav2vec 2.0 bundle on your audio, then export the result as
 a bundle. The objective follows the bundle's family: HuBERT's masked prediction of k-means targets
-(:class:`~continue_pt.lightning_module.HubertContinuedPretraining`) or wav2vec 2.0's contrastive task
-(:class:`~continue_pt.wav2vec2_module.Wav2Vec2ContinuedPretraining`).
+(:class:`~continue_pt.hubert.module.HubertContinuedPretraining`) or wav2vec 2.0's contrastive task
+(:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining`).
 
 ``init_from`` (a bundle: weights only, fresh optimiser) and ``resume`` (a training checkpoint: full state) are
 mutually exclusive, as in litgpt. Every problem with the options is reported at once, before anything starts.
@@ -27,11 +27,11 @@ from bundles.loading import load_bundle
 from continue_pt.checkpoint_io import AtomicCheckpointIO
 from continue_pt.data import AudioDataModule
 from continue_pt.export import export_checkpoint, read_training_checkpoint
+from continue_pt.families import FAMILIES
 from continue_pt.interruption import RunInterrupted, StopOnSignal
 from continue_pt.labels import DEFAULT_LABEL_RATE, bundle_label_rate
-from continue_pt.lightning_module import HubertContinuedPretraining
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
-from continue_pt.options import PretrainOptions, PretrainOptionsError  # noqa: F401  (re-exported)
+from continue_pt.options import PretrainOptions
 from continue_pt.progress import StepProgressBar
 from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes
 from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger
@@ -39,13 +39,9 @@ from continue_pt.run_output import removed_on_early_failure
 from continue_pt.step_guard import TrainingStopped
 from continue_pt.trainer_choice import choose_strategy
 from continue_pt.trainer_config import built_trainer
-from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
 
-MODULES: dict[str, type[ContinuedPretrainingBase]] = {
-    "hubert": HubertContinuedPretraining,
-    "wav2vec2": Wav2Vec2ContinuedPretraining,
-}
-"""The LightningModule that continues each bundle family."""
+MODULES: dict[str, type[ContinuedPretrainingBase]] = {name: f.module_class() for name, f in FAMILIES.items()}
+"""The LightningModule that continues each bundle family (from the one table, ``continue_pt.families``)."""
 
 logger = logging.getLogger(__name__)
 

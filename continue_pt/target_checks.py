@@ -1,7 +1,7 @@
 """Before a HuBERT run starts: does the k-means that will label the targets fit the teacher it labels and the label
 head it trains? (Its layer must be one of the teacher's, its width the teacher's, its K the head's.)
 
-The same conditions are asserted again where the targets are built (:class:`continue_pt.targets.OnlineTargets`);
+The same conditions are asserted again where the targets are built (:class:`continue_pt.teacher.OnlineTargets`);
 here they become option problems, reported with every other one before anything starts.
 """
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from bundles.config import BundleConfig
+from bundles.hashing import file_sha256
 from bundles.errors import BundleError
 from bundles.factory import build_encoder, build_pretrain_model
 from bundles.kmeans import KMeansModel, load_kmeans
@@ -102,11 +102,7 @@ def _sha256_in_background(path: Path) -> tuple[threading.Thread, dict[str, str]]
     out: dict[str, str] = {}
 
     def run() -> None:
-        digest = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while chunk := fh.read(8 << 20):
-                digest.update(chunk)
-        out["sha256"] = digest.hexdigest()
+        out["sha256"] = file_sha256(path)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()

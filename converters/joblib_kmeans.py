@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import bz2
 import gzip
-import hashlib
 import io
 import lzma
 import math
@@ -30,6 +29,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
+from bundles.hashing import file_sha256
 from bundles.kmeans import KMeansModel
 
 from .errors import ConversionError
@@ -412,14 +412,6 @@ def _describe(value: Any) -> str:
     return type(value).__name__
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _read_to_end(stream: _BoundedReader) -> None:
     """Read what is left, so that a decompressor checks its end marker and checksum."""
     while stream.read(_CHUNK):
@@ -503,7 +495,7 @@ def read_joblib_kmeans(path: str | Path) -> KMeansModel:
         raise ConversionError(path, f"its cluster_centers_ is a {_describe(centers)}"
                                     f"{' of ' + str(centers.dtype) if isinstance(centers, np.ndarray) else ''}, "
                                     "not a 2-D float array", hint=_HINT_REDUMP)
-    metadata = {"source_file": path.name, "source_sha256": _sha256(path), "sklearn_class": name,
+    metadata = {"source_file": path.name, "source_sha256": file_sha256(path), "sklearn_class": name,
                 "n_clusters": str(centers.shape[0])}
     if isinstance(state.get("_sklearn_version"), str):
         metadata["sklearn_version"] = state["_sklearn_version"]

@@ -10,7 +10,6 @@ could run. There is no fallback to an unrestricted load.
 
 from __future__ import annotations
 
-import io
 import pickle
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
@@ -107,6 +106,3 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._persistent_load(pid)
 
 
-def restricted_loads(data: bytes, allowed: Mapping[str, Any], **kwargs: Any) -> Any:
-    """Unpickle ``data`` with :class:`RestrictedUnpickler`."""
-    return RestrictedUnpickler(io.BytesIO(data), allowed, **kwargs).load()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bundles.config import BundleConfig
+from bundles.hashing import file_sha256
 from bundles.loading import load_bundle
 
 from .convert import planned_source
@@ -26,14 +26,6 @@ class VerifyReport:
         return not self.mismatches
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
     """Every tensor the bundle should hold (re-derived from ``source``) must equal the bundle's, bit for bit."""
     bundle = load_bundle(bundle_dir)
@@ -42,7 +34,7 @@ def verify_bundle(bundle_dir: str | Path, source: str | Path) -> VerifyReport:
                               hint="Pass --against the fairseq .pt the bundle was converted from")
     report = VerifyReport()
     recorded = bundle.config.provenance.get("sha256")
-    if recorded and recorded != _sha256(Path(source)):
+    if recorded and recorded != file_sha256(Path(source)):
         report.mismatches.append(f"the bundle was converted from a file with sha256 {recorded[:12]}..., "
                                  f"not from {Path(source).name}")
     stored = bundle.state_dict()

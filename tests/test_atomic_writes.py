@@ -19,7 +19,7 @@ from continue_pt import checkpoint_io
 from continue_pt.checkpoint_io import AtomicCheckpointIO, checkpoint_bytes
 from continue_pt.curves import write_curves
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
-from continue_pt.label_dump import _write_all_atomically
+from continue_pt.labels import write_texts_atomically
 from converters.convert import convert_checkpoint
 
 
@@ -54,7 +54,7 @@ def test_atomically_written_files_follow_the_umask(tmp_path, umask_027):
     (run / "metrics.csv").write_text("step,train/loss\n0,2.5\n1,2.0\n")
     png, summary = write_curves(run)
     labels = {tmp_path / "train.tsv": "/\n", tmp_path / "train.km": "1 2\n", tmp_path / "dict.km.txt": "0 1\n"}
-    _write_all_atomically(labels)
+    write_texts_atomically(labels)
     AtomicCheckpointIO().save_checkpoint({"w": torch.ones(3)}, tmp_path / "ckpts" / "last.ckpt")
     bundle = convert_checkpoint(CHECKPOINT, tmp_path / "bundle", kmeans=KMEANS, kmeans_layer=KMEANS_LAYER)
     files = [tmp_path / "kmeans.safetensors", png, summary, *labels, tmp_path / "ckpts" / "last.ckpt",

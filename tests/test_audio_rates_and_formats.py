@@ -15,7 +15,7 @@ from bundles import load_bundle
 from continue_pt.audio import read_audio
 from continue_pt.data import AudioDataModule
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
-from continue_pt.kmeans_fit import conv_frames
+from continue_pt.frames import conv_layers_of, conv_output_frames
 from continue_pt.label_dump import dump_labels
 from converters.convert import convert_checkpoint
 
@@ -61,9 +61,9 @@ def test_dumped_labels_train_at_any_file_rate(bundle, tmp_path, rate, channels):
         wav = read_audio(dataset.items[i].path, MODEL_RATE)
         assert dataset.items[i].num_samples == len(wav)
         # one label per conv frame of the audio as training reads it (resampled to the model's rate)
-        assert len(dataset[i]["labels"]) == conv_frames(teacher, len(wav))
+        assert len(dataset[i]["labels"]) == conv_output_frames(conv_layers_of(teacher), len(wav))
     batch = next(iter(data.train_dataloader()))
-    frames = conv_frames(teacher, batch["waveforms"].shape[1])
+    frames = conv_output_frames(conv_layers_of(teacher), batch["waveforms"].shape[1])
     assert batch["labels"].shape == (2, frames) or batch["labels"].shape == (2, frames - 1)
 
 
@@ -147,7 +147,7 @@ def test_load_audio_gives_the_models_rate_and_warns_when_it_resamples(bundle, tm
     assert same.shape == (1, 24000)
     with torch.no_grad():  # what the README shows
         layers, _ = bundle.get_model().extract_features(wav)
-    assert layers[0].shape[:2] == (1, conv_frames(bundle.get_model(), 24000))
+    assert layers[0].shape[:2] == (1, conv_output_frames(conv_layers_of(bundle.get_model()), 24000))
 
     data = AudioDataModule(tmp_path, sample_rate=MODEL_RATE, min_seconds=1.0, val_fraction=0.0, num_workers=0)
     with caplog.at_level(logging.INFO):

@@ -16,7 +16,8 @@ import torch
 from bundles import load_bundle
 from continue_pt.demo import demo_audio
 from continue_pt.module_base import SkippedStepWarning
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from continue_pt.step_guard import BadStepGuard, TrainingStopped, divide_, fused_grad_norm, stop_message
 from tests.training_helpers import StopAt, logged_rows
 
@@ -194,7 +195,8 @@ import torch
 sys.path.insert(0, sys.argv[3])
 from tests.test_pretrain import _ListData, _ddp_batches
 from tests.training_helpers import no_dropout
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+from continue_pt.hubert.module import HubertContinuedPretraining
+from continue_pt.module_options import ModuleOptions
 
 
 class Poison(pl.Callback):
@@ -287,7 +289,8 @@ def test_adamw_is_fused_only_with_every_parameter_on_cuda_and_no_grad_scaler():
 def test_fp16_grad_scaler_overflows_are_skipped_and_counted_without_stopping_the_run(bundle_dir):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+    from continue_pt.hubert.module import HubertContinuedPretraining
+    from continue_pt.module_options import ModuleOptions
     from tests.test_pretrain import _ddp_batches, _ListData
 
     _, _, whole = _ddp_batches(bundle_dir)

@@ -98,7 +98,7 @@ CASES = [
     (P + " --kmeans {junk} --kmeans-layer 1", "junk.bin"),
     (P + " --teacher {empty}", "empty"),
     ("pretrain --init-from {empty} --train-data {audio} --output-dir {out}", "empty"),
-    (P + " --diversity-weight 0.1", "wav2vec 2.0 options"),
+    (P + " --diversity-weight 0.1", "diversity_weight is a wav2vec 2.0 option"),
     # export
     ("export {junk} -o {out}", "junk.bin"),
     ("export {tmp}/missing.ckpt -o {out}", "no such checkpoint file"),

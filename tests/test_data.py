@@ -15,18 +15,10 @@ from torch.utils.data import DataLoader
 
 from bundles.errors import FileProblem
 from continue_pt.audio import AudioError, audio_info, read_audio, resampled_length
-from continue_pt.data import (
-    AudioDataModule,
-    AudioDataset,
-    AudioItem,
-    BatchCollater,
-    BucketBatchSampler,
-    collate_audio,
-    read_label_dictionary,
-    read_label_file,
-    scan_audio,
-    validation_share,
-)
+from continue_pt.batching import AudioDataset, BatchCollater, BucketBatchSampler, collate_audio
+from continue_pt.corpus import AudioItem, scan_audio
+from continue_pt.data import AudioDataModule, validation_share
+from continue_pt.labels import read_label_dictionary, read_label_file
 
 SR = 16000
 

@@ -14,7 +14,8 @@ import soundfile as sf
 import torch
 
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, WAV2VEC2_CHECKPOINT, demo_audio
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions
 from continue_pt.trainer_choice import FIND_UNUSED, choose_strategy, device_count, unused_parameter_reasons
 
 ROOT = Path(__file__).resolve().parent.parent

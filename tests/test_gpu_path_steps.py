@@ -15,9 +15,11 @@ import torch
 
 from continue_pt.batching import empty_batch
 from continue_pt.demo import demo_audio
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
-from continue_pt.masking import hubert_time_mask
-from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
+from continue_pt.hubert.module import HubertContinuedPretraining
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
+from continue_pt.masking import time_mask
+from continue_pt.wav2vec2.module import Wav2Vec2ContinuedPretraining
 from tests.test_pretrain import _ListData, _masking, _Recorder
 from tests.training_helpers import no_dropout
 
@@ -26,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _batches(bundle_dir):
     waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
-    table = torch.from_numpy(hubert_time_mask((4, 49), None, _masking(bundle_dir), rng=np.random.default_rng(3)))
+    table = torch.from_numpy(time_mask((4, 49), None, _masking(bundle_dir), rng=np.random.default_rng(3)))
 
     def batch(rows):
         rows = torch.tensor(rows)
@@ -38,8 +40,8 @@ def _batches(bundle_dir):
 
 def _fit(bundle_dir, batches, accumulate, mode="fairseq", max_steps=1, unmasked_weight=0.5):
     pl.seed_everything(0, verbose=False)
-    module = _Recorder(ModuleOptions(bundle=str(bundle_dir), loss_norm=mode, unmasked_weight=unmasked_weight,
-                                     warmup_steps=0))
+    module = _Recorder(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0,
+                                     hubert=HubertOptions(loss_norm=mode, unmasked_weight=unmasked_weight)))
     module.mask_table = _batches(bundle_dir)[0]
     no_dropout(module)
     start = {n: p.detach().clone() for n, p in module.named_parameters()}
@@ -58,7 +60,7 @@ def test_unmasked_logits_have_no_graph_when_their_weight_is_zero(bundle_dir):
     terms, _ = module._forward_terms(batch([0, 1]), np.random.default_rng(0), module.feature_grad_mult)
     assert terms.unmasked_ce_sum is not None and not terms.unmasked_ce_sum.requires_grad  # still logged
     assert terms.masked_ce_sum.requires_grad
-    weighted = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), unmasked_weight=0.5))
+    weighted = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), hubert=HubertOptions(unmasked_weight=0.5)))
     weighted.train()
     terms, _ = weighted._forward_terms(batch([0, 1]), np.random.default_rng(0), weighted.feature_grad_mult)
     assert terms.unmasked_ce_sum.requires_grad
@@ -125,11 +127,12 @@ from tests.test_gpu_path_steps import _batches
 from continue_pt.batching import empty_batch
 from tests.test_pretrain import _ListData, _Recorder
 from tests.training_helpers import no_dropout
-from continue_pt.lightning_module import ModuleOptions
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
 
 bundle_dir, devices, out = sys.argv[2], int(sys.argv[3]), sys.argv[4]
 pl.seed_everything(0, verbose=False)
-module = _Recorder(ModuleOptions(bundle=bundle_dir, unmasked_weight=0.5, warmup_steps=0))
+module = _Recorder(ModuleOptions(bundle=bundle_dir, warmup_steps=0, hubert=HubertOptions(unmasked_weight=0.5)))
 module.mask_table, batch = _batches(bundle_dir)
 no_dropout(module)
 per_rank = [[batch([0, 1])], [empty_batch()]] if devices > 1 else [[batch([0, 1])]]

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from continue_pt.demo import demo_audio
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
-from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
+from continue_pt.hubert.module import HubertContinuedPretraining
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
+from continue_pt.wav2vec2.module import Wav2Vec2ContinuedPretraining
 
 _READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "numpy"}
 
@@ -83,7 +85,7 @@ def test_lengths_indices_and_starts_stay_on_the_cpu(bundle_dir):
 
 @pytest.mark.parametrize("loss_norm", ["fairseq", "per-term"])
 def test_a_hubert_step_with_online_targets_reads_nothing_back(bundle_dir, loss_norm):
-    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), loss_norm=loss_norm))
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), hubert=HubertOptions(loss_norm=loss_norm)))
     assert _step_reads(module, _batch()) == []
 
 

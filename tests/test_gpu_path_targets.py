@@ -13,7 +13,8 @@ from bundles.kmeans import KMeansModel
 from continue_pt.audio import read_audio
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
 from continue_pt.label_dump import dump_labels
-from continue_pt.targets import OnlineTargets, padded
+from continue_pt.device_batch import padded
+from continue_pt.teacher import OnlineTargets
 from converters.convert import convert_checkpoint
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)

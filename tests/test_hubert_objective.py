@@ -1,7 +1,7 @@
-"""HuBERT's masked-prediction objective (continue_pt.hubert_objective, continue_pt.masking).
+"""HuBERT's masked-prediction objective (continue_pt.hubert.objective, continue_pt.masking).
 
 * Masks: ``compute_mask_indices`` draws what fairseq's draws from the same random source, and
-  ``hubert_time_mask`` / ``hubert_channel_mask`` use ``HubertModel.apply_mask``'s arguments.
+  ``time_mask`` / ``channel_mask`` use ``HubertModel.apply_mask``'s arguments.
 * Logits: cross-entropy over plain ``K + E`` cosine logits equals fairseq's ``compute_nce`` (positive first,
   duplicate at -inf), value and gradient.
 * Parity: on a converted random-weight fairseq HuBERT (BASE: ``feature_grad_mult`` 0.1, group-norm extractor;
@@ -27,24 +27,26 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from continue_pt.hubert_objective import (
+from continue_pt.hubert.objective import (
     HubertLossTerms,
     HubertOutputs,
     LossWeights,
     StepTotals,
-    conv_output_frames,
     hubert_forward,
     hubert_frame_padding_mask,
     hubert_loss_terms,
     label_logits,
     normalized_loss,
+    sample_size,
+    unnormalized_loss,
 )
+from continue_pt.frames import conv_output_frames
 from continue_pt.masking import (
-    HUBERT_MIN_MASKS,
-    HubertMasking,
+    TIME_MIN_MASKS,
+    MaskingOptions,
     compute_mask_indices,
-    hubert_channel_mask,
-    hubert_time_mask,
+    channel_mask,
+    time_mask,
 )
 
 REL = 1e-5  # relative tolerance of losses and gradients
@@ -213,11 +215,11 @@ def test_mask_errors_where_fairseq_fails():
 
 def test_hubert_masking_options_from_a_bundle_config():
     options = {"mask_prob": 0.8, "mask_length": 10, "mask_channel_prob": 0.0, "num_classes": 500, "skip_nomask": True}
-    masking = HubertMasking.from_options(options)
+    masking = MaskingOptions.from_options(options)
     assert (masking.mask_prob, masking.mask_length, masking.mask_min_space) == (0.8, 10, 1)
-    assert hubert_channel_mask(2, 768, masking, rng=np.random.default_rng(0)) is None
-    assert not hubert_time_mask((2, 50), None, HubertMasking(mask_prob=0.0), rng=np.random.default_rng(0)).any()
-    assert HUBERT_MIN_MASKS == 2
+    assert channel_mask(2, 768, masking, rng=np.random.default_rng(0)) is None
+    assert not time_mask((2, 50), None, MaskingOptions(mask_prob=0.0), rng=np.random.default_rng(0)).any()
+    assert TIME_MIN_MASKS == 2
 
 
 # ============================================================================================ logits
@@ -366,10 +368,10 @@ def _batch(ref: Any, bundle: Any, lengths: list[int], num_samples: int, label_fr
     frame_padding = hubert_frame_padding_mask(length_t, num_samples, frames)
     rng = np.random.default_rng(seed)
     # the checkpoint's masking, with spans of 5 to fit the short test utterances (the mask is an input here)
-    masking = HubertMasking.from_options({**bundle.config.pretrain_args, "mask_length": 5,
+    masking = MaskingOptions.from_options({**bundle.config.pretrain_args, "mask_length": 5,
                                           "mask_channel_prob": channel_prob})
-    mask = torch.from_numpy(hubert_time_mask((len(lengths), frames), frame_padding, masking, rng=rng))
-    channels = hubert_channel_mask(len(lengths), bundle.config.encoder_args["encoder_embed_dim"], masking, rng=rng)
+    mask = torch.from_numpy(time_mask((len(lengths), frames), frame_padding, masking, rng=rng))
+    channels = channel_mask(len(lengths), bundle.config.encoder_args["encoder_embed_dim"], masking, rng=rng)
     labels = torch.randint(0, bundle.config.label_dictionary["num_clusters"], (len(lengths), label_frames), generator=g)
     return {"wav": wav, "padding": padding, "lengths": length_t, "labels": labels, "mask": mask,
             "frame_padding": frame_padding, "channels": None if channels is None else torch.from_numpy(channels)}
@@ -446,6 +448,9 @@ def test_loss_and_every_gradient_match_fairseq(name, w_u, micro_batches, channel
     assert abs(loss - fairseq_loss) <= REL * abs(fairseq_loss)
     for log, terms in zip(logs, terms_list):
         assert log["sample_size"] == terms.num_masked + (terms.num_unmasked if w_u > 0 else 0)
+        # the pieces the training module runs (HubertContinuedPretraining.training_step, loss_norm "fairseq")
+        assert sample_size(terms, weights, "fairseq") == log["sample_size"]
+        assert abs(unnormalized_loss(terms, weights, "fairseq").item() - log["loss"]) <= REL * abs(log["loss"])
         assert abs(terms.masked_ce_sum.item() - log["loss_m_0"]) <= REL * log["loss_m_0"]
         penalty = 10.0 * terms.feature_penalty.item() * log["sample_size"]
         assert abs(penalty - log["loss_features_pen"]) <= REL * log["loss_features_pen"]
@@ -475,18 +480,18 @@ def test_frame_padding_mask_is_fairseqs(tmp_path_factory):
 @pytest.mark.fairseq
 @pytest.mark.parametrize("seed", [0, 5])
 def test_hubert_masks_use_apply_mask_arguments(seed, tmp_path_factory):
-    """fairseq's HubertModel.apply_mask, drawing from a shared generator, makes the masks hubert_time_mask and
-    then hubert_channel_mask make from the same generator."""
+    """fairseq's HubertModel.apply_mask, drawing from a shared generator, makes the masks time_mask and
+    then channel_mask make from the same generator."""
     ref, bundle = _converted("hubert_base_ls960", tmp_path_factory)
     model = ref.model
-    masking = HubertMasking.from_options({**bundle.config.pretrain_args, "mask_channel_prob": 0.3})
+    masking = MaskingOptions.from_options({**bundle.config.pretrain_args, "mask_channel_prob": 0.3})
     padding = _padding([120, 97, 60], 120)
     x = torch.ones(3, 120, 768)
     with mock.patch.object(model, "mask_channel_prob", 0.3), _fairseq_rng(np.random.default_rng(seed)):
         x, mask = model.apply_mask(x, padding, None)
     rng = np.random.default_rng(seed)
-    np.testing.assert_array_equal(hubert_time_mask((3, 120), padding, masking, rng=rng), mask.numpy())
-    channels = hubert_channel_mask(3, 768, masking, rng=rng)
+    np.testing.assert_array_equal(time_mask((3, 120), padding, masking, rng=rng), mask.numpy())
+    channels = channel_mask(3, 768, masking, rng=rng)
     np.testing.assert_array_equal(channels, (x == 0).all(dim=1).numpy())
     assert channels.any()
 
@@ -529,7 +534,7 @@ def test_micro_batch_gradients_sum_to_the_big_batch_gradient(mode, w_u):
     wav = torch.randn(4, 4000, generator=g)
     frames = conv_output_frames([(16, 10, 5), (16, 3, 2), (16, 2, 2)], 4000)
     labels = torch.randint(0, 12, (4, frames), generator=g)
-    mask = torch.from_numpy(hubert_time_mask((4, frames), None, HubertMasking(mask_prob=0.8, mask_length=5),
+    mask = torch.from_numpy(time_mask((4, frames), None, MaskingOptions(mask_prob=0.8, mask_length=5),
                                              rng=np.random.default_rng(0)))
     assert len(set(mask.sum(1).tolist())) == 1  # fairseq's require_same_masks
     weights = LossWeights(1.0, w_u, 10.0)

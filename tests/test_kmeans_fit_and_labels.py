@@ -18,11 +18,9 @@ from continue_pt.kmeans_fit import (
     fit_kmeans,
     fit_stream,
     inertia_of,
-    layer_features,
-    prepare_teacher,
 )
 from continue_pt.label_dump import dump_labels
-from continue_pt.targets import OnlineTargets
+from continue_pt.teacher import OnlineTargets, Teacher
 from converters.convert import convert_checkpoint
 from tests.reference import require
 
@@ -46,8 +44,8 @@ def corpus(tmp_path_factory):
 
 
 def _features(bundle, corpus) -> torch.Tensor:
-    encoder, normalize = prepare_teacher(bundle, 1, "cpu")
-    return torch.cat([layer_features(encoder, normalize, 1, read_audio(p, 16000))
+    teacher = Teacher.from_bundle(bundle, 1)
+    return torch.cat([teacher.features(read_audio(p, 16000))
                       for p in sorted(corpus.rglob("*.wav"))])
 
 

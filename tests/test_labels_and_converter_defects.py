@@ -15,7 +15,8 @@ from bundles import load_bundle
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
 from continue_pt.label_dump import dump_labels
 from continue_pt.labels import bundle_label_rate, label_set_size
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from converters.convert import convert_checkpoint
 
 SECONDS = 2.0
@@ -114,7 +115,8 @@ def test_inspect_says_a_km_file_holds_frame_labels(labelled, tmp_path):
 def test_the_teacher_sees_the_students_cropped_normalised_input(tmp_path):
     from torch.nn import functional as F
 
-    from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+    from continue_pt.hubert.module import HubertContinuedPretraining
+    from continue_pt.module_options import ModuleOptions
 
     ckpt = torch.load(CHECKPOINT, weights_only=False)  # the suite's own trusted asset
     ckpt["cfg"]["task"]["normalize"] = True  # a LARGE-style model: student and teacher normalise

@@ -17,9 +17,12 @@ from bundles import load_bundle
 from bundles.kmeans import KMeansModel, save_kmeans
 from continue_pt.demo import KMEANS_LAYER, demo_audio
 from continue_pt.export import export_checkpoint
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
-from continue_pt.masking import hubert_time_mask
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, run_pretraining
+from continue_pt.hubert.module import HubertContinuedPretraining
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
+from continue_pt.masking import time_mask
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, run_pretraining
 from tests.training_helpers import StopAt, logged_rows, no_dropout
 
 SECONDS = 2.0
@@ -153,7 +156,7 @@ def test_kmeans_of_another_size_needs_reinit_label_head(bundle_dir, audio_dir, t
 
 def test_per_term_with_accumulation_needs_micro_batch_plans(bundle_dir, audio_dir, tmp_path):
     _options(bundle_dir, audio_dir, tmp_path / "o", loss_norm="per-term", accumulate=2).validate()  # allowed
-    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), loss_norm="per-term", warmup_steps=0))
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, hubert=HubertOptions(loss_norm="per-term")))
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=2, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     batch = {"waveforms": demo_audio(1.0, seed=1), "lengths": torch.tensor([16000]), "labels": None,
@@ -210,8 +213,8 @@ class _ListData(pl.LightningDataModule):
 
 def _step_gradients(bundle_dir: Path, batches: list[dict], accumulate: int, mode: str, mask_table):
     pl.seed_everything(0, verbose=False)
-    module = _Recorder(ModuleOptions(bundle=str(bundle_dir), loss_norm=mode, unmasked_weight=0.5,
-                                     warmup_steps=0))
+    module = _Recorder(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0,
+                                     hubert=HubertOptions(loss_norm=mode, unmasked_weight=0.5)))
     module.mask_table = mask_table
     no_dropout(module)
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, accumulate_grad_batches=accumulate,
@@ -234,11 +237,11 @@ def test_accumulated_gradients_equal_one_big_batch(bundle_dir, mode, splits, acc
     frames = 49
     rng = np.random.default_rng(3)
     if mode == "per-term":  # one draw per utterance: mask counts differ from row to row
-        mask_table = torch.cat([torch.from_numpy(hubert_time_mask((1, frames), None, _masking(bundle_dir), rng=rng))
+        mask_table = torch.cat([torch.from_numpy(time_mask((1, frames), None, _masking(bundle_dir), rng=rng))
                                 for _ in range(4)])
         assert len({int(r.sum()) for r in mask_table}) > 1
     else:  # one mask draw for all 4 utterances: same count per row, so each micro-batch's S_i / F_i is the same
-        mask_table = torch.from_numpy(hubert_time_mask((4, frames), None, _masking(bundle_dir), rng=rng))
+        mask_table = torch.from_numpy(time_mask((4, frames), None, _masking(bundle_dir), rng=rng))
 
     def batch(rows):
         rows = torch.tensor(rows)
@@ -253,9 +256,9 @@ def test_accumulated_gradients_equal_one_big_batch(bundle_dir, mode, splits, acc
 
 
 def _masking(bundle_dir):
-    from continue_pt.masking import HubertMasking
+    from continue_pt.masking import MaskingOptions
 
-    return HubertMasking.from_options(load_bundle(bundle_dir).config.pretrain_args)
+    return MaskingOptions.from_options(load_bundle(bundle_dir).config.pretrain_args)
 
 
 # ------------------------------------------------------------------------------------------------ DDP on CPU
@@ -272,11 +275,12 @@ torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[4])
 from tests.test_pretrain import _ListData, _Recorder, _ddp_batches
 from tests.training_helpers import no_dropout
-from continue_pt.lightning_module import ModuleOptions
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
 
 bundle_dir, devices, out, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[5]
 pl.seed_everything(0, verbose=False)
-module = _Recorder(ModuleOptions(bundle=bundle_dir, loss_norm=mode, unmasked_weight=0.5, warmup_steps=0))
+module = _Recorder(ModuleOptions(bundle=bundle_dir, warmup_steps=0, hubert=HubertOptions(loss_norm=mode, unmasked_weight=0.5)))
 table, per_rank, whole = _ddp_batches(bundle_dir, mode)
 module.mask_table = table
 no_dropout(module)
@@ -297,11 +301,11 @@ def _ddp_batches(bundle_dir, mode="fairseq"):
     lengths = torch.full((4,), waves.shape[1])
     rng = np.random.default_rng(3)
     if mode == "per-term":  # masks of different counts, and each rank accumulates two unequal micro-batches
-        table = torch.cat([torch.from_numpy(hubert_time_mask((1, 49), None, _masking(bundle_dir), rng=rng))
+        table = torch.cat([torch.from_numpy(time_mask((1, 49), None, _masking(bundle_dir), rng=rng))
                            for _ in range(4)])
         splits = [[[0], [1]], [[2, 3], [3]]]  # rank 1's micro-batches: 2 and 1 utterances; the whole batch repeats 3
     else:
-        table = torch.from_numpy(hubert_time_mask((4, 49), None, _masking(bundle_dir), rng=rng))
+        table = torch.from_numpy(time_mask((4, 49), None, _masking(bundle_dir), rng=rng))
         splits = [[[0, 1]], [[2, 3]]]
 
     def batch(rows):

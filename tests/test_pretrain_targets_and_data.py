@@ -17,9 +17,11 @@ from bundles.waveform import normalize_waveforms
 from continue_pt.audio import read_audio
 from continue_pt.data import AudioDataModule
 from continue_pt.demo import CHECKPOINT, KMEANS, KMEANS_LAYER, demo_audio
-from continue_pt.lightning_module import HubertContinuedPretraining, ModuleOptions
+from continue_pt.hubert.module import HubertContinuedPretraining
+from continue_pt.module_options import ModuleOptions
+from continue_pt.hubert.options import HubertOptions
 from continue_pt.pretrain import PretrainOptions, run_pretraining
-from continue_pt.targets import OnlineTargets
+from continue_pt.teacher import OnlineTargets
 from converters.convert import convert_checkpoint
 
 SECONDS = 2.0
@@ -88,7 +90,7 @@ def test_training_on_offline_labels_runs_and_exports(corpus, tmp_path):
 def test_waveform_normalisation_follows_each_model(tmp_path, student, teacher, data_normalizes, normalize_student):
     s = _bundle(tmp_path, "student", student)
     t = _bundle(tmp_path, "teacher", teacher)
-    module = HubertContinuedPretraining(ModuleOptions(bundle=str(s), teacher=str(t)))
+    module = HubertContinuedPretraining(ModuleOptions(bundle=str(s), hubert=HubertOptions(teacher=str(t))))
     assert module.data_normalizes is data_normalizes
     assert module.normalize_student_input is normalize_student
     assert module.targets.normalize_waveform is teacher

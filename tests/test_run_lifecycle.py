@@ -23,7 +23,8 @@ from bundles.kmeans import KMeansModel, save_kmeans
 from continue_pt.cli import cli
 from continue_pt.demo import write_demo_corpus
 from continue_pt.interruption import RunInterrupted
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, RunResult, run_pretraining
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, RunResult, run_pretraining
 from continue_pt.progress import PhaseProgress
 from continue_pt.options import auto_log_every
 from tests.training_helpers import StopAt, logged_rows

@@ -9,7 +9,7 @@ import torch
 
 from bundles import load_bundle
 from continue_pt.demo import demo_audio
-from continue_pt.targets import IGNORE_LABEL, OnlineTargets
+from continue_pt.teacher import IGNORE_LABEL, OnlineTargets
 from converters.convert import convert_checkpoint
 
 ASSETS = Path(__file__).resolve().parents[1] / "continue_pt" / "demo_assets"

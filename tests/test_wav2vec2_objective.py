@@ -1,4 +1,4 @@
-"""wav2vec 2.0's contrastive objective (continue_pt.wav2vec2_objective) against fairseq-fixed.
+"""wav2vec 2.0's contrastive objective (continue_pt.wav2vec2.objective) against fairseq-fixed.
 
 On a converted random-weight fairseq ``Wav2Vec2Model`` (BASE ``wav2vec_small``: loss weights [0.1, 10];
 LARGE ``libri960_big``: [0.1, 0]), train mode with dropout 0, the same waveforms, mask (fairseq's
@@ -22,12 +22,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tests.reference import require
-from continue_pt.hubert_objective import conv_output_frames
+from continue_pt.frames import conv_output_frames
 from continue_pt.masking import compute_mask_indices
-from continue_pt.wav2vec2_objective import (
+from continue_pt.wav2vec2.objective import (
     Wav2Vec2LossWeights,
     contrastive_logits,
     normalized_wav2vec2_loss,
+    sample_size,
+    unnormalized_loss,
     sample_negative_indices,
     wav2vec2_forward,
     wav2vec2_loss_terms,
@@ -268,7 +270,9 @@ def _check_step_against_fairseq(batches, outs, terms, loss, size, f_loss, f_size
     assert abs(loss - f_loss) <= rel * abs(f_loss)
     w = Wav2Vec2LossWeights(*loss_weights)
     for t, out, log in zip(terms, outs, f_logs):
-        assert t.num_masked == log["sample_size"] and t.count == log["count"]
+        # the pieces the training module runs (continue_pt's Wav2Vec2ContinuedPretraining.training_step)
+        assert sample_size(t) == t.num_masked == log["sample_size"] and t.count == log["count"]
+        assert abs(unnormalized_loss(t, w).item() - log["loss"]) <= rel * abs(log["loss"])
         assert int(t.correct) == log["correct"]
         assert out.temperature == pytest.approx(log["temp"], rel=1e-12)
         for ours, key in ((out.prob_perplexity, "prob_perplexity"), (out.code_perplexity, "code_perplexity")):

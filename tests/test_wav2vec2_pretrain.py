@@ -19,11 +19,13 @@ from torch.utils.data import DataLoader
 from bundles import load_bundle
 from continue_pt.demo import WAV2VEC2_CHECKPOINT, demo_audio
 from continue_pt.export import export_checkpoint
-from continue_pt.masking import HubertMasking, hubert_time_mask
-from continue_pt.module_base import ModuleOptions
-from continue_pt.pretrain import PretrainOptions, PretrainOptionsError, build_module, run_pretraining
-from continue_pt.wav2vec2_module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
-from continue_pt.wav2vec2_objective import sample_negative_indices
+from continue_pt.masking import MaskingOptions, time_mask
+from continue_pt.module_options import ModuleOptions
+from continue_pt.wav2vec2.options import Wav2Vec2Options
+from continue_pt.options import PretrainOptionsError
+from continue_pt.pretrain import PretrainOptions, build_module, run_pretraining
+from continue_pt.wav2vec2.module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
+from continue_pt.wav2vec2.objective import sample_negative_indices
 from tests.reference import require
 from tests.training_helpers import StopAt, logged_rows, no_dropout
 
@@ -157,7 +159,7 @@ def test_wav2vec2_options_on_a_hubert_bundle_are_refused(audio_dir, tmp_path):
 
     hubert = convert_checkpoint(CHECKPOINT, tmp_path / "hubert")
     options = _options(hubert, audio_dir, tmp_path / "o", diversity_weight=0.2)
-    with pytest.raises(PretrainOptionsError, match="wav2vec 2.0 options; HuBERT has no quantizer"):
+    with pytest.raises(PretrainOptionsError, match="wav2vec 2.0 option; HuBERT has no quantizer"):
         options.validate()
 
 
@@ -188,7 +190,8 @@ def test_codebook_usage_is_relative_to_what_the_batch_can_reach():
 def test_collapse_warning_says_what_to_try_and_repeats_at_most_every_n_steps(bundle_dir, audio_dir, tmp_path):
     options = _options(bundle_dir, audio_dir, tmp_path / "run", max_steps=5, accumulate=1,
                        codebook_warn_threshold=1.0)  # the tiny codebook is never fully used: warns
-    module_options = dataclasses.replace(options.module_options(), codebook_warn_every=2)
+    module_options = options.module_options()
+    module_options.wav2vec2.codebook_warn_every = 2
     module = Wav2Vec2ContinuedPretraining(module_options)
     with torch.no_grad():  # a quantizer that picks code 0 in both groups almost always: collapse
         module.student.quantizer.weight_proj.bias[0] += 100.0
@@ -254,8 +257,8 @@ def _fixed_draws(bundle_dir) -> tuple[torch.Tensor, torch.Tensor, list[torch.Ten
     bundle = load_bundle(bundle_dir)
     waves = torch.cat([demo_audio(1.0, seed=10 + i) for i in range(4)])
     frames, groups, num_vars = 49, 2, 16
-    masking = HubertMasking.from_options(bundle.config.objective)
-    masks = torch.from_numpy(hubert_time_mask((4, frames), None, masking, rng=np.random.default_rng(3)))
+    masking = MaskingOptions.from_options(bundle.config.objective)
+    masks = torch.from_numpy(time_mask((4, frames), None, masking, rng=np.random.default_rng(3)))
     count = int(masks[0].sum())
     assert (masks.sum(1) == count).all()
     g = torch.Generator().manual_seed(0)
@@ -266,7 +269,7 @@ def _fixed_draws(bundle_dir) -> tuple[torch.Tensor, torch.Tensor, list[torch.Ten
 
 def _fixed_module(bundle_dir, draws) -> _FixedDraws:
     pl.seed_everything(0, verbose=False)
-    module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, diversity_weight=0.0))
+    module = _FixedDraws(ModuleOptions(bundle=str(bundle_dir), warmup_steps=0, wav2vec2=Wav2Vec2Options(diversity_weight=0.0)))
     _, module.masks, module.negatives, module.noise = draws
     module.objective = dataclasses.replace(module.objective, dropout_features=0.0)
     no_dropout(module)
@@ -353,13 +356,13 @@ def test_cli_run_shorter_than_log_every_still_succeeds(bundle_dir, audio_dir, tm
 def test_bf16_autocast_forward_keeps_the_contrastive_part_in_fp32(bundle_dir):
     """What `--precision bf16-mixed` runs (CPU autocast here; the same code on CUDA): the logits, their
     softmax and the loss terms stay fp32, the loss lands within bf16 rounding of the fp32 one, gradients flow."""
-    from continue_pt.wav2vec2_objective import normalized_wav2vec2_loss, wav2vec2_forward, wav2vec2_loss_terms
+    from continue_pt.wav2vec2.objective import normalized_wav2vec2_loss, wav2vec2_forward, wav2vec2_loss_terms
 
     bundle = load_bundle(bundle_dir)
     model = bundle.get_pretrain_model().eval()  # eval: hard codes, no dropout -- the two runs see the same draws
     wav = torch.cat([demo_audio(1.0, seed=40 + i) for i in range(2)])
-    masking = HubertMasking.from_options(bundle.config.objective)
-    mask = torch.from_numpy(hubert_time_mask((2, 49), None, masking, rng=np.random.default_rng(0)))
+    masking = MaskingOptions.from_options(bundle.config.objective)
+    mask = torch.from_numpy(time_mask((2, 49), None, masking, rng=np.random.default_rng(0)))
     negatives = sample_negative_indices(mask.sum(1).tolist(), 100, rng=torch.Generator().manual_seed(0))
     losses = []
     for autocast in (False, True):

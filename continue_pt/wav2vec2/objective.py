@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bundles.wav2vec2_pretrain import Wav2Vec2PretrainModel
-from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.frames import at_least_fp32, conv_features
 from continue_pt.device_batch import to_device
 
 __all__ = [
@@ -48,6 +48,8 @@ __all__ = [
     "contrastive_logits",
     "normalized_wav2vec2_loss",
     "sample_negative_indices",
+    "sample_size",
+    "unnormalized_loss",
     "wav2vec2_forward",
     "wav2vec2_loss_terms",
 ]
@@ -348,22 +350,40 @@ class Wav2Vec2LossWeights:
     feature_penalty: float = 10.0
 
 
+def sample_size(terms: Wav2Vec2LossTerms) -> int:
+    """fairseq's ``sample_size`` of one micro-batch (``Wav2vecCriterion``, ``infonce=True``): its masked frames."""
+    return terms.num_masked
+
+
+def _as_weights(weights: Wav2Vec2LossWeights | Sequence[float]) -> Wav2Vec2LossWeights:
+    if isinstance(weights, Wav2Vec2LossWeights):
+        return weights
+    return Wav2Vec2LossWeights(*(float(w) for w in weights))
+
+
+def unnormalized_loss(terms: Wav2Vec2LossTerms,
+                      weights: Wav2Vec2LossWeights | Sequence[float] = Wav2Vec2LossWeights()) -> Tensor:
+    """fairseq's ``Wav2vecCriterion`` loss of one micro-batch before the trainer's division:
+    ``infonce_sum + Σ_k w_k * extra_k * sample_size_i`` (a term with weight 0 is left out, as fairseq leaves it)."""
+    weights = _as_weights(weights)
+    loss = terms.infonce_sum
+    size_i = sample_size(terms)
+    for value, weight in ((terms.diversity, weights.diversity), (terms.feature_penalty, weights.feature_penalty)):
+        if weight != 0:
+            loss = loss + weight * at_least_fp32(value) * size_i
+    return loss
+
+
 def normalized_wav2vec2_loss(
     terms: Wav2Vec2LossTerms,
     total_sample_size: int,
     weights: Wav2Vec2LossWeights | Sequence[float] = Wav2Vec2LossWeights(),
 ) -> Tensor:
-    """This micro-batch's share of the step's loss: fairseq's ``Wav2vecCriterion`` loss
-    ``infonce_sum + Σ_k w_k * extra_k * sample_size_i`` (a term with weight 0 is left out, as fairseq leaves it)
-    divided by ``total_sample_size``, the masked frames of every micro-batch of the step on every rank (fairseq's
-    trainer divides the summed gradients by it). Summed over the step's micro-batches, the gradients are fairseq's
-    step gradient. Note that diversity and penalty are per-micro-batch statistics weighted by the micro-batch's
-    sample size (as in fairseq), so splitting a batch changes them; the InfoNCE part does not change."""
-    if not isinstance(weights, Wav2Vec2LossWeights):
-        weights = Wav2Vec2LossWeights(*(float(w) for w in weights))
-    loss = terms.infonce_sum
-    size_i = terms.num_masked
-    for value, weight in ((terms.diversity, weights.diversity), (terms.feature_penalty, weights.feature_penalty)):
-        if weight != 0:
-            loss = loss + weight * at_least_fp32(value) * size_i
-    return loss / max(int(total_sample_size), 1)
+    """This micro-batch's share of the step's loss: :func:`unnormalized_loss` divided by ``total_sample_size``,
+    the masked frames of every micro-batch of the step on every rank (fairseq's trainer divides the summed
+    gradients by it). Summed over the step's micro-batches, the gradients are fairseq's step gradient. Note that
+    diversity and penalty are per-micro-batch statistics weighted by the micro-batch's sample size (as in
+    fairseq), so splitting a batch changes them; the InfoNCE part does not change. The training module runs
+    :func:`unnormalized_loss` per micro-batch and divides the summed gradients by the step's summed
+    :func:`sample_size`."""
+    return unnormalized_loss(terms, weights) / max(int(total_sample_size), 1)

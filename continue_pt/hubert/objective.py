@@ -30,7 +30,7 @@ How this differs from the modules' own ``forward``:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchaudio.models import HuBERTPretrainModel
 
-from continue_pt.conv_features import at_least_fp32, conv_features
+from continue_pt.frames import at_least_fp32, conv_features
 from continue_pt.device_batch import to_device
+from continue_pt.hubert.options import LOSS_NORMS
 
 __all__ = [
     "LOSS_MODES",
@@ -49,28 +50,20 @@ __all__ = [
     "LossMode",
     "LossWeights",
     "StepTotals",
-    "conv_output_frames",
     "hubert_forward",
     "hubert_frame_padding_mask",
     "hubert_loss_terms",
     "label_logits",
     "normalized_loss",
+    "sample_size",
+    "unnormalized_loss",
 ]
 
 LossMode = Literal["fairseq", "torchaudio", "per-term"]
-LOSS_MODES: tuple[LossMode, ...] = ("fairseq", "torchaudio", "per-term")
+LOSS_MODES: tuple[LossMode, ...] = LOSS_NORMS  # type: ignore[assignment]  (named torch-free there)
 
 
 # ------------------------------------------------------------------------------------------------ frames
-
-
-def conv_output_frames(conv_layers: Sequence[Sequence[int]], num_samples: int) -> int:
-    """Frames the feature extractor makes of ``num_samples`` samples; ``conv_layers`` as
-    ``(channels, kernel, stride)`` (a bundle's ``encoder_args["extractor_conv_layer_config"]``)."""
-    frames = int(num_samples)
-    for _, kernel, stride in conv_layers:
-        frames = (frames - int(kernel)) // int(stride) + 1
-    return max(frames, 0)
 
 
 def hubert_frame_padding_mask(lengths: Tensor, num_samples: int, num_frames: int) -> Tensor:
@@ -157,7 +150,7 @@ def hubert_forward(
             ``min(conv frames, label_frames)`` frames (fairseq's ``forward_targets`` at label rate = frame rate;
             labels past the conv frames are ignored). Values at padded frames are never read.
         mask: ``[batch, frames]`` bool time mask for those frames (True = masked), e.g. from
-            :func:`continue_pt.masking.hubert_time_mask`; padded frames are never treated as masked.
+            :func:`continue_pt.masking.time_mask`; padded frames are never treated as masked.
         extra_label_embeddings: ``[E, final_dim]`` rows appended to the softmax as classes that are never
             targets (fairseq's special-symbol rows, for exact fairseq parity); None for a ``K``-way softmax.
         logit_temp: fairseq's ``logit_temp`` (``bundle.config.objective["logit_temp"]``).
@@ -165,7 +158,7 @@ def hubert_forward(
             None: the model's ``feature_grad_mult`` (where None means 1.0). A bundle keeps fairseq's value,
             including 0, in ``bundle.config.objective["feature_grad_mult"]``.
         channel_mask: ``[batch, encoder_embed_dim]`` bool, channels zeroed in every frame
-            (:func:`continue_pt.masking.hubert_channel_mask`); None for none (the published setting).
+            (:func:`continue_pt.masking.channel_mask`); None for none (the published setting).
         skip_masked, skip_nomask: compute no masked / unmasked logits. Default: the model's logit generator's.
         unmasked_grad: False computes the unmasked logits without a graph (for their accuracy only: their loss
             weight is 0, fairseq's default), which saves the memory and backward of a ``[frames, classes]`` matrix.
@@ -361,6 +354,41 @@ def _required(ce: Tensor | None, weight: float, what: str) -> Tensor | None:
     return ce
 
 
+def sample_size(terms: HubertLossTerms | StepTotals, weights: LossWeights = LossWeights(),
+                mode: LossMode = "fairseq") -> int:
+    """fairseq's ``sample_size`` of one micro-batch (or, given :class:`StepTotals`, of the step): what the step's
+    summed gradient is divided by.
+
+    ``"fairseq"`` (``HubertCriterion``: a kind of frame counts only if its weight is > 0) and ``"per-term"`` (the
+    size validation divides by): ``n_m [w_m > 0] + n_u [w_u > 0]``; ``"torchaudio"``: ``n_m``."""
+    if mode not in LOSS_MODES:
+        raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
+    if mode == "torchaudio":
+        return terms.num_masked
+    return terms.num_masked * (weights.masked > 0) + terms.num_unmasked * (weights.unmasked > 0)
+
+
+def unnormalized_loss(terms: HubertLossTerms, weights: LossWeights = LossWeights(),
+                      mode: LossMode = "fairseq") -> Tensor:
+    """``HubertCriterion``'s loss of one micro-batch before the trainer's division:
+    ``w_p * pen_i * S_i + w_m CE_m_i + w_u CE_u_i`` with ``S_i`` = :func:`sample_size` (a term with weight 0 is
+    left out, as fairseq leaves it out)."""
+    ce_m = _required(terms.masked_ce_sum, weights.masked, "masked")
+    ce_u = _required(terms.unmasked_ce_sum, weights.unmasked, "unmasked")
+    loss = terms.feature_penalty * (weights.feature_penalty * sample_size(terms, weights, mode))
+    if ce_m is not None:
+        loss = loss + ce_m * weights.masked
+    if ce_u is not None:
+        loss = loss + ce_u * weights.unmasked
+    return loss
+
+
+def _zero_with_graph(terms: HubertLossTerms) -> Tensor:
+    """Nothing to learn from: a zero that keeps the graph (every parameter gets a zero gradient)."""
+    graph = [t for t in (terms.masked_ce_sum, terms.unmasked_ce_sum, terms.feature_penalty) if t is not None]
+    return sum((t * 0.0 for t in graph), torch.zeros((), device=terms.feature_penalty.device))
+
+
 def normalized_loss(
     terms: HubertLossTerms,
     totals: StepTotals,
@@ -372,7 +400,8 @@ def normalized_loss(
 
     Modes (``n_m``, ``n_u``, ``F``: masked, unmasked, penalty frames; ``_i`` this micro-batch, plain: totals):
 
-    * ``"fairseq"`` (fairseq's ``HubertCriterion`` + trainer): ``S_i = n_m_i [w_m > 0] + n_u_i [w_u > 0]``,
+    * ``"fairseq"`` (fairseq's ``HubertCriterion`` + trainer): :func:`unnormalized_loss` divided by the step's
+      :func:`sample_size` ``S = n_m [w_m > 0] + n_u [w_u > 0]``:
       ``loss_i = (w_m CE_m_i + w_u CE_u_i + w_p * pen_i * S_i) / max(S, 1)``. Note the penalty is weighted by
       each micro-batch's sample size, as fairseq weights it across GPUs and accumulated batches; so it equals
       the one-batch loss only when the micro-batches' ``S_i / F_i`` agree (e.g. equal lengths, fairseq's
@@ -380,35 +409,30 @@ def normalized_loss(
     * ``"torchaudio"`` (torchaudio's ``examples/hubert`` loss): as fairseq, with ``S_i = n_m_i`` always.
     * ``"per-term"`` (pytorch/audio#2947): ``w_m CE_m_i / n_m + w_u CE_u_i / n_u + w_p * pen_i * F_i / F``:
       each term a mean over its own frames of the step, the penalty a mean over all feature frames.
+
+    The training module runs exactly this: :func:`unnormalized_loss` per micro-batch and the division by the
+    step's summed :func:`sample_size` on the summed gradients (``"fairseq"``, ``"torchaudio"``), or this function
+    itself (``"per-term"``).
     """
     if mode not in LOSS_MODES:
         raise ValueError(f"unknown loss mode {mode!r}; expected one of {LOSS_MODES}")
+    if mode != "per-term":
+        size = sample_size(totals, weights, mode)
+        if size <= 0:
+            _required(terms.masked_ce_sum, weights.masked, "masked")
+            _required(terms.unmasked_ce_sum, weights.unmasked, "unmasked")
+            return _zero_with_graph(terms)
+        return unnormalized_loss(terms, weights, mode) / size
     ce_m = _required(terms.masked_ce_sum, weights.masked, "masked")
     ce_u = _required(terms.unmasked_ce_sum, weights.unmasked, "unmasked")
     pieces: list[Tensor] = []
-    if mode == "per-term":
-        if ce_m is not None and totals.num_masked > 0:
-            pieces.append(ce_m * (weights.masked / totals.num_masked))
-        if ce_u is not None and totals.num_unmasked > 0:
-            pieces.append(ce_u * (weights.unmasked / totals.num_unmasked))
-        if weights.feature_penalty != 0 and totals.num_feature_frames > 0:
-            share = terms.num_feature_frames / totals.num_feature_frames
-            pieces.append(terms.feature_penalty * (weights.feature_penalty * share))
-    else:
-        if mode == "fairseq":  # fairseq counts a kind of frame in sample_size only if its weight is > 0
-            use_m, use_u = weights.masked > 0, weights.unmasked > 0
-            size_i = terms.num_masked * use_m + terms.num_unmasked * use_u
-            size = totals.num_masked * use_m + totals.num_unmasked * use_u
-        else:
-            size_i, size = terms.num_masked, totals.num_masked
-        if size > 0:
-            if ce_m is not None:
-                pieces.append(ce_m * (weights.masked / size))
-            if ce_u is not None:
-                pieces.append(ce_u * (weights.unmasked / size))
-            if weights.feature_penalty != 0:
-                pieces.append(terms.feature_penalty * (weights.feature_penalty * size_i / size))
-    if not pieces:  # nothing to learn from: a zero that keeps the graph (every parameter gets a zero gradient)
-        graph = [t for t in (terms.masked_ce_sum, terms.unmasked_ce_sum, terms.feature_penalty) if t is not None]
-        return sum((t * 0.0 for t in graph), torch.zeros((), device=terms.feature_penalty.device))
+    if ce_m is not None and totals.num_masked > 0:
+        pieces.append(ce_m * (weights.masked / totals.num_masked))
+    if ce_u is not None and totals.num_unmasked > 0:
+        pieces.append(ce_u * (weights.unmasked / totals.num_unmasked))
+    if weights.feature_penalty != 0 and totals.num_feature_frames > 0:
+        share = terms.num_feature_frames / totals.num_feature_frames
+        pieces.append(terms.feature_penalty * (weights.feature_penalty * share))
+    if not pieces:
+        return _zero_with_graph(terms)
     return torch.stack(pieces).sum()

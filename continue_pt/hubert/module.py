@@ -1,37 +1,13 @@
-"""``HubertContinuedPretraining``: a thin LightningModule around a bundle's HuBERT pre-training model.
+"""``HubertContinuedPretraining``: a thin LightningModule that continues HuBERT's masked prediction on a bundle.
 
-The objective itself lives in plain functions (:mod:`continue_pt.hubert_objective`, :mod:`continue_pt.masking`);
-this module only wires them to Lightning: it draws the masks, makes the targets, returns the loss, normalises the
-gradients as fairseq's trainer does, logs, and puts what :func:`continue_pt.export.export_checkpoint` needs into
-the checkpoint. Optimisation is automatic: precision, gradient accumulation, clipping and DDP come from the
-``Trainer``.
-
-Loss normalisation, exact under gradient accumulation and DDP (modes ``"fairseq"`` and ``"torchaudio"``):
-``training_step`` returns the micro-batch's *un-normalised* loss ``w_m CE_m + w_u CE_u + w_p pen S_i`` times
-``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP averages
-gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss *summed* over every
-micro-batch of every rank. ``on_before_optimizer_step`` then all-reduces the step's sample size ``S`` (summed
-over micro-batches and ranks) and divides every gradient by it: fairseq's ``multiply_grads(1 / sample_size)``.
-Lightning calls it after the fp16 scaler's ``unscale_`` and before gradient clipping
-(``Precision._after_closure`` / ``MixedPrecision.optimizer_step`` in Lightning 2.6), so clipping sees the
-normalised gradient, as in fairseq.
-
-Mode ``"per-term"`` (each term divided by its own count over the step, pytorch/audio#2947) needs the step's
-masked, unmasked and feature-frame totals over every micro-batch and rank *before the first backward*. Masks are
-drawn from ``(seed, step, micro-batch, rank)`` and depend only on the micro-batch's shape, so at the first
-micro-batch of a step the module draws the masks of the step's other micro-batches in advance from their shapes,
-which the data side knows before loading them (``AudioDataModule.micro_batch_plans``: the sampler's batches of the
-epoch, the scanned lengths and the crop each batch will get), counts them and all-reduces the counts over ranks.
-The step's micro-batches are the epoch's batches ``[k N, (k + 1) N)`` (``N = accumulate_grad_batches``), the last
-group of an epoch cut at ``trainer.num_training_batches``, as Lightning groups them. Each micro-batch then draws
-its masks as before (the same ones) and backwards ``per-term share * N * world_size``; the gradients are not
-divided afterwards. Should a micro-batch's mask counts differ from the planned ones (a file that failed to load, a
-length that differs from the scanned one), a warning says that step's normalisation is approximate.
+It draws the masks, makes the targets (online from the frozen teacher, or offline labels), runs
+:mod:`continue_pt.hubert.objective` and hands its loss to Lightning; the step's gradient division, skipping,
+logging and checkpoint section are the base module's (:mod:`continue_pt.module_base`). How each loss
+normalisation stays exact under gradient accumulation and DDP: :meth:`HubertContinuedPretraining.training_step`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from typing import Any
@@ -43,28 +19,24 @@ from torch import Tensor, nn
 from bundles.kmeans import KMeansModel, load_kmeans
 from bundles.loading import load_bundle
 from bundles.waveform import normalize_waveforms
-from continue_pt.device_batch import batch_to_device, to_device
+from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, skip_update, zero_loss
-from continue_pt.hubert_objective import (
+from continue_pt.frames import conv_output_frames
+from continue_pt.hubert.objective import (
     HubertLossTerms,
     LossWeights,
     StepTotals,
-    conv_output_frames,
     hubert_forward,
     hubert_frame_padding_mask,
     hubert_loss_terms,
     normalized_loss,
+    sample_size,
+    unnormalized_loss,
 )
-from continue_pt.masking import HubertMasking, hubert_channel_mask, hubert_time_mask
-from continue_pt.module_base import (  # noqa: F401  (re-exported: older imports name this module)
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_KEY,
-    DEFAULT_PEAK_LR,
-    ContinuedPretrainingBase,
-    ModuleOptions,
-    seed_of,
-)
-from continue_pt.targets import OnlineTargets, padded
+from continue_pt.masking import MaskingOptions, channel_mask, time_mask
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
+from continue_pt.module_options import ModuleOptions
+from continue_pt.teacher import OnlineTargets
 
 
 class HubertContinuedPretraining(ContinuedPretrainingBase):
@@ -72,15 +44,12 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
 
     Args:
         options: :class:`ModuleOptions` or the dict of its fields (what Lightning gives back from a checkpoint).
-        kmeans: a :class:`~bundles.kmeans.KMeansModel` to label with, overriding ``options.kmeans``.
+        kmeans: a :class:`~bundles.kmeans.KMeansModel` to label with, overriding ``options.hubert.kmeans``.
     """
 
     def __init__(self, options: ModuleOptions | dict[str, Any], kmeans: KMeansModel | None = None):
         super().__init__()
-        if isinstance(options, dict):
-            options = ModuleOptions(**options)
-        self.options = options
-        self.save_hyperparameters({"options": options.to_hparams()})
+        options = self.take_options(options, "hubert")
 
         bundle = load_bundle(options.bundle)
         if bundle.kind != "pretrain" and options.reinit_label_head:  # encoder-only (CTC, torchaudio): a new head
@@ -98,11 +67,11 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.kmeans: KMeansModel | None = None
         self.targets: OnlineTargets | None = None
         self._teacher_conv_layers = None
-        if not options.offline_labels:
-            teacher = load_bundle(options.teacher) if options.teacher else bundle
+        if not options.hubert.offline_labels:
+            teacher = load_bundle(options.hubert.teacher) if options.hubert.teacher else bundle
             self._teacher_conv_layers = teacher.config.encoder_args["extractor_conv_layer_config"]
-            if kmeans is None and options.kmeans:
-                kmeans = load_kmeans(options.kmeans)
+            if kmeans is None and options.hubert.kmeans:
+                kmeans = load_kmeans(options.hubert.kmeans)
             self.targets = OnlineTargets.from_bundle(teacher, kmeans)
             self.kmeans = self.targets.kmeans
         # The data pipeline normalises each utterance before cropping, as fairseq does, when the student expects
@@ -115,8 +84,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         if self.targets is not None:  # normalised data: the teacher takes the student's input as it is
             self.targets.input_normalized = self.data_normalizes
         num_classes = self.student.logit_generator.label_embeddings.shape[0]
-        new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.num_classes or num_classes)
-        if options.reinit_label_head:
+        new_k = self.kmeans.num_clusters if self.kmeans is not None else (options.hubert.num_classes or num_classes)
+        if options.hubert.reinit_label_head:
             self._reinit_label_head(new_k)
         elif new_k != num_classes:
             raise ValueError(f"the k-means has {new_k} clusters but the label head of {bundle.path} has "
@@ -128,13 +97,13 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         criterion = objective.get("criterion") or {}
         pen = (criterion.get("loss_weights") or [10.0])[0]
         self.weights = LossWeights(
-            masked=options.masked_weight if options.masked_weight is not None
+            masked=options.hubert.masked_weight if options.hubert.masked_weight is not None
             else float(criterion.get("pred_masked_weight", 1.0)),
-            unmasked=options.unmasked_weight if options.unmasked_weight is not None
+            unmasked=options.hubert.unmasked_weight if options.hubert.unmasked_weight is not None
             else float(criterion.get("pred_nomask_weight", 0.0)),
             feature_penalty=options.feature_penalty_weight if options.feature_penalty_weight is not None
             else float(pen))
-        self.masking = HubertMasking.from_options({**(bundle.config.pretrain_args or {}), **options.masking})
+        self.masking = MaskingOptions.from_options({**(bundle.config.pretrain_args or {}), **options.masking})
         fgm = options.feature_grad_mult
         if fgm is None:
             fgm = objective.get("feature_grad_mult", self.student.feature_grad_mult)
@@ -144,10 +113,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self.sample_rate = bundle.sample_rate
 
         # per optimizer step (reset in on_before_optimizer_step)
-        self._micro_index = 0
         self._step_stats: Tensor | None = None
         self._step_plan: tuple[list[StepTotals], StepTotals] | None = None  # per-term: planned counts, totals
-        self._reinit_pending = False
 
     # ------------------------------------------------------------------------------------------- set-up
 
@@ -165,7 +132,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         return int(self.student.logit_generator.label_embeddings.shape[0])
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.options.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \
+        if stage == "fit" and self.options.hubert.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \
                 and not callable(getattr(self.trainer.datamodule, "micro_batch_plans", None)):
             raise ValueError("per-term with gradient accumulation needs the shapes of a step's micro-batches before "
                              "its first backward: train with a datamodule that has micro_batch_plans(first, stop) "
@@ -183,13 +150,10 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
                    rng: np.random.Generator) -> tuple[Tensor, Tensor | None]:
         """Time mask ``[batch, frames]`` and channel mask (or None), fairseq's ``apply_mask`` draws, on the CPU:
         counted there (no host sync) and uploaded once by :func:`hubert_forward`."""
-        time_mask = hubert_time_mask(shape, frame_padding, self.masking, rng=rng)
-        channel = hubert_channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
+        spans = time_mask(shape, frame_padding, self.masking, rng=rng)
+        channel = channel_mask(shape[0], self.student.wav2vec2.encoder.transformer.layers[0]
                                       .attention.embed_dim, self.masking, rng=rng)
-        return torch.from_numpy(time_mask), torch.from_numpy(channel) if channel is not None else None
-
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
+        return torch.from_numpy(spans), torch.from_numpy(channel) if channel is not None else None
 
     def _labels(self, batch: dict[str, Any]) -> Tensor:
         if self.targets is not None:
@@ -218,7 +182,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         frame_padding = None
         if padded(lengths, num_samples):
             frame_padding = hubert_frame_padding_mask(lengths.cpu(), num_samples, num_frames)
-        mask, channel_mask = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
+        mask, channels = self.draw_masks(batch, (waveforms.shape[0], num_frames), frame_padding, rng)
         counts = StepTotals.of_masks(mask.cpu(), frame_padding)
         if self.normalize_student_input:
             waveforms = normalize_waveforms(waveforms, to_device(lengths, waveforms.device)
@@ -226,7 +190,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         labels = self._labels(batch)
         out = hubert_forward(self.student, waveforms, lengths if frame_padding is not None else None, labels,
                              mask, extra_label_embeddings=self.extra_label_embeddings, logit_temp=self.logit_temp,
-                             feature_grad_mult=feature_grad_mult, channel_mask=channel_mask,
+                             feature_grad_mult=feature_grad_mult, channel_mask=channels,
                              unmasked_grad=self.weights.unmasked != 0,
                              # k-means labels are cluster ids on every unpadded frame: checked only with padding
                              check_labels=self.targets is None or frame_padding is not None)
@@ -255,7 +219,11 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
     def _plan_step(self, first_counts: StepTotals, batch_idx: int, step: int, rank: int
                    ) -> tuple[list[StepTotals], StepTotals]:
         """At the first micro-batch of a step: every micro-batch's mask counts on this rank (this one's as drawn,
-        the others' planned) and the step's totals over all ranks."""
+        the others' planned) and the step's totals over all ranks. The planned shapes come from the data side
+        (``AudioDataModule.micro_batch_plans``: the sampler's batches of the epoch, the scanned lengths and the crop
+        each batch will get); the step's micro-batches are the epoch's batches ``[k N, (k + 1) N)``
+        (``N = accumulate_grad_batches``), the last group of an epoch cut at ``trainer.num_training_batches``, as
+        Lightning groups them."""
         trainer = self.trainer
         accumulate = trainer.accumulate_grad_batches
         counts = [first_counts]
@@ -275,36 +243,36 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         reduced = self.trainer.strategy.reduce(reduced, reduce_op="sum")
         return counts, StepTotals(*(int(round(c)) for c in reduced.tolist()))
 
-    def _sample_size(self, terms) -> int:
-        if self.options.loss_norm == "torchaudio":
-            return terms.num_masked
-        return terms.num_masked * (self.weights.masked > 0) + terms.num_unmasked * (self.weights.unmasked > 0)
-
-    def _unnormalized_loss(self, terms) -> Tensor:
-        w = self.weights
-        loss = terms.feature_penalty * (w.feature_penalty * self._sample_size(terms))
-        if w.masked != 0 and terms.masked_ce_sum is not None:
-            loss = loss + terms.masked_ce_sum * w.masked
-        if w.unmasked != 0 and terms.unmasked_ce_sum is not None:
-            loss = loss + terms.unmasked_ce_sum * w.unmasked
-        return loss
-
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
+        """One micro-batch's loss, to be backwarded.
+
+        ``"fairseq"`` and ``"torchaudio"``: the micro-batch's :func:`~continue_pt.hubert.objective.unnormalized_loss`
+        times ``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP
+        averages gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss
+        *summed* over every micro-batch of every rank; ``on_before_optimizer_step`` then divides every gradient by
+        the step's :func:`~continue_pt.hubert.objective.sample_size` summed over micro-batches and ranks
+        (all-reduced): fairseq's ``multiply_grads(1 / sample_size)``. Lightning calls it after the fp16 scaler's
+        ``unscale_`` and before gradient clipping, so clipping sees the normalised gradient, as in fairseq.
+
+        ``"per-term"`` (each term divided by its own count over the step, pytorch/audio#2947) needs the step's
+        masked, unmasked and feature-frame totals before the first backward: masks depend only on
+        ``(seed, step, micro-batch, rank)`` and the micro-batch's shape, so the first micro-batch of a step draws
+        the others' masks in advance from their planned shapes (:meth:`_plan_step`) and all-reduces the counts;
+        each micro-batch then backwards its :func:`~continue_pt.hubert.objective.normalized_loss` share times
+        ``N * world_size`` and the gradients are not divided afterwards. Should a micro-batch's mask counts differ
+        from the planned ones (a file that failed to load, a length other than the scanned one), a warning says
+        that step's normalisation is approximate.
+        """
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
-        world_size, rank = self._world()
-        step = self.global_step
-        micro = self._micro_index
-        self._micro_index += 1
-        # dropout and layer drop draw from the global torch RNG: seed it per micro-batch for an exact resume
-        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        step, micro, rank, world_size = self.begin_micro_batch()  # dropout and layer drop: seeded per micro-batch
         rng = np.random.default_rng([self.options.seed, step, micro, rank])
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
             fgm = 0.0
         terms, mask_counts = self._forward_terms(batch, rng, fgm)
         accumulate = self.trainer.accumulate_grad_batches
-        if self.options.loss_norm == "per-term":
+        if self.options.hubert.loss_norm == "per-term":
             if micro == 0 or self._step_plan is None:
                 self._step_plan = self._plan_step(mask_counts, batch_idx, step, rank)
             planned, totals = self._step_plan
@@ -318,9 +286,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             size = float(terms.num_masked)  # logged as train/sample_size; the gradients are not divided
             logged = loss.detach()  # this micro-batch's share: summed over micro-batches and ranks, the step's loss
             to_backward = loss * (accumulate * world_size)
-        else:
-            unnormalized = self._unnormalized_loss(terms)
-            size = float(self._sample_size(terms))
+        else:  # divided by the step's summed sample size in on_before_optimizer_step
+            unnormalized = unnormalized_loss(terms, self.weights, self.options.hubert.loss_norm)
+            size = float(sample_size(terms, self.weights, self.options.hubert.loss_norm))
             logged = unnormalized.detach()
             to_backward = unnormalized * (accumulate * world_size)
         self._add_stats(terms, logged, size, batch)
@@ -332,7 +300,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         micro = self._micro_index
         self._micro_index += 1
         nothing = StepTotals(0, 0, 0)
-        if self.options.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
+        if self.options.hubert.loss_norm == "per-term" and (micro == 0 or self._step_plan is None):
             self._step_plan = self._plan_step(nothing, batch_idx, int(self.global_step), self._world()[1])
         zero = torch.zeros((), dtype=torch.float64, device=self.device)
         none = torch.zeros((), dtype=torch.long, device=self.device)
@@ -367,7 +335,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         self._step_plan = None
         if stats is None:
             return
-        if self.global_step < self.options.head_only_steps:
+        if self.global_step < self.options.hubert.head_only_steps:
             head = {id(p) for p in self.head_parameters()}
             for p in self.parameters():
                 if id(p) not in head:
@@ -378,7 +346,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             skip_update(self, int(self.global_step))
             return
         divisor = size if size > 0 else 1.0
-        if self.options.loss_norm == "per-term":
+        if self.options.hubert.loss_norm == "per-term":
             divisor = 1.0
         self.step_or_skip(loss_sum, health, divisor)
 
@@ -405,8 +373,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         _, rank = self._world()
         rng = np.random.default_rng([self.options.seed, 2, batch_idx, rank])
         terms, _ = self._forward_terms(batch, rng, self.feature_grad_mult)
-        size = max(self._sample_size(terms), 1)
-        loss = self._unnormalized_loss(terms).detach() / size
+        size = max(sample_size(terms, self.weights, self.options.hubert.loss_norm), 1)
+        loss = unnormalized_loss(terms, self.weights, self.options.hubert.loss_norm).detach() / size
         n_m = max(terms.num_masked, 1)
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy_masked", terms.masked_correct.double() / n_m, batch_size=n_m, sync_dist=True)
@@ -420,15 +388,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         state = checkpoint.get("state_dict", {})
         for key in [k for k in state if k.startswith("targets.")]:
             del state[key]
-        extra: dict[str, Any] = {
-            "format": CHECKPOINT_FORMAT,
-            "family": "hubert",
-            "bundle_config": self.bundle_config.to_json(),
-            "steps": int(self.global_step),
-            "num_classes": self.num_classes,
-            "loss_norm": self.options.loss_norm,
-            "options": json.dumps(self.options.to_hparams()),
-        }
+        extra = self.checkpoint_section(family="hubert", num_classes=self.num_classes,
+                                        loss_norm=self.options.hubert.loss_norm)
         if self.kmeans is not None:
             extra["kmeans"] = {"centroids": self.kmeans.centroids.detach().cpu().clone(),
                                "layer": self.kmeans.layer, "metadata": dict(self.kmeans.metadata)}

@@ -1,26 +1,14 @@
-"""``Wav2Vec2ContinuedPretraining``: a thin LightningModule around a bundle's wav2vec 2.0 pre-training model.
+"""``Wav2Vec2ContinuedPretraining``: a thin LightningModule that continues wav2vec 2.0's contrastive task on a bundle.
 
-The objective lives in plain functions (:mod:`continue_pt.wav2vec2_objective`); this module wires them to
-Lightning exactly as :class:`~continue_pt.lightning_module.HubertContinuedPretraining` does for HuBERT: masks and
-negatives are drawn from ``(seed, step, micro-batch, rank)`` (an exact resume), the Gumbel temperature continues
-from the bundle's ``num_updates`` plus the steps trained, and the loss is normalised as fairseq's trainer does.
-
-Loss normalisation: ``training_step`` returns the micro-batch's un-normalised ``Wav2vecCriterion`` loss
-(``InfoNCE sum + w_div * diversity * S_i + w_pen * features_pen * S_i``, ``S_i`` its masked frames) times
-``accumulate_grad_batches * world_size``; Lightning divides by the first, DDP averages over the second, so after
-the step's backwards ``.grad`` holds the gradient of the loss summed over every micro-batch of every rank.
-``on_before_optimizer_step`` divides it by the step's sample size (masked frames over micro-batches and ranks,
-all-reduced): fairseq's ``multiply_grads(1 / sample_size)``, before gradient clipping.
-
-Collapse guard: each step logs the code perplexity (hard code choices) and the prob perplexity (soft
-distribution, what the diversity loss raises). When the code perplexity falls below
-``codebook_warn_threshold`` of what the step could use, a warning says so, with what to try; it repeats at most
-every ``codebook_warn_every`` steps.
+Masks and negatives are drawn from ``(seed, step, micro-batch, rank)`` (an exact resume), the Gumbel temperature
+continues from the bundle's ``num_updates`` plus the steps trained, and each micro-batch backwards its
+:func:`~continue_pt.wav2vec2.objective.unnormalized_loss`; the base module (:mod:`continue_pt.module_base`) divides
+the step's summed gradient by its summed :func:`~continue_pt.wav2vec2.objective.sample_size`, as HuBERT's
+``"fairseq"`` mode does. A collapse guard warns when the quantizer uses few of its codewords.
 """
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -30,23 +18,19 @@ import torch
 from torch import Tensor
 
 from bundles.loading import load_bundle
-from continue_pt.device_batch import batch_to_device, to_device
+from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, skip_update, zero_loss
-from continue_pt.hubert_objective import conv_output_frames
-from continue_pt.masking import HubertMasking, hubert_time_mask
-from continue_pt.targets import padded
-from continue_pt.module_base import (
-    CHECKPOINT_FORMAT,
-    CHECKPOINT_KEY,
-    ContinuedPretrainingBase,
-    ModuleOptions,
-    seed_of,
-)
-from continue_pt.wav2vec2_objective import (
+from continue_pt.frames import conv_output_frames
+from continue_pt.masking import MaskingOptions, time_mask
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, seed_of
+from continue_pt.module_options import ModuleOptions
+from continue_pt.wav2vec2.objective import (
     Wav2Vec2LossTerms,
     Wav2Vec2LossWeights,
     Wav2Vec2Outputs,
     normalized_wav2vec2_loss,
+    sample_size,
+    unnormalized_loss,
     wav2vec2_forward,
     wav2vec2_loss_terms,
 )
@@ -67,7 +51,7 @@ class CodebookCollapseWarning(UserWarning):
     """The quantizer uses few of its codewords: the contrastive task is collapsing."""
 
 
-def unsupported_wav2vec2_options(objective: dict[str, Any], masking: HubertMasking) -> list[str]:
+def unsupported_wav2vec2_options(objective: dict[str, Any], masking: MaskingOptions) -> list[str]:
     """Why the wav2vec 2.0 objective cannot continue this checkpoint (empty: it can)."""
     problems = [f"{name}={objective.get(name)!r} is not supported (only {value!r}, as in every published "
                 "wav2vec 2.0 / XLS-R checkpoint)"
@@ -107,19 +91,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def __init__(self, options: ModuleOptions | dict[str, Any]):
         super().__init__()
-        if isinstance(options, dict):
-            options = ModuleOptions(**options)
-        self.options = options
-        self.save_hyperparameters({"options": options.to_hparams()})
-        hubert_only = [name for name, value in (("teacher", options.teacher), ("kmeans", options.kmeans),
-                                                ("offline_labels", options.offline_labels),
-                                                ("reinit_label_head", options.reinit_label_head),
-                                                ("head_only_steps", options.head_only_steps),
-                                                ("unmasked_weight", options.unmasked_weight),
-                                                ("masked_weight", options.masked_weight)) if value]
-        if hubert_only or options.loss_norm != "fairseq":
-            raise ValueError(f"wav2vec 2.0 pre-training has no targets or label head: {hubert_only or 'loss_norm'} "
-                             "only apply to HuBERT (its loss is normalised by masked frames, fairseq's way)")
+        options = self.take_options(options, "wav2vec2")  # refuses HuBERT's options (targets, label head, loss_norm)
 
         bundle = load_bundle(options.bundle)
         if bundle.family != "wav2vec2":
@@ -127,13 +99,13 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self.bundle_config = bundle.config
         self.student = bundle.get_pretrain_model()  # raises for fine-tuned (CTC) bundles
         objective = dict(bundle.config.objective or {})
-        self.masking = HubertMasking.from_options({**objective, **options.masking})
+        self.masking = MaskingOptions.from_options({**objective, **options.masking})
         problems = unsupported_wav2vec2_options(objective, self.masking)
         if problems:
             raise ValueError(f"{bundle.path}: " + "; ".join(problems))
         quantizer = self.student.quantizer
-        if options.latent_temp is not None:
-            quantizer.max_temperature, quantizer.min_temperature, quantizer.temperature_decay = options.latent_temp
+        if options.wav2vec2.latent_temp is not None:
+            quantizer.max_temperature, quantizer.min_temperature, quantizer.temperature_decay = options.wav2vec2.latent_temp
         self.start_updates = int(bundle.num_updates or 0)
         quantizer.set_num_updates(self.start_updates)
         if bundle.num_updates is None:  # e.g. converted from transformers, which does not record it
@@ -155,10 +127,10 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             "feature_grad_mult", 1.0)
         self.objective = _Objective(
             weights=Wav2Vec2LossWeights(
-                diversity=options.diversity_weight if options.diversity_weight is not None else diversity,
+                diversity=options.wav2vec2.diversity_weight if options.wav2vec2.diversity_weight is not None else diversity,
                 feature_penalty=(options.feature_penalty_weight if options.feature_penalty_weight is not None
                                  else penalty)),
-            num_negatives=int(options.num_negatives if options.num_negatives is not None
+            num_negatives=int(options.wav2vec2.num_negatives if options.wav2vec2.num_negatives is not None
                               else objective.get("num_negatives", 100)),
             cross_sample_negatives=int(objective.get("cross_sample_negatives", 0)),
             logit_temp=float(options.logit_temp if options.logit_temp is not None
@@ -169,7 +141,6 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self.data_normalizes = bundle.normalize_waveform  # the data pipeline normalises each utterance
         self._conv_layers = bundle.config.encoder_args["extractor_conv_layer_config"]
 
-        self._micro_index = 0
         self._step_stats: Tensor | None = None
         self._last_collapse_warning: int | None = None
 
@@ -181,7 +152,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def draw_mask(self, shape: tuple[int, int], frame_padding: Tensor | None, rng: np.random.Generator) -> Tensor:
         """fairseq's ``Wav2Vec2Model.apply_mask`` time mask (``min_masks=2``, same count in every utterance)."""
-        return torch.from_numpy(hubert_time_mask(shape, frame_padding, self.masking, rng=rng))
+        return torch.from_numpy(time_mask(shape, frame_padding, self.masking, rng=rng))
 
     def draw_negatives_and_noise(self, batch: dict[str, Any], mask: Tensor, seeds: tuple[int, ...]
                                  ) -> tuple[Tensor | None, Tensor | None]:
@@ -213,24 +184,17 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             rng=torch.Generator().manual_seed(seed_of(*seeds, 3)))
         return out, wav2vec2_loss_terms(out)
 
-    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
-        return batch_to_device(batch, device)  # lengths, indices, starts stay on the CPU (no host syncs)
-
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
         if is_empty(batch):  # every file failed to load: nothing to add, but take part (continue_pt.empty_batch)
             self._micro_index += 1
             stats = torch.zeros(_NUM_STATS, dtype=torch.float64, device=self.device)
             self._step_stats = stats if self._step_stats is None else self._step_stats
             return zero_loss(self)
-        world_size, rank = self._world()
-        step, micro = int(self.global_step), self._micro_index
-        self._micro_index += 1
-        # dropout, layer drop and the Gumbel noise draw from torch's global RNG: seeded per micro-batch
-        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        step, micro, rank, world_size = self.begin_micro_batch()  # dropout, layer drop, Gumbel noise: seeded
         self.student.quantizer.set_num_updates(self.temperature_updates())
         fgm = 0.0 if step < self.options.freeze_feature_extractor_steps else self.objective.feature_grad_mult
         out, terms = self._forward(batch, (self.options.seed, step, micro, rank), fgm)
-        unnormalized = normalized_wav2vec2_loss(terms, 1, self.objective.weights)  # divided by S in the step hook
+        unnormalized = unnormalized_loss(terms, self.objective.weights)  # divided by the step's S in the step hook
         self._add_stats(out, terms, unnormalized.detach(), batch)
         return unnormalized * (self.trainer.accumulate_grad_batches * world_size)
 
@@ -238,7 +202,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
                    batch: dict[str, Any]) -> None:
         lengths = batch.get("lengths")  # on the CPU: summing it is free
         samples = float(lengths.sum()) if lengths is not None else float(batch["waveforms"].numel())
-        n = float(terms.num_masked)
+        n = float(sample_size(terms))
         # the host's numbers go up in one non-blocking copy
         n_t, count, one, seconds = to_device(torch.tensor([n, terms.count, 1.0, samples / self.sample_rate],
                                                           dtype=torch.float64), self.device)
@@ -283,7 +247,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self._watch_codebook(usage, code_ppl, size / batches)
 
     def _watch_codebook(self, usage: float, code_ppl: float, masked_per_batch: float) -> None:
-        o, step = self.options, int(self.global_step)
+        o, step = self.options.wav2vec2, int(self.global_step)
         if not usage < o.codebook_warn_threshold:
             return
         if self._last_collapse_warning is not None and step - self._last_collapse_warning < o.codebook_warn_every:
@@ -296,7 +260,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
             f"step {step}: codebook collapse? code perplexity {code_ppl:.1f} of the "
             f"{quantizer.groups} x {quantizer.num_vars} codewords ({usage:.1%} of what {masked_per_batch:.0f} masked "
             f"frames per batch could use; warning below {o.codebook_warn_threshold:.0%}). Try a lower learning rate "
-            f"(--lr, now {o.lr:g}), a higher diversity loss weight (--diversity-weight, now "
+            f"(--lr, now {self.options.lr:g}), a higher diversity loss weight (--diversity-weight, now "
             f"{self.objective.weights.diversity:g}), or check the audio (long silences, one repeated sound)",
             CodebookCollapseWarning, stacklevel=2)
 
@@ -306,7 +270,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         _, rank = self._world()
         self.student.quantizer.set_num_updates(self.temperature_updates())
         _, terms = self._forward(batch, (self.options.seed, 2, batch_idx, rank), self.objective.feature_grad_mult)
-        size = max(terms.num_masked, 1)
+        size = max(sample_size(terms), 1)
         loss = normalized_wav2vec2_loss(terms, size, self.objective.weights).detach()
         self.log("val/loss", loss, batch_size=size, sync_dist=True)
         self.log("val/accuracy", terms.correct.double() / max(terms.count, 1), batch_size=max(terms.count, 1),
@@ -317,11 +281,4 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Add what export needs: the bundle config it started from and the steps trained."""
         super().on_save_checkpoint(checkpoint)
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "family": "wav2vec2",
-            "bundle_config": self.bundle_config.to_json(),
-            "steps": int(self.global_step),
-            "loss_norm": "fairseq",
-            "options": json.dumps(self.options.to_hparams()),
-        }
+        checkpoint[CHECKPOINT_KEY] = self.checkpoint_section(family="wav2vec2", loss_norm="fairseq")
