@@ -59,7 +59,9 @@ drawn with the model's masking for this shape. FLOPs per audio-second = training
 per step (the ``T^2`` term makes it depend on the crop length). MFU = achieved FLOP/s / the device's peak dense
 bf16 FLOP/s (:data:`PEAK_BF16`; ``--peak-flops`` overrides; an unknown device or ``--precision 32`` without
 ``--peak-flops``: "n/a"). The formula is checked against ``torch.utils.flop_counter.FlopCounterMode`` on one more
-(eager) step with the layers and masks that step actually ran (``flop_check`` in the JSON output).
+(eager) step with the layers and masks that step actually ran (``flop_check`` in the JSON output). These are
+model FLOPs: the flash-attention backward's recomputation of ``QK^T`` (0.5x an attention forward) is real work
+on the GPU but, as MFU conventionally does, not counted (:func:`flop_counter`).
 
 ``--smoke``: on the CPU, the tiny shipped demo checkpoints (``continue_pt/demo_assets``: 2 layers, 64-d; HuBERT
 with its k-means), fp32, 2 steps after 1 warm-up, 2 crops of 2 s; nothing written to ``bench/RESULTS.md`` unless
@@ -476,11 +478,14 @@ def _callbacks(warmup: int, steps: int, cuda: bool, check_step: int | None) -> t
 
 
 def flop_counter() -> Any:
-    """``FlopCounterMode`` with two corrections of torch's formulas: it counts the CPU flash-attention kernels
-    (torch registers only the CUDA ones), and a grouped convolution's weight gradient once (torch's
-    ``conv_backward_flop`` ignores ``groups`` there, counting the positional conv's weight gradient 16x for BASE)."""
+    """``FlopCounterMode`` counting model FLOPs, as the formula does, with three corrections of torch's formulas:
+    the CPU flash-attention kernels are counted (torch registers only the CUDA ones); an attention backward is
+    counted as its 4 matrix products (2x the forward), without the flash kernels' recomputation of ``QK^T`` (torch
+    counts it: 2.5x; MFU conventionally leaves recomputation out); a grouped convolution's weight gradient is
+    counted once (torch's ``conv_backward_flop`` ignores ``groups`` there: the positional conv's weight gradient
+    16x for BASE)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
+    from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_flop_count
 
     aten = torch.ops.aten
 
@@ -488,7 +493,7 @@ def flop_counter() -> Any:
         return sdpa_flop_count(query, key, value)
 
     def attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):  # noqa: ANN001, ARG001
-        return sdpa_backward_flop_count(grad_out, query, key, value)
+        return 2 * sdpa_flop_count(query, key, value)  # grad of scores, V, Q, K: no recomputed scores
 
     def conv_backward(grad_out, x, w, _bias, _stride, _padding, _dilation, transposed, _output_padding, _groups,
                       output_mask, out_shape=None, **kwargs):  # noqa: ANN001, ARG001
@@ -496,9 +501,13 @@ def flop_counter() -> Any:
         forward = conv_flop_count(x, w, grad_out, transposed)
         return forward * (int(output_mask[0]) + int(output_mask[1]))
 
+    backwards = (aten._scaled_dot_product_flash_attention_for_cpu_backward,
+                 aten._scaled_dot_product_flash_attention_backward,
+                 aten._scaled_dot_product_efficient_attention_backward,
+                 aten._scaled_dot_product_cudnn_attention_backward)
     return FlopCounterMode(display=False, custom_mapping={
         aten._scaled_dot_product_flash_attention_for_cpu: attention,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: attention_backward,
+        **{op: attention_backward for op in backwards},
         aten.convolution_backward: conv_backward})
 
 
@@ -625,10 +634,15 @@ def _mfu(m: Measurement) -> str:
     return f"{100 * m.mfu:.1f} %" if m.mfu is not None else "n/a"
 
 
+def _number(x: float) -> str:
+    """Thousands separated from 100 up, 3 significant digits below (a CPU smoke run's small numbers)."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def results_table(runs: list[Measurement]) -> str:
-    rows = [[f"{m.family} {m.model}", "on" if m.compile else "off", f"{m.audio_seconds_per_second:,.0f}",
-             f"{m.step_seconds_median * 1000:.1f}", f"{m.training_flops_per_audio_second / 1e9:.1f}",
-             f"{m.achieved_flops_per_second / 1e12:.1f}", _mfu(m), _gib(m.peak_memory_bytes), f"{m.loss:.3f}"]
+    rows = [[f"{m.family} {m.model}", "on" if m.compile else "off", _number(m.audio_seconds_per_second),
+             f"{m.step_seconds_median * 1000:.1f}", _number(m.training_flops_per_audio_second / 1e9),
+             _number(m.achieved_flops_per_second / 1e12), _mfu(m), _gib(m.peak_memory_bytes), f"{m.loss:.3f}"]
             for m in runs]
     return C.table(["model", "compile", "audio-s/s per GPU", "step ms (median)", "GFLOP per audio-s",
                     "achieved TFLOP/s", "MFU", "peak memory", "loss (last timed step)"], rows)
