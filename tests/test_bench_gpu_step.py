@@ -121,10 +121,12 @@ def test_peak_flops_table():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the real benchmark")
 def test_without_a_gpu_it_refuses_and_writes_nothing(tmp_path):
     before = RESULTS.read_bytes() if RESULTS.exists() else None
+    work = ROOT / "bench" / "_work" / "gpu_step"
+    work_before = work.exists()
     out = tmp_path / "result.json"
     proc = _run("--model", "base", "--out", str(out), timeout=60)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "no CUDA device here" in proc.stderr and "--smoke" in proc.stderr
     assert not out.exists()
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
-    assert not (ROOT / "bench" / "_work" / "gpu_step").exists()
+    assert work.exists() == work_before  # no model was built
