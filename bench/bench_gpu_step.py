@@ -6,13 +6,15 @@ second per GPU, step time, MFU and peak memory, eager and ``torch.compile``.
         [--peak-flops F] [--out result.json] [--keep]
     .venv/bin/python bench/bench_gpu_step.py --smoke [--family ...] [--out result.json] [--write]
 
-Needs a CUDA GPU; without one (and without ``--smoke``) it says so, exits with status 2 and writes nothing. The
-random-weight BASE / LARGE models need fairseq-fixed (``make test``'s venv), as every benchmark building one does.
+Needs a CUDA GPU; without one (and without ``--smoke``) it says so, exits with status 2 and writes nothing.
 
 **Models.** Random-weight fairseq models of the real configs in ``tests/fairseq_configs`` (HuBERT:
 ``hubert_base_ls960``, ``hubert_large_ll60k``; wav2vec 2.0: ``wav2vec_small``, ``libri960_big``; every layer),
 built with fairseq (``tests/fairseq_reference.py``, seed 0), saved as fairseq checkpoints and converted with
-``converters.convert.convert_checkpoint`` (cached in ``bench/_work/gpu_step``, removed unless ``--keep``). HuBERT
+``converters.convert.convert_checkpoint`` (cached in ``bench/_work/gpu_step``, removed unless ``--keep``). Where
+fairseq is not installed (a GPU machine's bare image), the bundle is made from the config the converter wrote for
+that model (``bench/gpu_step_configs``, kept in sync by ``tests/test_bench_gpu_step.py``) with every tensor drawn
+from a seeded normal, as the fairseq models' are; the results section says which. HuBERT
 keeps its label head (K = 500 clusters + fairseq's 4 special rows) and gets a random k-means of the right width
 (500 x 768, layer 9), so targets are made online as in a real run: BASE is its own teacher (a frozen copy cut at
 layer 9); LARGE's teacher is the BASE model cut at layer 9 (LARGE was trained on layer-9 km500 targets of the BASE
@@ -284,17 +286,29 @@ class ModelSetup:
     description: str = ""
 
 
-def _random_bundle(config: str, work: Path) -> Path:
-    """The random-weight fairseq model of ``config`` (all its layers) as a bundle, built once (cached in ``work``)."""
+CONFIG_DIR = C.BENCH / "gpu_step_configs"
+"""The bundle config the converter writes for each random-weight model (``save_config``; its provenance left out):
+what builds the bundles where fairseq is not installed (a GPU machine's bare image)."""
+_FROM_CONFIG = "random weights drawn from the committed converter config (no fairseq here)"
+
+
+def _random_bundle(config: str, work: Path) -> tuple[Path, str]:
+    """The random-weight model of ``config`` (all its layers) as a bundle, built once (cached in ``work``), and how:
+    built by fairseq and converted (the converter path of the other benchmarks), or, where fairseq is not
+    installed, from the bundle config the converter wrote for it (:data:`CONFIG_DIR`) with weights drawn here."""
     out = work / config
     if (out / "config.json").is_file():
-        return out
+        return out, "cached"
+    try:
+        from tests.fairseq_reference import build_fairseq_model, load_config, save_checkpoint
+    except ImportError:  # fairseq (or its omegaconf) is not installed
+        return _bundle_from_config(config, out), _FROM_CONFIG
     from converters.convert import convert_checkpoint
-    from tests.fairseq_reference import build_fairseq_model, load_config, save_checkpoint
 
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    layers = int(load_config(config)["model"]["encoder_layers"])
+    stored = load_config(config)
+    layers = int(stored.get("model", stored)["encoder_layers"])  # HuBERT's are trainer configs, wav2vec 2.0's models
     ref = build_fairseq_model(config, num_layers=layers, seed=SEED, num_clusters=K)
     checkpoint = work / f"{config}_random_seed{SEED}.pt"
     save_checkpoint(ref, checkpoint, "dict")
@@ -302,6 +316,48 @@ def _random_bundle(config: str, work: Path) -> Path:
     convert_checkpoint(checkpoint, out, overwrite=True)
     checkpoint.unlink()
     C.log(f"built {config} ({layers} layers, random weights) and converted it in {time.perf_counter() - t0:.0f} s")
+    return out, "built by fairseq, converted"
+
+
+def save_config(bundle: Path, config: str, directory: Path = CONFIG_DIR) -> Path:
+    """Keep ``bundle``'s config (the converter's, for the random model of ``config``) without its provenance (the
+    whole fairseq configuration, a file hash) in ``directory``: what :func:`_bundle_from_config` builds from."""
+    data = json.loads((bundle / "config.json").read_text())
+    data["provenance"] = {"source": f"random-weight fairseq {config} (tests/fairseq_configs), converted; "
+                                    "provenance left out (bench/bench_gpu_step.py save_config)"}
+    data["files"] = {"model": "model.safetensors"}
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{config}.json"
+    path.write_text(json.dumps(data, indent=1) + "\n")
+    return path
+
+
+def _bundle_from_config(config: str, out: Path) -> Path:
+    """A bundle of the committed converter config of ``config`` with random weights: every tensor drawn from a
+    seeded normal (std 0.1), as ``tests/fairseq_reference.py`` draws the fairseq models' (the cost of a step does
+    not depend on the values)."""
+    import torch
+
+    from bundles.config import BundleConfig
+    from bundles.factory import build_pretrain_model
+    from bundles.safetensors_stream import PendingTensor
+    from bundles.writing import write_bundle
+
+    path = CONFIG_DIR / f"{config}.json"
+    bundle_config = BundleConfig.from_dict(path, json.loads(path.read_text()))
+    state = build_pretrain_model(bundle_config).state_dict()  # on the meta device: names and shapes only
+    g = torch.Generator().manual_seed(SEED)
+
+    def drawn(name: str, shape: tuple[int, ...]) -> PendingTensor:
+        return PendingTensor(name, shape, torch.float32, lambda: 0.1 * torch.randn(shape, generator=g))
+
+    tensors = [drawn(name, tuple(t.shape)) for name, t in state.items()]
+    extras = []
+    if bundle_config.family == "hubert":  # fairseq's 4 special-symbol rows of the label embeddings
+        special = len(bundle_config.label_dictionary["non_cluster_symbols"])
+        extras.append(drawn("label_embeddings_non_cluster", (special, int(bundle_config.pretrain_args["final_dim"]))))
+    write_bundle(out, bundle_config, tensors, extras, overwrite=True)
+    C.log(f"{config}: {_FROM_CONFIG} -> {out}")
     return out
 
 
@@ -319,15 +375,15 @@ def model_setups(family: str, sizes: list[str], work: Path) -> list[ModelSetup]:
     setups = []
     for size in sizes:
         config = CONFIGS[(family, size)]
-        bundle = _random_bundle(config, work)
+        bundle, how = _random_bundle(config, work)
         if family == "wav2vec2":
-            setups.append(ModelSetup(size.upper(), family, bundle, description=f"`{config}` (contrastive)"))
+            setups.append(ModelSetup(size.upper(), family, bundle, description=f"`{config}` ({how}; contrastive)"))
             continue
-        base = _random_bundle(CONFIGS[("hubert", "base")], work)
+        base, _ = _random_bundle(CONFIGS[("hubert", "base")], work)
         teacher = None if size == "base" else base
         setups.append(ModelSetup(size.upper(), family, bundle, teacher, _random_kmeans(768, KMEANS_LAYER),
-                                 f"`{config}`, online targets: teacher BASE cut at layer {KMEANS_LAYER}, random "
-                                 f"k-means {K} x 768"))
+                                 f"`{config}` ({how}), online targets: teacher BASE cut at layer {KMEANS_LAYER}, "
+                                 f"random k-means {K} x 768"))
     return setups
 
 
@@ -688,8 +744,8 @@ def section_body(runs: list[Measurement], args: argparse.Namespace, command: str
         "## bench_gpu_step: continued pre-training steps on one GPU (audio-s/s, MFU, peak memory)",
         "",
         *C.machine_lines(info, command, gpu=gpu),
-        "- Models: " + "; ".join(f"{s.family} {s.label}: {s.description}" for s in setups) + " (random weights, "
-        "built with fairseq from the real configs, converted to bundles).",
+        "- Models: " + "; ".join(f"{s.family} {s.label}: {s.description}" for s in setups) + " (random weights of "
+        "the real configs; `cached`: a bundle kept in bench/_work/gpu_step by an earlier run).",
         f"- Step: the LightningModule's real training step under a Lightning Trainer (1 device, `{first.precision}`, "
         "gradient clipping 10, fused AdamW): masks, online targets, forward, loss, backward, gradient division, "
         f"AdamW. Batch: {first.crops} crops x {first.crop_seconds:g} s = {first.audio_seconds_per_step:g} s of audio "

@@ -130,3 +130,48 @@ def test_without_a_gpu_it_refuses_and_writes_nothing(tmp_path):
     assert not out.exists()
     assert (RESULTS.read_bytes() if RESULTS.exists() else None) == before
     assert work.exists() == work_before  # no model was built
+
+
+@pytest.mark.parametrize("config", ["hubert_base_ls960", "hubert_large_ll60k", "wav2vec_small", "libri960_big"])
+def test_committed_configs_are_what_the_converter_writes(tmp_path, config):
+    """Where fairseq is missing (a GPU machine's bare image) the benchmark builds its models from
+    ``bench/gpu_step_configs``: those must stay what the converter writes for the random fairseq model of the real
+    config (compared with 2 layers; every other field must agree)."""
+    from tests.reference import require
+
+    require("fairseq")
+    from converters.convert import convert_checkpoint
+    from tests.fairseq_reference import build_fairseq_model, save_checkpoint
+
+    bench = _bench()
+    ref = build_fairseq_model(config, num_layers=2, seed=0, num_clusters=bench.K)
+    save_checkpoint(ref, tmp_path / "model.pt", "dict")
+    fresh = bench.save_config(convert_checkpoint(tmp_path / "model.pt", tmp_path / "bundle"), config, tmp_path)
+    committed = json.loads((bench.CONFIG_DIR / f"{config}.json").read_text())
+    fresh = json.loads(fresh.read_text())
+    assert fresh["encoder_args"].pop("encoder_num_layers") == 2
+    assert committed["encoder_args"].pop("encoder_num_layers") == (24 if config in ("hubert_large_ll60k",
+                                                                                     "libri960_big") else 12)
+    assert fresh == committed
+
+
+@pytest.mark.parametrize("config", ["hubert_base_ls960", "wav2vec_small"])
+def test_without_fairseq_the_models_come_from_the_committed_configs(tmp_path, monkeypatch, config):
+    """The bundle made from a committed config (cut to 1 layer here, to stay small) loads, and the family's module
+    trains from it (HuBERT: with the special label rows and a k-means of the right width)."""
+    bench = _bench()
+    data = json.loads((bench.CONFIG_DIR / f"{config}.json").read_text())
+    data["encoder_args"]["encoder_num_layers"] = 1
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / f"{config}.json").write_text(json.dumps(data))
+    monkeypatch.setattr(bench, "CONFIG_DIR", tmp_path / "configs")
+    monkeypatch.setitem(sys.modules, "tests.fairseq_reference", None)  # as on a machine without fairseq
+    bundle, how = bench._random_bundle(config, tmp_path / "work")
+    assert how == bench._FROM_CONFIG
+    family = "hubert" if config.startswith("hubert") else "wav2vec2"
+    kmeans = bench._random_kmeans(768, 1) if family == "hubert" else None
+    module = bench.build_module(bench.ModelSetup("BASE", family, bundle, None, kmeans))
+    assert len(module.student.wav2vec2.encoder.transformer.layers) == 1
+    weights = torch.cat([p.detach().flatten() for p in module.student.parameters()])
+    assert 0.09 < float(weights.std()) < 0.11  # drawn, not left empty or zero
+    assert bench._random_bundle(config, tmp_path / "work") == (bundle, "cached")
