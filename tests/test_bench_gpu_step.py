@@ -111,6 +111,7 @@ def test_peak_flops_table():
     bench = _bench()
     assert bench.peak_flops("NVIDIA H100 80GB HBM3", "bf16-mixed", None) == 989e12
     assert bench.peak_flops("NVIDIA H100 PCIe", "bf16-mixed", None) == 756e12
+    assert bench.peak_flops("NVIDIA H100 NVL", "bf16-mixed", None) == 835e12
     assert bench.peak_flops("NVIDIA H200", "bf16-mixed", None) == 989e12
     assert bench.peak_flops("NVIDIA A100-SXM4-80GB", "bf16-mixed", None) == 312e12
     assert bench.peak_flops("Tesla T4", "bf16-mixed", None) is None  # unknown: MFU n/a
