@@ -744,18 +744,21 @@ def section_body(runs: list[Measurement], args: argparse.Namespace, command: str
         "## bench_gpu_step: continued pre-training steps on one GPU (audio-s/s, MFU, peak memory)",
         "",
         *C.machine_lines(info, command, gpu=gpu),
-        "- Models: " + "; ".join(f"{s.family} {s.label}: {s.description}" for s in setups) + " (random weights of "
-        "the real configs; `cached`: a bundle kept in bench/_work/gpu_step by an earlier run).",
+        "- Models: " + "; ".join(f"{s.family} {s.label}: {s.description}" for s in setups)
+        + (" (the shipped demo checkpoints, converted)." if args.smoke else " (random weights of the real configs; "
+           "`cached`: a bundle kept in bench/_work/gpu_step by an earlier run)."),
         f"- Step: the LightningModule's real training step under a Lightning Trainer (1 device, `{first.precision}`, "
-        "gradient clipping 10, fused AdamW): masks, online targets, forward, loss, backward, gradient division, "
-        f"AdamW. Batch: {first.crops} crops x {first.crop_seconds:g} s = {first.audio_seconds_per_step:g} s of audio "
+        "gradient clipping 10, AdamW fused on CUDA): masks, online targets (HuBERT), forward, loss, backward, "
+        f"gradient division, AdamW. Batch: {first.crops} crops x {first.crop_seconds:g} s = "
+        f"{first.audio_seconds_per_step:g} s of audio "
         f"per step, in memory (no data pipeline). {first.warmup} warm-up steps excluded, then {first.steps} timed "
         "steps (end-to-end interval between synchronised step ends); medians. Peak memory: "
         "`torch.cuda.max_memory_allocated()` over the timed steps.",
         "- MFU: training FLOPs per step (formula in the script's docstring: matrix products, convolutions and "
         "attention, 3x the student's forward, the teacher's forward once) / median step time / the device's peak "
-        f"dense bf16 FLOP/s ({(first.peak_flops_per_second or 0) / 1e12:.0f} TFLOP/s here"
-        f"{', from --peak-flops' if args.peak_flops else ''}; n/a if unknown).",
+        "dense bf16 FLOP/s ("
+        + (f"{first.peak_flops_per_second / 1e12:.0f} TFLOP/s here{', from --peak-flops' if args.peak_flops else ''}"
+           if first.peak_flops_per_second else "unknown here, or fp32: n/a") + ").",
         "",
         results_table(runs),
         "",
@@ -813,6 +816,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> list[Measurement]
     import torch
 
     cuda = not args.smoke
+    info = C.machine_info() if cuda or args.write else None  # the load average at the start
     if args.smoke:
         setups = [smoke_setup(args.family, work)]
     else:
@@ -838,8 +842,7 @@ def run(args: argparse.Namespace, command: str, work: Path) -> list[Measurement]
     if args.out is not None:
         result = {"command": command, "smoke": args.smoke, "device": device, "runs": [asdict(m) for m in runs]}
         args.out.write_text(json.dumps(result, indent=1))
-    if cuda or args.write:
-        info = C.machine_info()
+    if info is not None:
         gpu = gpu_description() if cuda else "none (--smoke: CPU, tiny model)"
         C.publish(SECTION, section_body(runs, args, command, info, gpu, setups))
     return runs

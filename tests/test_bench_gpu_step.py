@@ -176,3 +176,33 @@ def test_without_fairseq_the_models_come_from_the_committed_configs(tmp_path, mo
     weights = torch.cat([p.detach().flatten() for p in module.student.parameters()])
     assert 0.09 < float(weights.std()) < 0.11  # drawn, not left empty or zero
     assert bench._random_bundle(config, tmp_path / "work") == (bundle, "cached")
+
+
+def test_the_gpu_section_reports_each_run_and_the_target():
+    """What a GPU run writes to bench/RESULTS.md, from measurements as a GPU gives them (no GPU here)."""
+    bench = _bench()
+    args = bench.parse_args(["--model", "both", "--compile"])
+    parts = [{"name": "feed-forward (x 12 layers)", "forward": 2e12, "training": 6e12}]
+
+    def run(model: str, compiled: bool, step_s: float) -> object:
+        flops = 6e12
+        return bench.Measurement(
+            model=model, family="hubert", compile=compiled, precision="bf16-mixed", device="NVIDIA H100 80GB HBM3",
+            crops=8, crop_seconds=15.625, audio_seconds_per_step=125.0, warmup=5, steps=20,
+            step_seconds=[step_s] * 20, step_seconds_median=step_s, audio_seconds_per_second=125.0 / step_s,
+            training_flops_per_step=flops, training_flops_per_audio_second=flops / 125.0,
+            achieved_flops_per_second=flops / step_s, peak_flops_per_second=989e12,
+            mfu=flops / step_s / 989e12, peak_memory_bytes=20 * 2 ** 30, loss=6.5, parts=parts)
+
+    runs = [run("BASE", False, 0.05), run("BASE", True, 0.04), run("LARGE", False, 0.125)]
+    info = {"date": "d", "cpu": "c", "cores": "16", "ram": "1 GiB", "python": "3", "torch": "t", "torchaudio": "a",
+            "safetensors": "s", "torch_threads": "1", "rss": "r", "load_start": "0"}
+    setup = bench.ModelSetup("BASE", "hubert", Path("b"), description="`hubert_base_ls960`")
+    text = "\n".join(bench.section_body(runs, args, "cmd", info, "NVIDIA H100 80GB HBM3 (...)", [setup]))
+    assert "GPU: NVIDIA H100 80GB HBM3" in text and "no GPU used" not in text
+    assert "| hubert BASE  | on      | 3,125 " in text  # 125 s / 0.04 s
+    assert "MFU" in text and "15.2 %" in text  # 6e12 / 0.04 / 989e12
+    assert "20.0 GiB" in text and "989 TFLOP/s here" in text
+    assert "best 3,125 (compiled)" in text and "**meets**" in text  # BASE >= 3,000 audio-s/s
+    slow = "\n".join(bench.section_body([run("BASE", False, 0.05)], args, "cmd", info, "g", [setup]))
+    assert "best 2,500 (eager)" in slow and "**misses**" in slow
