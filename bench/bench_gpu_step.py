@@ -781,7 +781,8 @@ def section_body(runs: list[Measurement], args: argparse.Namespace, command: str
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["base", "large", "both"], default="both")
+    ap.add_argument("--model", choices=["base", "large", "both"], default="both",
+                    help="which models (default both; --smoke: the tiny demo model of --family instead)")
     ap.add_argument("--family", choices=["hubert", "wav2vec2"], default="hubert")
     ap.add_argument("--steps", type=int, default=None, help="timed steps (default 20; --smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, not timed, >= 1 (default 5; --smoke 1)")
