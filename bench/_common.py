@@ -306,10 +306,12 @@ def machine_info() -> dict[str, str]:
     }
 
 
-def machine_lines(info: dict[str, str], command: str) -> list[str]:
+def machine_lines(info: dict[str, str], command: str, gpu: str | None = None) -> list[str]:
+    """The header lines of a section; ``gpu``: the GPU the benchmark used (None: none was used)."""
     return [
         f"- Date: {info['date']}",
-        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, no GPU used",
+        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram']} RAM, "
+        + (f"GPU: {gpu}" if gpu else "no GPU used"),
         f"- Software: Python {info['python']}, torch {info['torch']}, torchaudio {info['torchaudio']}, "
         f"safetensors {info['safetensors']} (torch threads: {info['torch_threads']})",
         f"- Command: `{command}` (from the repository root)",

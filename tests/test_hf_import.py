@@ -319,7 +319,7 @@ def test_num_updates_is_stored_or_recorded_as_unknown_and_said(tmp_path):
 
     from continue_pt.module_base import ModuleOptions
     from continue_pt.options import PretrainOptionsWarning
-    from continue_pt.wav2vec2_module import Wav2Vec2ContinuedPretraining
+    from continue_pt.wav2vec2.module import Wav2Vec2ContinuedPretraining
 
     with pytest.warns(PretrainOptionsWarning, match=r"unknown, so the Gumbel temperature starts from 2 .*--num-updates"):
         Wav2Vec2ContinuedPretraining(ModuleOptions(bundle=str(tmp_path / "unknown")))
