@@ -34,7 +34,7 @@ from continue_pt.hubert.objective import (
     unnormalized_loss,
 )
 from continue_pt.masking import MaskingOptions, channel_mask, time_mask
-from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, micro_batch_key
 from continue_pt.module_options import ModuleOptions
 from continue_pt.teacher import OnlineTargets
 
@@ -212,7 +212,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         num_frames = min(frames, int(label_frames))
         if batch_size <= 0 or num_frames <= 0:
             return StepTotals(0, 0, 0)
-        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        rng = np.random.default_rng([self.options.seed, *micro_batch_key(step, micro, rank, self._world()[0])])
         mask, _ = self.draw_masks(plan, (batch_size, num_frames), None, rng)
         return StepTotals.of_masks(mask)
 
@@ -266,7 +266,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
         step, micro, rank, world_size = self.begin_micro_batch()  # dropout and layer drop: seeded per micro-batch
-        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        rng = np.random.default_rng([self.options.seed, *micro_batch_key(step, micro, rank, world_size)])
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
             fgm = 0.0
