@@ -144,6 +144,9 @@ class PretrainOptions:
         speed up reading and cropping audio; more than the CPUs makes torch warn and can stall the loader)."""
         if self.num_workers is not None:
             return self.num_workers
+        per_task = slurm_cpus_per_task()
+        if per_task is not None:  # srun started one process per device, each with its own CPUs
+            return max(0, min(4, per_task))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else 1
         return max(0, min(4, cpus // devices))
@@ -334,6 +337,15 @@ class PretrainOptions:
                       offline_labels=self.labels is not None,
                       num_classes=label_set_size(self.label_dict) if self.labels is not None else None)
         return ModuleOptions.from_hparams(values)
+
+
+def slurm_cpus_per_task() -> int | None:
+    """``--cpus-per-task`` of the SLURM job step this process is a task of (srun: one task per device, the CPUs
+    its own, so they are not shared by the node's devices), else None."""
+    if "SLURM_STEP_ID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return None
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
 
 
 def auto_log_every(max_steps: int) -> int:

@@ -64,15 +64,14 @@ LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")
 def launcher_problems(trainer: pl.Trainer, num_nodes: int, strategy: Any = "auto") -> list[str]:
     """Why a run over ``num_nodes`` machines cannot start here: a strategy that stays on one node, no launcher (the
     process would wait for the other nodes forever: Lightning's default environment assumes node 0 and a free
-    port of its own), or a launcher that disagrees with the options (Lightning's own ``validate_settings``: SLURM's
-    ``--nodes``/``--ntasks-per-node``, torchrun's world size; Lightning checks them only once training starts)."""
-    if num_nodes <= 1:
-        return []
+    port of its own), or a launcher that disagrees with the options, on any number of nodes (Lightning's own
+    ``validate_settings``: SLURM's ``--nodes``/``--ntasks-per-node``, torchrun's world size; Lightning checks them
+    only once training starts, with a traceback)."""
     if trainer.num_nodes != num_nodes:
         return [f"strategy {strategy!r} runs on a single node; num_nodes {num_nodes} needs a distributed strategy "
                 "(auto or ddp)"]
     environment = getattr(trainer.strategy, "cluster_environment", None)
-    if isinstance(environment, LightningEnvironment):
+    if num_nodes > 1 and isinstance(environment, LightningEnvironment):
         missing = [name for name in LAUNCHER_VARIABLES if not os.environ.get(name)]
         if missing:
             return [f"num_nodes {num_nodes} needs a launcher on every node, and none was found (no SLURM job step, "
@@ -89,7 +88,7 @@ def launcher_problems(trainer: pl.Trainer, num_nodes: int, strategy: Any = "auto
             environment.validate_settings(num_devices=trainer.num_devices, num_nodes=num_nodes)
         except (ValueError, RuntimeError) as exc:
             return [f"the launcher ({type(environment).__name__}) disagrees with devices {trainer.num_devices} and "
-                    f"num_nodes {num_nodes}: {str(exc).strip().splitlines()[0]}"]
+                    f"num_nodes {num_nodes}: {str(exc).strip().splitlines()[0].rstrip('.')}"]
     return []
 
 
