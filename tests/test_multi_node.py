@@ -234,3 +234,53 @@ def test_data_workers_under_srun_use_the_tasks_own_cpus(monkeypatch):
     assert options.resolved_num_workers() == 4
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
     assert options.resolved_num_workers() == 2
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def test_resuming_with_another_world_size_says_it_is_not_exact(caplog):
+    """The sampler's position is counted per process: a checkpoint of 2 processes resumed by 1 continues, with a
+    warning that names both counts (the generic 'batching settings changed' one is not what happened)."""
+    import logging
+
+    from continue_pt.batching import BucketBatchSampler
+
+    lengths = [32000] * 8
+    two = BucketBatchSampler(lengths, 2.0, 16000, 250000, shuffle=True, seed=0, num_replicas=2, rank=0)
+    iterator = iter(two)
+    [next(iterator) for _ in range(3)]
+    state = two.state_dict()
+    assert state["num_replicas"] == 2
+    one = BucketBatchSampler(lengths, 2.0, 16000, 250000, shuffle=True, seed=0)
+    with caplog.at_level(logging.WARNING, logger="continue_pt.batching"):
+        one.load_state_dict(state)
+    assert "written by a run of 2 processes (devices x nodes), this one has 1" in caplog.text
+    assert "batching settings changed" not in caplog.text
+    caplog.clear()
+    again = BucketBatchSampler(lengths, 2.0, 16000, 250000, shuffle=True, seed=0, num_replicas=2, rank=1)
+    with caplog.at_level(logging.WARNING, logger="continue_pt.batching"):
+        again.load_state_dict(state)
+    assert not caplog.text  # the same world size: an exact continuation, nothing to say
+
+
+def test_per_term_resume_with_another_accumulate_plans_the_steps_lightning_takes(bundle_dir, audio_dir, tmp_path):
+    """Keeping the global batch while the world size changes means another --accumulate on resume. Lightning then
+    steps when the epoch's batch count reaches a multiple of it, so a step can start off that grid; per-term's
+    plan of the step's masks follows (it raised a RuntimeError before) and matches what the step draws."""
+    import warnings
+
+    from continue_pt.pretrain import PretrainOptions, run_pretraining
+
+    def options(out, **extra):
+        return PretrainOptions(**{**dict(train_data=str(audio_dir), output_dir=str(out), init_from=str(bundle_dir),
+                                         max_steps=2, max_batch_seconds=2.0, min_seconds=1.0, val_fraction=0,
+                                         num_workers=0, warmup_steps=1, checkpoint_every=1, progress_bar=False,
+                                         accelerator="cpu", loss_norm="per-term"), **extra})
+
+    first = run_pretraining(options(tmp_path / "a"))  # one micro-batch a step: checkpoint after 1 batch
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*per-term normalisation is approximate")
+        resumed = run_pretraining(options(tmp_path / "b", init_from=None, accumulate=2, max_steps=3,
+                                          resume=str(first.checkpoint_dir / "step-step=1.ckpt")))
+    assert torch.load(resumed.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3

@@ -228,10 +228,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         accumulate = trainer.accumulate_grad_batches
         counts = [first_counts]
         if accumulate > 1:
-            if batch_idx % accumulate:
-                raise RuntimeError(f"batch {batch_idx} starts an optimizer step but is not a multiple of "
-                                   f"accumulate_grad_batches={accumulate}")
-            stop = batch_idx + accumulate
+            # Lightning steps once the epoch's batch count reaches a multiple of N; after a resume with another N
+            # (or world size) a step can start off that grid: it then ends at the next multiple
+            stop = (batch_idx // accumulate + 1) * accumulate
             num_batches = trainer.num_training_batches
             if isinstance(num_batches, int) or math.isfinite(num_batches):
                 stop = min(stop, int(num_batches))
