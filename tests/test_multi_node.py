@@ -284,3 +284,32 @@ def test_per_term_resume_with_another_accumulate_plans_the_steps_lightning_takes
         resumed = run_pretraining(options(tmp_path / "b", init_from=None, accumulate=2, max_steps=3,
                                           resume=str(first.checkpoint_dir / "step-step=1.ckpt")))
     assert torch.load(resumed.checkpoint_dir / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ random keys
+
+
+@pytest.mark.parametrize("world_size, accumulate", [(2, 1), (4, 1), (2, 2), (3, 2)])
+def test_every_batch_gets_the_same_random_key_however_the_global_batch_is_split(world_size, accumulate):
+    """Both families seed masks, dropout, noise and negatives from ``micro_batch_key``: for every batch of an
+    epoch, the key it gets on rank r of ``world_size`` accumulating ``accumulate`` equals the key one process
+    accumulating ``world_size * accumulate`` gives it (the sampler deals batch i to rank i % world_size)."""
+    from continue_pt.batching import BucketBatchSampler
+    from continue_pt.module_base import micro_batch_key
+
+    lengths = [16000] * 48  # 24 batches of two 1-second files: divisible by every world size here
+    global_batch = world_size * accumulate
+
+    def keys(replicas: int, per_step: int) -> dict[tuple[int, ...], tuple[int, int, int]]:
+        found = {}
+        for rank in range(replicas):
+            sampler = BucketBatchSampler(lengths, 2.0, 16000, 250000, shuffle=True, seed=3, num_replicas=replicas,
+                                         rank=rank)
+            for i, batch in enumerate(sampler):
+                found[tuple(batch)] = micro_batch_key(i // per_step, i % per_step, rank, replicas)
+        return found
+
+    one = keys(1, global_batch)
+    split = keys(world_size, accumulate)
+    assert len(one) == 24 and split == one
+    assert len(set(one.values())) == 24  # every micro-batch of the epoch draws from its own stream
