@@ -338,11 +338,18 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "seed": self.seed, "batches_done": self._yielded,
-                "num_batches": len(self), "fingerprint": self.fingerprint}
+                "num_batches": len(self), "fingerprint": self.fingerprint, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from ``state``: the next iteration starts at batch ``batches_done`` of ``epoch``."""
-        if state.get("fingerprint") != self.fingerprint:
+        replicas = state.get("num_replicas", self.num_replicas)  # checkpoints before it was recorded: unknown
+        if replicas != self.num_replicas:
+            logger.warning("the checkpoint was written by a run of %d processes (devices x nodes), this one has %d: "
+                           "it continues, but not exactly: the position in epoch %d (%d batches) was counted per "
+                           "process, so part of that epoch is trained on again or skipped; resume with the same "
+                           "number of processes for an exact continuation",
+                           replicas, self.num_replicas, state["epoch"], state["batches_done"])
+        elif state.get("fingerprint") != self.fingerprint:
             logger.warning("the training data or batching settings changed since the checkpoint: resuming epoch %d "
                            "after %d batches, but the batch order differs from the interrupted run's",
                            state["epoch"], state["batches_done"])

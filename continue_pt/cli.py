@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from bundles.errors import FileProblem
-from continue_pt.options import option_default
+from continue_pt.options import ACCELERATORS, option_default
 
 
 class _Cli(click.Group):
@@ -284,6 +284,13 @@ _PRETRAIN_FLAGS = [
                                             "bf16-mixed on a GPU, 32-true on a CPU")),
     click.option("--devices", help=_shown("Devices (Lightning syntax: a count such as 4, -1 or auto for all, GPU ids "
                                           "such as 0,1).", _default("devices"))),
+    click.option("--accelerator", type=click.Choice(ACCELERATORS),
+                 help=_shown("Lightning accelerator (cpu: train on the CPU even where a GPU is).",
+                             _default("accelerator"))),
+    click.option("--num-nodes", type=int,
+                 help=_shown("Machines the run spans, each with --devices devices; launched by srun (SLURM), "
+                             "torchrun or MASTER_ADDR/MASTER_PORT/NODE_RANK on each node (see the README).",
+                             _default("num_nodes"))),
     click.option("--loss-norm", type=click.Choice(["fairseq", "torchaudio", "per-term"]),
                  help=_shown("Loss normalisation (fairseq: sum / total sample size over the step).",
                              _default("loss_norm"))),

@@ -19,7 +19,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGUSR1,) if hasattr(signal, "SIGUSR1") else ()))
+"""SIGUSR1 is what SLURM jobs are usually told to send before their time limit (``#SBATCH --signal=USR1@120``);
+Lightning's own SLURM auto-requeue, which would save mid-step, is off (``continue_pt.trainer_config``)."""
 
 
 class RunInterrupted(Exception):

@@ -45,6 +45,16 @@ def seed_of(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, np.uint64)[0] % (2 ** 63))
 
 
+def micro_batch_key(step: int, micro: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """What the random draws of micro-batch ``micro`` of optimizer step ``step`` on global ``rank`` are seeded
+    with: ``(step, micro * world_size + rank, 0)``, its place in the step's global batch. The sampler deals the
+    epoch's batches round-robin (batch i to rank i % world_size), so rank r's m-th micro-batch of a step is the
+    global batch's micro-batch ``m * world_size + r``: masks, dropout and noise follow the batch, not how the global
+    batch is split over devices, nodes and accumulation (2 nodes of 1 device draw what 1 device accumulating 2
+    micro-batches draws). On one process it is ``(step, micro, 0)``, the key of earlier versions."""
+    return step, micro * world_size + rank, 0
+
+
 class SkippedStepWarning(RuntimeWarning):
     """An optimizer step was skipped because its loss or gradient was not finite."""
 
@@ -95,11 +105,11 @@ class ContinuedPretrainingBase(pl.LightningModule):
 
     def begin_micro_batch(self) -> tuple[int, int, int, int]:
         """``(step, micro-batch, rank, world size)`` of the micro-batch about to run, with torch's global RNG (dropout,
-        layer drop, Gumbel noise) seeded from ``(seed, step, micro-batch, rank)``: an exact resume."""
+        layer drop, Gumbel noise) seeded from the seed and :func:`micro_batch_key`: an exact resume."""
         world_size, rank = self._world()
         step, micro = int(self.global_step), self._micro_index
         self._micro_index += 1
-        torch.manual_seed(seed_of(self.options.seed, 1, step, micro, rank))
+        torch.manual_seed(seed_of(self.options.seed, 1, *micro_batch_key(step, micro, rank, world_size)))
         return step, micro, rank, world_size
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

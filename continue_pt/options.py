@@ -76,6 +76,11 @@ class PretrainOptions:
     """None: "bf16-mixed" on a GPU with native bf16 (compute capability >= 8.0), else "32-true" (V100/T4 only
     emulate bf16; CPU). "16-mixed" is allowed with a warning (fp16 goes NaN)."""
     devices: int | str = 1
+    """Devices per node (Lightning's ``devices``)."""
+    num_nodes: int = 1
+    """Machines the run spans (Lightning's ``num_nodes``), each running ``devices`` processes: launched by SLURM's
+    ``srun``, ``torchrun`` or one command per node with Lightning's MASTER_ADDR/MASTER_PORT/NODE_RANK (see
+    ``continue_pt.trainer_config.launcher_problems``). More than one node means DDP (``strategy`` "auto")."""
     accelerator: str = "auto"
     strategy: str = "auto"
     """Lightning's strategy name. "auto": DDP on more than one device, with find_unused_parameters=True when layer
@@ -139,6 +144,9 @@ class PretrainOptions:
         speed up reading and cropping audio; more than the CPUs makes torch warn and can stall the loader)."""
         if self.num_workers is not None:
             return self.num_workers
+        per_task = slurm_cpus_per_task()
+        if per_task is not None:  # srun started one process per device, each with its own CPUs
+            return max(0, min(4, per_task))
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         devices = self.devices if isinstance(self.devices, int) and self.devices > 0 else 1
         return max(0, min(4, cpus // devices))
@@ -331,6 +339,15 @@ class PretrainOptions:
         return ModuleOptions.from_hparams(values)
 
 
+def slurm_cpus_per_task() -> int | None:
+    """``--cpus-per-task`` of the SLURM job step this process is a task of (srun: one task per device, the CPUs
+    its own, so they are not shared by the node's devices), else None."""
+    if "SLURM_STEP_ID" not in os.environ or "SLURM_NTASKS" not in os.environ:
+        return None
+    value = os.environ.get("SLURM_CPUS_PER_TASK", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def auto_log_every(max_steps: int) -> int:
     """Every step of a short run (<= 100 steps), about 50 points for a longer one, at most every 50 steps."""
     return min(50, max(1, max_steps // 50))
@@ -397,7 +414,8 @@ def unknown_option_problem(name: str, known: set[str]) -> str:
 _AT_LEAST = {"max_steps": 1, "accumulate": 1, "max_bad_steps": 1, "checkpoint_every": 1, "log_every": 1, "max_sample_size": 1,
              "warmup_steps": 0, "head_only_steps": 0, "num_workers": 0, "freeze_feature_extractor_steps": 0,
              "min_seconds": 0, "unmasked_weight": 0, "feature_penalty_weight": 0, "diversity_weight": 0,
-             "num_negatives": 1, "gradient_clip_val": 0, "val_check_interval": 1, "codebook_warn_threshold": 0}
+             "num_negatives": 1, "gradient_clip_val": 0, "val_check_interval": 1, "codebook_warn_threshold": 0,
+             "num_nodes": 1}
 _ABOVE = {"lr": 0, "max_batch_seconds": 0}
 
 

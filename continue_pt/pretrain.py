@@ -172,9 +172,9 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     stop, lifecycle, csv_logger = _lifecycle(options, out, checkpoint_dir)
     trainer = built_trainer(
         options.output_dir,
-        accelerator=options.accelerator, devices=options.devices,
+        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
         strategy=choose_strategy(options.strategy, options.accelerator, options.devices, module,
-                                 options.freeze_feature_extractor_steps),
+                                 options.freeze_feature_extractor_steps, num_nodes=options.num_nodes),
         precision=options.resolved_precision(), max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *lifecycle, *(callbacks or [])],

@@ -68,10 +68,11 @@ def unused_parameter_reasons(module: nn.Module, freeze_feature_extractor_steps: 
 
 
 def choose_strategy(strategy: Any, accelerator: str, devices: Any, module: nn.Module,
-                    freeze_feature_extractor_steps: int = 0) -> Any:
+                    freeze_feature_extractor_steps: int = 0, num_nodes: int = 1) -> Any:
     """``strategy`` unless it is ``"auto"`` and DDP would hang on parameters without gradient (see the module
-    docstring): then :data:`FIND_UNUSED`."""
-    if strategy != "auto" or device_count(accelerator, devices) < 2:
+    docstring): then :data:`FIND_UNUSED`. DDP runs on more than one device in all: ``devices`` on each of
+    ``num_nodes`` nodes (Lightning's "auto" is DDP whenever ``num_nodes`` > 1)."""
+    if strategy != "auto" or device_count(accelerator, devices) * num_nodes < 2:
         return strategy
     reasons = unused_parameter_reasons(module, freeze_feature_extractor_steps)
     if not reasons:

@@ -406,7 +406,7 @@ def test_sampler_state_resumes_with_the_next_batch():
     head = [next(iterator) for _ in range(5)]
     state = sampler.state_dict()
     assert state == {"epoch": 3, "seed": 7, "batches_done": 5, "num_batches": len(full),
-                     "fingerprint": sampler.fingerprint}
+                     "fingerprint": sampler.fingerprint, "num_replicas": 1}
 
     resumed = BucketBatchSampler(lengths, 20, SR, 250000, shuffle=True, seed=0)  # the checkpoint's seed wins
     resumed.load_state_dict(state)

@@ -34,7 +34,7 @@ from continue_pt.hubert.objective import (
     unnormalized_loss,
 )
 from continue_pt.masking import MaskingOptions, channel_mask, time_mask
-from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, micro_batch_key
 from continue_pt.module_options import ModuleOptions
 from continue_pt.teacher import OnlineTargets
 
@@ -211,7 +211,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         num_frames = min(frames, int(label_frames))
         if batch_size <= 0 or num_frames <= 0:
             return StepTotals(0, 0, 0)
-        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        rng = np.random.default_rng([self.options.seed, *micro_batch_key(step, micro, rank, self._world()[0])])
         mask, _ = self.draw_masks(plan, (batch_size, num_frames), None, rng)
         return StepTotals.of_masks(mask)
 
@@ -227,10 +227,9 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         accumulate = trainer.accumulate_grad_batches
         counts = [first_counts]
         if accumulate > 1:
-            if batch_idx % accumulate:
-                raise RuntimeError(f"batch {batch_idx} starts an optimizer step but is not a multiple of "
-                                   f"accumulate_grad_batches={accumulate}")
-            stop = batch_idx + accumulate
+            # Lightning steps once the epoch's batch count reaches a multiple of N; after a resume with another N
+            # (or world size) a step can start off that grid: it then ends at the next multiple
+            stop = (batch_idx // accumulate + 1) * accumulate
             num_batches = trainer.num_training_batches
             if isinstance(num_batches, int) or math.isfinite(num_batches):
                 stop = min(stop, int(num_batches))
@@ -265,7 +264,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         if is_empty(batch):
             return self._empty_micro_batch(batch_idx)
         step, micro, rank, world_size = self.begin_micro_batch()  # dropout and layer drop: seeded per micro-batch
-        rng = np.random.default_rng([self.options.seed, step, micro, rank])
+        rng = np.random.default_rng([self.options.seed, *micro_batch_key(step, micro, rank, world_size)])
         fgm = self.feature_grad_mult
         if step < self.options.freeze_feature_extractor_steps:
             fgm = 0.0

@@ -22,7 +22,7 @@ from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, zero_loss
 from continue_pt.frames import conv_output_frames
 from continue_pt.masking import MaskingOptions, time_mask
-from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, seed_of
+from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, micro_batch_key, seed_of
 from continue_pt.module_options import ModuleOptions
 from continue_pt.wav2vec2.objective import (
     Wav2Vec2LossTerms,
@@ -192,7 +192,7 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         step, micro, rank, world_size = self.begin_micro_batch()  # dropout, layer drop, Gumbel noise: seeded
         self.student.quantizer.set_num_updates(self.temperature_updates())
         fgm = 0.0 if step < self.options.freeze_feature_extractor_steps else self.objective.feature_grad_mult
-        out, terms = self._forward(batch, (self.options.seed, step, micro, rank), fgm)
+        out, terms = self._forward(batch, (self.options.seed, *micro_batch_key(step, micro, rank, world_size)), fgm)
         unnormalized = unnormalized_loss(terms, self.objective.weights)  # divided by the step's S in the step hook
         self._add_stats(out, terms, unnormalized.detach(), batch)
         return unnormalized * (self.trainer.accumulate_grad_batches * world_size)
