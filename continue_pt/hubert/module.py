@@ -52,7 +52,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         options = self.take_options(options, "hubert")
 
         bundle = load_bundle(options.bundle)
-        if bundle.kind != "pretrain" and options.hubert.reinit_label_head:  # encoder-only (CTC, torchaudio): a new head
+        if bundle.kind != "pretrain" and options.hubert.reinit_label_head:  # encoder-only: a new head
             from bundles.new_label_head import with_new_label_head
 
             bundle = with_new_label_head(bundle)
