@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 # PIP_CONSTRAINT overrides any machine-wide constraint file (this machine's caps torch at a version that breaks torchaudio).
 PIPENV := PIP_CONSTRAINT=$(CURDIR)/constraints.txt PIP_DISABLE_PIP_VERSION_CHECK=1
 
-.PHONY: demo test install install-test clean
+.PHONY: demo test test-fast install install-test clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
+
+# The fast lane: everything but the tests marked slow (parity sweeps, DDP, subprocess runs); same set-up.
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -135,8 +135,8 @@ def main() -> None:
             "Lightning's bf16-mixed runs it. Models, audio and k-means: see the script's docstring (the BASE-sized "
             "teacher has random weights).", "", rows_table(rows), "",
             "- Decision: `OnlineTargets` runs the teacher and the k-means with autocast disabled, in fp32, so online "
-            "targets equal `labels dump`'s (tested: `tests/test_gpu_path_targets.py`). The teacher's share of a "
-            "step is in bench_train_step (c)."]
+            "targets equal `labels dump`'s (tested: `tests/continue_pt/test_gpu_path_targets.py`). The teacher's "
+            "share of a step is in bench_train_step (c)."]
     C.publish_or_print(SECTION, body, args.publish)
 
 

@@ -73,7 +73,8 @@ def _dropouts(projection: float, attention: float, ff: float, dropout: float, la
 
 
 # Heads, pre-/post-LN and dropouts as torchaudio's pipelines (pipelines/_wav2vec2/impl.py) give them for these models;
-# tests/test_torchaudio_import.py checks the table against torchaudio's own pipeline parameters and the catalogue.
+# tests/converters/test_torchaudio_import.py checks the table against torchaudio's pipeline parameters and the
+# catalogue.
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("HuBERT BASE", "hubert", ("hubert_base_ls960",), "group_norm", False, 768, 3072, 12, False, 12,
                  _dropouts(0.1, 0.1, 0.0, 0.1, 0.05)),

@@ -1,4 +1,4 @@
-"""Audio and a short training run for the positive ``kmeans check`` test (tests/test_kmeans_check.py).
+"""Audio and a short training run for the positive ``kmeans check`` test (tests/continue_pt/test_kmeans_check.py).
 
 The tiny demo model is a random-init HuBERT, and its k-means labels frame by frame: on ``demo_audio`` (tones whose
 pitch and loudness drift continuously) consecutive frames get different cluster ids ~85 % of the time, so the id of a

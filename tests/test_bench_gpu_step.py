@@ -38,6 +38,7 @@ def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["hubert", "wav2vec2"])
 def test_smoke_mode_trains_and_reports(tmp_path, family):
     before = RESULTS.read_bytes() if RESULTS.exists() else None
@@ -119,6 +120,7 @@ def test_peak_flops_table():
     assert bench.peak_flops("Tesla T4", "32", 65e12) == 65e12
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the real benchmark")
 def test_without_a_gpu_it_refuses_and_writes_nothing(tmp_path):
     before = RESULTS.read_bytes() if RESULTS.exists() else None
@@ -133,6 +135,7 @@ def test_without_a_gpu_it_refuses_and_writes_nothing(tmp_path):
     assert work.exists() == work_before  # no model was built
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["hubert_base_ls960", "hubert_large_ll60k", "wav2vec_small", "libri960_big"])
 def test_committed_configs_are_what_the_converter_writes(tmp_path, config):
     """Where fairseq is missing (a GPU machine's bare image) the benchmark builds its models from

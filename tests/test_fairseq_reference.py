@@ -67,6 +67,7 @@ def test_config_names_are_the_stored_files() -> None:
     assert fr.load_config("hubert_base_ls960")["num_classes"] == [504]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", fr.CONFIG_NAMES)
 def test_build(name: str) -> None:
     from fairseq.data import Dictionary
@@ -130,6 +131,7 @@ def test_dictionary_order() -> None:
     assert len(fr.letter_dictionary()) == 32
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("era", fr.ERAS)
 @pytest.mark.parametrize("name", fr.CONFIG_NAMES)
 def test_checkpoint_roundtrip(name: str, era: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

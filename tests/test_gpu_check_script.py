@@ -13,6 +13,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine the script runs the real checks (minutes)")
 def test_gpu_check_skips_cleanly_without_a_gpu():
     results = ROOT / "bench" / "RESULTS.md"

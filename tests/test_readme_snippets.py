@@ -40,6 +40,7 @@ def _run(snippet: str, cwd: Path, check: str) -> str:
     return done.stdout
 
 
+@pytest.mark.slow
 def test_the_fairseq_snippet_loads_the_export(continued_bundle, tmp_path):
     from tests.reference import require
 
@@ -54,6 +55,7 @@ def test_the_fairseq_snippet_loads_the_export(continued_bundle, tmp_path):
     assert name == "HubertModel" and "(24, 32)" in out  # 20 clusters + 4 specials, the head's width
 
 
+@pytest.mark.slow
 def test_the_transformers_snippet_loads_the_export(continued_bundle, tmp_path):
     from tests.reference import require
 

@@ -21,7 +21,7 @@ How this differs from the modules' own ``forward``:
   does the same, and so does :func:`hubert_forward`.
 * Logits: fairseq's ``compute_nce`` scores each frame against ``[positive, every row]`` with the positive's
   own row set to ``-inf`` and takes class 0; that is cross-entropy over the plain row logits with the target
-  row as class (``tests/test_hubert_objective.py`` proves it, value and gradient). fairseq's softmax includes
+  row as class (``tests/continue_pt/test_hubert_objective.py`` proves it). fairseq's softmax includes
   the label rows of the dictionary's special symbols (``<s> <pad> </s> <unk>``); a bundle keeps them in
   ``bundle.fairseq_extras()["label_embeddings_non_cluster"]`` and ``extra_label_embeddings`` appends them as
   classes that are never targets. Cosines are computed as normalised matrix products in fp32 (memory

@@ -1,0 +1,1 @@
+"""Tests of the ``continue_pt`` package."""
