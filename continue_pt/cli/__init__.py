@@ -17,6 +17,11 @@ from typing import Any
 import click
 
 from bundles.errors import FileProblem
+from continue_pt.cli.convert_cmds import catalogue, convert, download, inspect, verify
+from continue_pt.cli.demo_cmd import demo
+from continue_pt.cli.export_cmd import export, plot
+from continue_pt.cli.kmeans_cmds import kmeans, labels
+from continue_pt.cli.pretrain_cmd import pretrain
 
 
 class _Cli(click.Group):
@@ -61,18 +66,12 @@ def cli() -> None:
     """
 
 
+# One module per verb group; each imports its heavy dependencies (torch, Lightning, the converters) only when its
+# command runs, so that `continue-pt --help` and a bad option answer at once.
+for _command in (convert, inspect, verify, download, catalogue, pretrain, export, plot, kmeans, labels, demo):
+    cli.add_command(_command)
+
 
 def main() -> None:
     cli(prog_name="continue-pt")
 
-
-# The commands, one module per verb group; each imports its heavy dependencies (torch, Lightning, the converters)
-# only when it runs, so that `continue-pt --help` and a bad option answer at once.
-from continue_pt.cli.convert_cmds import catalogue, convert, download, inspect, verify  # noqa: E402
-from continue_pt.cli.demo_cmd import demo  # noqa: E402
-from continue_pt.cli.export_cmd import export, plot  # noqa: E402
-from continue_pt.cli.kmeans_cmds import kmeans, labels  # noqa: E402
-from continue_pt.cli.pretrain_cmd import pretrain  # noqa: E402
-
-for _command in (convert, inspect, verify, download, catalogue, pretrain, export, plot, kmeans, labels, demo):
-    cli.add_command(_command)
