@@ -17,6 +17,10 @@ from continue_pt.hubert import records as hubert_records
 from continue_pt.wav2vec2 import options as wav2vec2_options
 
 
+def _no_problems(options: Any) -> list[str]:
+    return []
+
+
 def _no_new_head(options: Any, config: Any) -> bool:
     return False
 
@@ -48,6 +52,9 @@ class Family:
     bundle_problems: Callable[..., list[str]]
     """``(options, bundle, kmeans, kmeans_name)`` -> the problems of the ``PretrainOptions`` against a loaded
     starting bundle of this family (it may warn too); imports what it needs when called."""
+    option_problems: Callable[[Any], list[str]] = _no_problems
+    """``(options)`` -> problems of this family's ``PretrainOptions`` that exclude or need each other, visible
+    without reading a file (checked whatever the starting bundle's family: it is not known yet)."""
     new_head_possible: Callable[[Any, Any], bool] = _no_new_head
     """``(options, config)``: whether a bundle of this family without a pre-training head continues with a new one."""
     export_config: Callable[[Any, Mapping[str, Any], Mapping[str, Any]], None] = _config_unchanged
@@ -69,6 +76,7 @@ FAMILIES: dict[str, Family] = {
                      hubert_options.HubertOptions, label_file_options=("labels", "label_dict", "val_labels"),
                      without="HuBERT has no quantizer or negatives",
                      describe_targets=hubert_options.describe_targets, bundle_problems=hubert_options.bundle_problems,
+                     option_problems=hubert_options.option_problems,
                      new_head_possible=hubert_options.new_head_possible, export_config=hubert_records.export_config,
                      checkpoint_facts=hubert_records.checkpoint_facts),
     "wav2vec2": Family("wav2vec2", "wav2vec 2.0", "continue_pt.wav2vec2.module:Wav2Vec2ContinuedPretraining",

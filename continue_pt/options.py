@@ -20,6 +20,7 @@ from typing import Any
 from bundles.errors import BundleError, FileProblem
 from continue_pt.families import FAMILIES, family_of_option
 from continue_pt.hubert.options import LOSS_NORMS
+from continue_pt.lightning_choices import devices_problem, strategy_problem
 from continue_pt.option_types import coerce, type_problem
 
 DEFAULT_PEAK_LR = 5e-5
@@ -177,29 +178,14 @@ class PretrainOptions:
                 problems.append(f"{name}: {value} does not exist")
         problems += _range_problems(self)
         problems += _choice_problems(self)
-        problems += self._target_option_problems()
+        for family in FAMILIES.values():  # each family's options that exclude or need each other
+            problems += family.option_problems(self)
         problems += self._starting_bundle_problems()
         out = Path(self.output_dir)
         if self.output_dir and self.resume is None and (out / "bundle").exists() and not self.overwrite:
             problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
         if not problems and self.init_from is not None and self.warmup_steps > self.max_steps:
             warnings.warn(warmup_warning(self), PretrainOptionsWarning, stacklevel=2)
-        return problems
-
-    def _target_option_problems(self) -> list[str]:
-        problems = []
-        if (self.labels is None) != (self.label_dict is None):
-            problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
-        if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
-            problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
-        if self.val_labels is not None and self.labels is None:
-            problems.append("val_labels (a .km file for val_data) goes with labels (offline targets)")
-        if self.labels is not None and self.val_data is not None and self.val_labels is None:
-            problems.append(f"val_data {self.val_data} has no frame labels while train_data has (labels): pass "
-                            "--val-labels (the .km file written for it), or leave out --val-data to hold out "
-                            "val_fraction of train_data")
-        if self.head_only_steps and not self.reinit_label_head:
-            problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
         return problems
 
     def validate(self, kmeans: Any = None, kmeans_name: str | None = None) -> None:
@@ -407,31 +393,3 @@ def _choice_problems(options: PretrainOptions) -> list[str]:
     if strategy:
         problems.append(strategy)
     return problems
-
-
-def strategy_problem(strategy: str) -> str | None:
-    """A strategy name Lightning does not know. Lightning is imported only when one is given (not for "auto")."""
-    if strategy == "auto":
-        return None
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    known = StrategyRegistry.available_strategies()
-    if strategy in known:
-        return None
-    close = difflib.get_close_matches(str(strategy), known, n=3, cutoff=0.4)  # closest first
-    ordered = close + [name for name in known if name not in close]
-    return f"strategy is {strategy!r}; expected auto or one of Lightning's strategies: {', '.join(ordered)}"
-
-
-def devices_problem(devices: int | str) -> str | None:
-    """Lightning's ``devices``: a count >= 1, -1 or "auto" (all), or a comma-separated list of GPU ids."""
-    text = str(devices).strip()
-    if text == "auto" or text == "-1":
-        return None
-    if text.isdigit() and int(text) >= 1:
-        return None
-    ids = [part.strip() for part in text.split(",") if part.strip()]
-    if "," in text and ids and all(part.isdigit() for part in ids):
-        return None
-    return (f"devices is {devices!r}; expected a number of devices >= 1 (e.g. 1 or 4), -1 or auto for all of them, "
-            "or a comma-separated list of GPU ids (e.g. 0,1)")

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from continue_pt.options import PretrainOptions
 
 LOSS_NORMS = ("fairseq", "torchaudio", "per-term")
-"""The loss normalisations (``continue_pt.hubert.objective.LOSS_MODES``)."""
+"""The loss normalisations (``continue_pt.hubert.loss.LOSS_MODES``)."""
 
 
 @dataclass
@@ -58,6 +58,25 @@ def describe_targets(options: Mapping[str, Any]) -> tuple[str | None, str]:
         return None, "offline frame labels"
     teacher = options.get("teacher") or options.get("bundle")
     return teacher, f"online: teacher {teacher}, k-means {options.get('kmeans') or 'of the teacher bundle'}"
+
+
+def option_problems(options: PretrainOptions) -> list[str]:
+    """HuBERT's target options that exclude or need each other (offline labels against online teacher/k-means,
+    the label files together, the head warm-up against a re-initialised head); no file is read."""
+    problems = []
+    if (options.labels is None) != (options.label_dict is None):
+        problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
+    if options.labels is not None and (options.teacher is not None or options.kmeans is not None):
+        problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
+    if options.val_labels is not None and options.labels is None:
+        problems.append("val_labels (a .km file for val_data) goes with labels (offline targets)")
+    if options.labels is not None and options.val_data is not None and options.val_labels is None:
+        problems.append(f"val_data {options.val_data} has no frame labels while train_data has (labels): pass "
+                        "--val-labels (the .km file written for it), or leave out --val-data to hold out "
+                        "val_fraction of train_data")
+    if options.head_only_steps and not options.reinit_label_head:
+        problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
+    return problems
 
 
 def new_head_possible(options: PretrainOptions, config: BundleConfig) -> bool:
