@@ -52,6 +52,7 @@ def test_structural_checks_ask_every_family_for_its_option_rules(monkeypatch, tm
     assert "labels (a .km file) and label_dict (dict.km.txt) go together" in problems  # HuBERT's entry, unchanged
 
 
+@pytest.mark.slow  # loads the bundle and Lightning's trainer checks
 def test_the_loaded_bundle_is_checked_by_its_own_family_only(monkeypatch, tmp_path, w2v_bundle_dir):
     calls = []
 
