@@ -163,7 +163,7 @@ class Steps:
         from fairseq.criterions.hubert_criterion import HubertCriterion
 
         from bundles.kmeans import KMeansModel
-        from continue_pt.hubert.objective import LossWeights
+        from continue_pt.hubert.loss import LossWeights
         from continue_pt.teacher import OnlineTargets
 
         self.torch = torch
@@ -204,7 +204,8 @@ class Steps:
                 "grad_norm": _grad_norm(self.fs_model.parameters(), size)}
 
     def ours(self, seed: int) -> dict[str, Any]:
-        from continue_pt.hubert.objective import StepTotals, hubert_forward, hubert_loss_terms, normalized_loss
+        from continue_pt.hubert.loss import StepTotals, hubert_loss_terms, normalized_loss
+        from continue_pt.hubert.objective import hubert_forward
 
         b = self.batch
         self.model.zero_grad(set_to_none=True)

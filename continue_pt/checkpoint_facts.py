@@ -35,14 +35,11 @@ def describe_training_checkpoint(path: str | Path) -> dict[str, Any]:
         "num_updates": (config.get("num_updates") or 0) + steps,
         "data": (checkpoint.get("AudioDataModule") or {}).get("train_source"),
     }
-    teacher, facts["targets"] = FAMILIES[family].describe_targets(options) if family in FAMILIES else (None, None)
-    if family == "hubert":
-        facts["teacher"] = teacher
-        stored = extra.get("kmeans") if isinstance(extra.get("kmeans"), dict) else {}
-        facts["num_classes"] = extra.get("num_classes")
-        if stored.get("layer") is not None:
-            facts["kmeans_layer"] = stored.get("layer")
-        facts["label_head_reinitialised"] = bool(options.get("reinit_label_head"))
+    if family in FAMILIES:
+        facts["targets"] = FAMILIES[family].describe_targets(options)[1]
+        facts.update(FAMILIES[family].checkpoint_facts(extra, options))  # HuBERT: teacher, K, k-means layer
+    else:
+        facts["targets"] = None
     facts.update({"loss_norm": extra.get("loss_norm"), "peak_lr": options.get("lr"),
                   "warmup_steps": options.get("warmup_steps"), "schedule": options.get("schedule"),
                   "seed": options.get("seed"), "lightning_version": checkpoint.get("pytorch-lightning_version")})

@@ -87,15 +87,6 @@ def student_tensors(checkpoint: dict[str, Any]) -> tuple[dict[str, Tensor], Tens
     return model, state.get(EXTRA_ROWS_KEY)
 
 
-def _label_dictionary(num_classes: int, previous: dict[str, Any] | None) -> dict[str, Any]:
-    if previous and previous.get("num_clusters") == num_classes:
-        return previous
-    specials = ["<s>", "<pad>", "</s>", "<unk>"]
-    return {"num_clusters": num_classes, "source_symbols": specials + [str(c) for c in range(num_classes)],
-            "cluster_rows": [len(specials) + c for c in range(num_classes)], "non_cluster_symbols": specials,
-            "missing_clusters": [], "assumed_default_order": False}
-
-
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: bool = False,
                       train_data: str | None = None) -> Path:
     """Write the student of a training checkpoint as a bundle in ``out_dir``; returns ``out_dir``.
@@ -118,13 +109,9 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, overwrite: boo
         raise BundleError(path, f"was written for a {config.family!r} model, which this version cannot export",
                           hint=_NOT_OURS_HINT)
 
-    if config.family == "hubert":
-        num_classes = int(extra.get("num_classes", model_state["logit_generator.label_embeddings"].shape[0]))
-        previous_classes = (config.pretrain_args or {}).get("num_classes")
-        config.pretrain_args = {**(config.pretrain_args or {}), "num_classes": num_classes}
-        config.label_dictionary = _label_dictionary(
-            num_classes, config.label_dictionary if num_classes == previous_classes else None)
-    teacher, targets = FAMILIES[config.family].describe_targets(options)
+    family = FAMILIES[config.family]
+    family.export_config(config, extra, model_state)  # HuBERT: the label set the head was trained on
+    teacher, targets = family.describe_targets(options)
     # num_updates continues (for wav2vec 2.0 so does the Gumbel temperature, which follows it)
     start_updates = config.num_updates or 0
     config.num_updates = start_updates + steps

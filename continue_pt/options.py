@@ -20,6 +20,7 @@ from typing import Any
 from bundles.errors import BundleError, FileProblem
 from continue_pt.families import FAMILIES, family_of_option
 from continue_pt.hubert.options import LOSS_NORMS
+from continue_pt.lightning_choices import devices_problem, strategy_problem
 from continue_pt.option_types import coerce, type_problem
 
 DEFAULT_PEAK_LR = 5e-5
@@ -177,29 +178,14 @@ class PretrainOptions:
                 problems.append(f"{name}: {value} does not exist")
         problems += _range_problems(self)
         problems += _choice_problems(self)
-        problems += self._target_option_problems()
+        for family in FAMILIES.values():  # each family's options that exclude or need each other
+            problems += family.option_problems(self)
         problems += self._starting_bundle_problems()
         out = Path(self.output_dir)
         if self.output_dir and self.resume is None and (out / "bundle").exists() and not self.overwrite:
             problems.append(f"{out / 'bundle'} already exists; choose another output_dir or pass --overwrite")
         if not problems and self.init_from is not None and self.warmup_steps > self.max_steps:
             warnings.warn(warmup_warning(self), PretrainOptionsWarning, stacklevel=2)
-        return problems
-
-    def _target_option_problems(self) -> list[str]:
-        problems = []
-        if (self.labels is None) != (self.label_dict is None):
-            problems.append("labels (a .km file) and label_dict (dict.km.txt) go together")
-        if self.labels is not None and (self.teacher is not None or self.kmeans is not None):
-            problems.append("labels (offline targets) exclude teacher/kmeans (online targets)")
-        if self.val_labels is not None and self.labels is None:
-            problems.append("val_labels (a .km file for val_data) goes with labels (offline targets)")
-        if self.labels is not None and self.val_data is not None and self.val_labels is None:
-            problems.append(f"val_data {self.val_data} has no frame labels while train_data has (labels): pass "
-                            "--val-labels (the .km file written for it), or leave out --val-data to hold out "
-                            "val_fraction of train_data")
-        if self.head_only_steps and not self.reinit_label_head:
-            problems.append("head_only_steps warms up a re-initialised label head: add reinit_label_head")
         return problems
 
     def validate(self, kmeans: Any = None, kmeans_name: str | None = None) -> None:
@@ -219,7 +205,7 @@ class PretrainOptions:
         """Problems that need the starting bundle, the checkpoint, the teacher and the k-means read (files that do
         not exist are left to :meth:`structural_problems`)."""
         from bundles.loading import load_bundle
-        from continue_pt.export import read_training_checkpoint, training_teacher
+        from continue_pt.export import read_training_checkpoint
 
         problems: list[str] = []
         bundle = None
@@ -228,8 +214,6 @@ class PretrainOptions:
                 bundle = load_bundle(self.init_from)
             except BundleError as exc:
                 problems.append(str(exc))
-            if bundle is not None and bundle.kind == "pretrain" and bundle.family == "wav2vec2":
-                problems += self._wav2vec2_masking_problems(bundle)
         if self.resume is not None and Path(self.resume).exists():
             try:
                 from continue_pt.resume_notes import resume_problems
@@ -245,35 +229,9 @@ class PretrainOptions:
             warnings.warn("fp16 training of HuBERT/wav2vec 2.0 is known to go NaN (pytorch/audio#2947, "
                           "fairseq#3750); bf16-mixed is the maintainers' advice", PretrainOptionsWarning,
                           stacklevel=2)
-        if bundle is not None and bundle.family == "hubert" and self.teacher is None and self.labels is None:
-            previous = training_teacher(bundle.config)
-            if previous is not None:
-                warnings.warn(f"{self.init_from} was continued on targets from the features of {previous}; without "
-                              "teacher this run labels with its own, moved, features: other ids than the label head "
-                              f"learnt. Pass teacher {previous} to keep the same targets", PretrainOptionsWarning,
-                              stacklevel=2)
-        if self._online_targets_checkable(bundle, kmeans, kmeans_name):
-            from continue_pt.target_checks import online_target_problems
-
-            problems += online_target_problems(self, bundle, kmeans, kmeans_name)
-        if bundle is not None and bundle.family == "hubert" and bundle.kind == "pretrain" \
-                and self.label_dict is not None and Path(self.label_dict).exists():
-            from continue_pt.labels import label_head_problems
-
-            problems += label_head_problems(self.label_dict, (bundle.config.pretrain_args or {}).get("num_classes"),
-                                            str(self.init_from), self.reinit_label_head)
+        if bundle is not None and bundle.family in FAMILIES:  # the family's own checks (continue_pt.families)
+            problems += FAMILIES[bundle.family].bundle_problems(self, bundle, kmeans, kmeans_name)
         return problems
-
-    def _online_targets_checkable(self, bundle: Any, kmeans: Any, kmeans_name: str | None) -> bool:
-        """A HuBERT run with online targets whose teacher and k-means can be read (missing files are reported by
-        the structural checks; a k-means the caller could not read, by the caller)."""
-        if bundle is None or bundle.family != "hubert" or self.labels is not None or \
-                (bundle.kind != "pretrain" and not self.reinit_label_head):
-            return False
-        if kmeans is None and kmeans_name is not None:
-            return False
-        paths = [self.teacher, None if kmeans is not None else self.kmeans]
-        return all(p is None or Path(p).exists() for p in paths)
 
     def _starting_bundle_problems(self) -> list[str]:
         """What the starting bundle's config.json (read without torch) says about the options: its kind and
@@ -288,7 +246,9 @@ class PretrainOptions:
             return [str(exc)]
         from bundles.encoder_only import has_pretrain_head, no_head_problem, ways_on
 
-        if not has_pretrain_head(config.kind) and not self._new_head_possible(config):  # CTC, torchaudio alike
+        family = FAMILIES.get(config.family)
+        new_head = family is not None and family.new_head_possible(self, config)
+        if not has_pretrain_head(config.kind) and not new_head:  # CTC, torchaudio alike
             return [f"{no_head_problem(str(self.init_from), config.family, config.kind)}. "
                     f"{ways_on(config.family, str(self.init_from))}"]
         if config.family not in TRAINABLE_FAMILIES:
@@ -308,22 +268,6 @@ class PretrainOptions:
             named = f"{f.name} {value!r}" if isinstance(option_default(f.name), str) else f.name
             problems.append(f"{named} is a {owner.title} option; {FAMILIES[family].without}")
         return problems
-
-    def _new_head_possible(self, config: Any) -> bool:
-        """An encoder-only HuBERT bundle continues with a new head: --reinit-label-head and targets to train it on
-        (a k-means, the bundle's own or --kmeans, or labels); see bundles.new_label_head."""
-        targets = self.kmeans is not None or self.labels is not None or bool(config.files.get("kmeans"))
-        return config.family == "hubert" and bool(self.reinit_label_head) and targets
-
-    def _wav2vec2_masking_problems(self, bundle: Any) -> list[str]:
-        from continue_pt.masking import MaskingOptions
-        from continue_pt.wav2vec2.module import unsupported_wav2vec2_options
-
-        try:
-            masking = MaskingOptions.from_options({**(bundle.config.objective or {}), **self.masking})
-        except TypeError as exc:
-            return [f"masking: {exc}"]
-        return [f"{self.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]
 
     def module_options(self) -> Any:
         """The :class:`~continue_pt.module_options.ModuleOptions` of this run: every option of the same name, by
@@ -449,31 +393,3 @@ def _choice_problems(options: PretrainOptions) -> list[str]:
     if strategy:
         problems.append(strategy)
     return problems
-
-
-def strategy_problem(strategy: str) -> str | None:
-    """A strategy name Lightning does not know. Lightning is imported only when one is given (not for "auto")."""
-    if strategy == "auto":
-        return None
-    from lightning.pytorch.strategies import StrategyRegistry
-
-    known = StrategyRegistry.available_strategies()
-    if strategy in known:
-        return None
-    close = difflib.get_close_matches(str(strategy), known, n=3, cutoff=0.4)  # closest first
-    ordered = close + [name for name in known if name not in close]
-    return f"strategy is {strategy!r}; expected auto or one of Lightning's strategies: {', '.join(ordered)}"
-
-
-def devices_problem(devices: int | str) -> str | None:
-    """Lightning's ``devices``: a count >= 1, -1 or "auto" (all), or a comma-separated list of GPU ids."""
-    text = str(devices).strip()
-    if text == "auto" or text == "-1":
-        return None
-    if text.isdigit() and int(text) >= 1:
-        return None
-    ids = [part.strip() for part in text.split(",") if part.strip()]
-    if "," in text and ids and all(part.isdigit() for part in ids):
-        return None
-    return (f"devices is {devices!r}; expected a number of devices >= 1 (e.g. 1 or 4), -1 or auto for all of them, "
-            "or a comma-separated list of GPU ids (e.g. 0,1)")

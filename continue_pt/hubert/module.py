@@ -1,9 +1,10 @@
 """``HubertContinuedPretraining``: a thin LightningModule that continues HuBERT's masked prediction on a bundle.
 
 It draws the masks, makes the targets (online from the frozen teacher, or offline labels), runs
-:mod:`continue_pt.hubert.objective` and hands its loss to Lightning; the step's gradient division, skipping,
-logging and checkpoint section are the base module's (:mod:`continue_pt.module_base`). How each loss
-normalisation stays exact under gradient accumulation and DDP: :meth:`HubertContinuedPretraining.training_step`.
+:mod:`continue_pt.hubert.objective` and :mod:`continue_pt.hubert.loss` and hands the loss to Lightning; the step's
+gradient division, skipping, logging and checkpoint section are the base module's (:mod:`continue_pt.module_base`).
+How each loss normalisation stays exact under gradient accumulation and DDP:
+:meth:`HubertContinuedPretraining.training_step`.
 """
 
 from __future__ import annotations
@@ -22,17 +23,16 @@ from bundles.waveform import normalize_waveforms
 from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, zero_loss
 from continue_pt.frames import conv_output_frames
-from continue_pt.hubert.objective import (
+from continue_pt.hubert.loss import (
     HubertLossTerms,
     LossWeights,
     StepTotals,
-    hubert_forward,
-    hubert_frame_padding_mask,
     hubert_loss_terms,
     normalized_loss,
     sample_size,
     unnormalized_loss,
 )
+from continue_pt.hubert.objective import hubert_forward, hubert_frame_padding_mask
 from continue_pt.masking import MaskingOptions, channel_mask, time_mask
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, micro_batch_key
 from continue_pt.module_options import ModuleOptions
@@ -244,11 +244,11 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int) -> Tensor:
         """One micro-batch's loss, to be backwarded.
 
-        ``"fairseq"`` and ``"torchaudio"``: the micro-batch's :func:`~continue_pt.hubert.objective.unnormalized_loss`
+        ``"fairseq"`` and ``"torchaudio"``: the micro-batch's :func:`~continue_pt.hubert.loss.unnormalized_loss`
         times ``accumulate_grad_batches * world_size``. Lightning divides it by ``accumulate_grad_batches`` and DDP
         averages gradients over ranks, so after the step's backwards ``.grad`` holds the gradient of the loss
         *summed* over every micro-batch of every rank; ``on_before_optimizer_step`` then divides every gradient by
-        the step's :func:`~continue_pt.hubert.objective.sample_size` summed over micro-batches and ranks
+        the step's :func:`~continue_pt.hubert.loss.sample_size` summed over micro-batches and ranks
         (all-reduced): fairseq's ``multiply_grads(1 / sample_size)``. Lightning calls it after the fp16 scaler's
         ``unscale_`` and before gradient clipping, so clipping sees the normalised gradient, as in fairseq.
 
@@ -256,7 +256,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
         masked, unmasked and feature-frame totals before the first backward: masks depend only on
         ``(seed, step, micro-batch, rank)`` and the micro-batch's shape, so the first micro-batch of a step draws
         the others' masks in advance from their planned shapes (:meth:`_plan_step`) and all-reduces the counts;
-        each micro-batch then backwards its :func:`~continue_pt.hubert.objective.normalized_loss` share times
+        each micro-batch then backwards its :func:`~continue_pt.hubert.loss.normalized_loss` share times
         ``N * world_size`` and the gradients are not divided afterwards. Should a micro-batch's mask counts differ
         from the planned ones (a file that failed to load, a length other than the scanned one), a warning says
         that step's normalisation is approximate.

@@ -1,13 +1,20 @@
-"""wav2vec 2.0's part of the module options: the contrastive task's coefficients and the codebook collapse guard.
+"""wav2vec 2.0's part of the module options: the contrastive task's coefficients and the codebook collapse guard;
+and wav2vec 2.0's check of the options against the starting bundle (an entry of ``continue_pt.families.FAMILIES``).
 
-No torch here: ``continue_pt.options`` (the CLI's ``--help``) reads these names and defaults.
+No torch here: ``continue_pt.options`` (the CLI's ``--help``) reads these names and defaults; the check imports
+what it needs when called.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bundles.kmeans import KMeansModel
+    from bundles.loading import Bundle
+    from continue_pt.options import PretrainOptions
 
 
 @dataclass
@@ -38,3 +45,19 @@ class Wav2Vec2Options:
 def describe_targets(options: Mapping[str, Any]) -> tuple[str | None, str]:
     """``(teacher, how the targets were made)``: no teacher, the model's own quantizer."""
     return None, "contrastive: the model's own Gumbel quantizer"
+
+
+def bundle_problems(options: PretrainOptions, bundle: Bundle, kmeans: KMeansModel | None = None,
+                    kmeans_name: str | None = None) -> list[str]:
+    """What the loaded wav2vec 2.0 starting ``bundle`` says about the options: objective settings and masking the
+    contrastive objective does not implement (``kmeans`` is HuBERT's; not read here)."""
+    if bundle.kind != "pretrain":
+        return []
+    from continue_pt.masking import MaskingOptions
+    from continue_pt.wav2vec2.module import unsupported_wav2vec2_options
+
+    try:
+        masking = MaskingOptions.from_options({**(bundle.config.objective or {}), **options.masking})
+    except TypeError as exc:
+        return [f"masking: {exc}"]
+    return [f"{options.init_from}: {p}" for p in unsupported_wav2vec2_options(bundle.config.objective or {}, masking)]

@@ -269,7 +269,7 @@ def test_torch_free_names_agree_with_the_modules_they_stand_for():
     from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT_STR, _PRECISION_INPUT_STR_ALIAS
     from typing import get_args
 
-    from continue_pt.hubert.objective import LOSS_MODES
+    from continue_pt.hubert.loss import LOSS_MODES
     from continue_pt.options import LOSS_NORMS, PRECISIONS, TRAINABLE_FAMILIES
     from continue_pt.pretrain import MODULES
 

@@ -27,19 +27,16 @@ import torch.nn.functional as F
 import torchaudio
 from torch import Tensor, nn
 
-from continue_pt.hubert.objective import (
+from continue_pt.hubert.loss import (
     HubertLossTerms,
-    HubertOutputs,
     LossWeights,
     StepTotals,
-    hubert_forward,
-    hubert_frame_padding_mask,
     hubert_loss_terms,
-    label_logits,
     normalized_loss,
     sample_size,
     unnormalized_loss,
 )
+from continue_pt.hubert.objective import HubertOutputs, hubert_forward, hubert_frame_padding_mask, label_logits
 from continue_pt.frames import conv_output_frames
 from continue_pt.masking import (
     TIME_MIN_MASKS,

@@ -12,7 +12,7 @@ import torch
 
 from continue_pt.demo import demo_audio
 from continue_pt.hubert import module as hubert_module
-from continue_pt.hubert import objective as hubert_objective
+from continue_pt.hubert import loss as hubert_loss
 from continue_pt.hubert.options import HubertOptions
 from continue_pt.module_options import ModuleOptions
 from continue_pt.wav2vec2 import module as wav2vec2_module
@@ -53,7 +53,7 @@ def _spy(monkeypatch, where, name: str, function) -> list:
 
 @pytest.mark.parametrize("mode", ["fairseq", "torchaudio"])
 def test_hubert_step_backwards_the_objectives_unnormalized_loss(bundle_dir, monkeypatch, mode):
-    calls = _spy(monkeypatch, hubert_module, "unnormalized_loss", hubert_objective.unnormalized_loss)
+    calls = _spy(monkeypatch, hubert_module, "unnormalized_loss", hubert_loss.unnormalized_loss)
     module = hubert_module.HubertContinuedPretraining(
         ModuleOptions(bundle=str(bundle_dir), hubert=HubertOptions(loss_norm=mode, unmasked_weight=0.5)))
     returned = _one_step(module, _batch())
@@ -63,13 +63,13 @@ def test_hubert_step_backwards_the_objectives_unnormalized_loss(bundle_dir, monk
     assert called_mode == mode and weights == module.weights
     assert torch.equal(returned, loss * ACCUMULATE)  # Lightning divides by ACCUMULATE again
     # what on_before_optimizer_step divides the step's gradient by: the objective's sample size
-    size = hubert_objective.sample_size(terms, weights, mode)
+    size = hubert_loss.sample_size(terms, weights, mode)
     assert module._step_stats[1].item() == size > 0
     assert size == terms.num_masked + (terms.num_unmasked if mode == "fairseq" else 0)
 
 
 def test_hubert_per_term_step_backwards_the_objectives_normalized_loss(bundle_dir, monkeypatch):
-    calls = _spy(monkeypatch, hubert_module, "normalized_loss", hubert_objective.normalized_loss)
+    calls = _spy(monkeypatch, hubert_module, "normalized_loss", hubert_loss.normalized_loss)
     module = hubert_module.HubertContinuedPretraining(
         ModuleOptions(bundle=str(bundle_dir), hubert=HubertOptions(loss_norm="per-term")))
     returned = _one_step(module, _batch(), accumulate=1)  # more would need the data module's step plans

@@ -97,7 +97,7 @@ def test_fairseq_loads_the_export_and_matches_the_bundle_layer_by_layer(name, tm
 
 @pytest.mark.slow
 def test_hubert_criterion_on_the_export_gives_the_kits_loss_on_the_bundle(tmp_path_factory, monkeypatch):
-    from continue_pt.hubert.objective import LossWeights
+    from continue_pt.hubert.loss import LossWeights
     from tests.continue_pt.test_hubert_objective import (REL, _batch, _fairseq_step, _mapped_grads, _no_dropout,
                                                          _our_step, _targets_some_correct)
 
