@@ -9,14 +9,13 @@ global those files use is mapped to a stand-in in :data:`FAIRSEQ_GLOBALS`; anyth
 from __future__ import annotations
 
 import ast
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
 from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, pickled_bytes, stub_class
-from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
+from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile, TorchFileError
 
 
 def _defaultdict(*_args: Any) -> dict:
@@ -214,8 +213,7 @@ def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
     except TorchFileError as exc:
         raise ConversionError(path, f"not a readable PyTorch checkpoint: {exc}",
                               hint="Is it a complete fairseq .pt file? Download it again") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
-            UnicodeDecodeError, OSError) as exc:
+    except UNREADABLE_ERRORS as exc:
         raise ConversionError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
                               hint="Is it a complete fairseq .pt file? Download it again") from None
     try:

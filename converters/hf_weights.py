@@ -9,9 +9,7 @@ truncated or not a torch file, is refused naming the file. Tensors stay in their
 from __future__ import annotations
 
 import json
-import pickle
 import struct
-import zipfile
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -21,7 +19,7 @@ from bundles.safetensors_stream import PendingTensor, pending_tensors_of
 
 from .errors import ConversionError
 from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
+from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile, TorchFileError
 
 SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
@@ -116,8 +114,7 @@ def _torch_file(path: Path, stack: ExitStack) -> dict[str, PendingTensor]:
                                    "to load has been tampered with (nothing of it was run)") from None
     except TorchFileError as exc:
         raise ConversionError(path, f"not a readable PyTorch weight file: {exc}", hint=_DOWNLOAD_HINT) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
-            UnicodeDecodeError, OSError, zipfile.BadZipFile, struct.error, RecursionError) as exc:
+    except UNREADABLE_ERRORS as exc:
         raise ConversionError(path, f"not a readable PyTorch weight file ({type(exc).__name__}: {exc})",
                               hint=_DOWNLOAD_HINT) from None
     stack.callback(file.close)

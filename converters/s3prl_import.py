@@ -20,14 +20,13 @@ then starts again from ``latent_temp``'s maximum; the bundle's provenance says s
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
 from .fairseq_checkpoint import FairseqCheckpoint, LabelDictionary, to_plain
 from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
+from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile
 
 S3PRL_KEYS = ("task_cfg", "model_cfg", "model_weight")
 _SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary's defaults: bos, pad, eos, unk
@@ -76,8 +75,7 @@ def read_s3prl_checkpoint(path: str | Path) -> FairseqCheckpoint:
         raise ConversionError(path, f"refused to load: {exc}",
                               hint="s3prl's converted checkpoints hold tensors and plain configuration only; this "
                                    "file needs other code (it is not one, or has been tampered with)") from None
-    except (TorchFileError, pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError,
-            AttributeError, UnicodeDecodeError, OSError) as exc:
+    except UNREADABLE_ERRORS as exc:
         raise ConversionError(path, f"not a readable s3prl checkpoint ({exc})",
                               hint="Is the file complete? Convert it with s3prl again") from None
     try:

@@ -3,13 +3,11 @@ converted checkpoint, or a fairseq checkpoint."""
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 from .fairseq_checkpoint import FAIRSEQ_GLOBALS
 from .s3prl_import import is_s3prl_checkpoint
-from .safe_pickle import UnsafePickleError
-from .torch_file import TorchFile, TorchFileError
+from .torch_file import UNREADABLE_ERRORS, TorchFile
 from .torchaudio_import import is_torchaudio_state_dict
 
 FORMATS = ("fairseq", "s3prl", "torchaudio")
@@ -27,7 +25,6 @@ def source_format(path: str | Path) -> str:
                 return "s3prl"
             if is_torchaudio_state_dict(file.obj):
                 return "torchaudio"
-    except (UnsafePickleError, TorchFileError, pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError,
-            TypeError, AttributeError, UnicodeDecodeError, OSError, RecursionError):
+    except UNREADABLE_ERRORS:  # UnsafePickleError included (an UnpicklingError): the fairseq reader says why
         pass
     return "fairseq"

@@ -9,6 +9,7 @@ and the legacy stream (magic number, protocol, sys info, pickle, storage keys, r
 
 from __future__ import annotations
 
+import pickle
 import struct
 import zipfile
 from collections import OrderedDict
@@ -40,6 +41,13 @@ STORAGE_DTYPES: dict[str, torch.dtype] = {
 
 class TorchFileError(ValueError):
     """The file is not a readable ``torch.save`` file."""
+
+
+# What reading a damaged, truncated or foreign file through :class:`TorchFile` may raise: every reader turns these
+# into one "not readable" message (catch UnsafePickleError, a pickle.UnpicklingError, before them).
+UNREADABLE_ERRORS: tuple[type[BaseException], ...] = (
+    TorchFileError, pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError, AttributeError,
+    UnicodeDecodeError, OSError, zipfile.BadZipFile, struct.error, RecursionError)
 
 
 class _StorageSlot:

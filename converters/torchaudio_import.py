@@ -20,7 +20,6 @@ has ``aux``). The file's ``aux`` rows are kept as stored: torchaudio's ASR pipel
 
 from __future__ import annotations
 
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,7 @@ from bundles.safetensors_stream import PendingTensor
 from .errors import ConversionError
 from .families.base import ConversionPlan
 from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, TorchFileError
+from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile
 
 FAMILY_FLAG = "--family"
 _CONV = "feature_extractor.conv_layers.{}.conv.weight"
@@ -117,8 +116,7 @@ def open_torchaudio_file(path: str | Path) -> TorchFile:
     except UnsafePickleError as exc:
         raise ConversionError(path, f"refused to load: {exc}",
                               hint="A torchaudio state dict holds tensors only; this file needs other code") from None
-    except (TorchFileError, pickle.UnpicklingError, EOFError, ValueError, IndexError, KeyError, TypeError,
-            AttributeError, UnicodeDecodeError, OSError) as exc:
+    except UNREADABLE_ERRORS as exc:
         raise ConversionError(path, f"not a readable torchaudio state dict ({exc})",
                               hint="Is the file complete? Download it again") from None
     if not is_torchaudio_state_dict(file.obj):
