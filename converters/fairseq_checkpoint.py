@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConversionError
-from .safe_pickle import PickledObject, TypeReference, UnsafePickleError, pickled_bytes, stub_class
-from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile, TorchFileError
+from .safe_pickle import PickledObject, TypeReference, pickled_bytes, stub_class
+from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, open_torch_file
 
 
 def _defaultdict(*_args: Any) -> dict:
@@ -202,20 +202,11 @@ def read_fairseq_checkpoint(path: str | Path) -> FairseqCheckpoint:
                               hint="Pass the .pt file (to read a bundle, use load_bundle)")
     if path.stat().st_size == 0:
         raise ConversionError(path, "the file is empty", hint="Download it again")
-    try:
-        file = TorchFile(path, FAIRSEQ_GLOBALS)
-    except UnsafePickleError as exc:
-        raise ConversionError(
-            path, f"refused to load: {exc}",
-            hint="This kit reads fairseq checkpoints without running pickled code; a checkpoint that needs other "
-                 "code is either not a fairseq HuBERT/wav2vec 2.0 checkpoint or has been tampered with",
-        ) from None
-    except TorchFileError as exc:
-        raise ConversionError(path, f"not a readable PyTorch checkpoint: {exc}",
-                              hint="Is it a complete fairseq .pt file? Download it again") from None
-    except UNREADABLE_ERRORS as exc:
-        raise ConversionError(path, f"not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})",
-                              hint="Is it a complete fairseq .pt file? Download it again") from None
+    file = open_torch_file(
+        path, FAIRSEQ_GLOBALS, what="PyTorch checkpoint",
+        refused_hint="This kit reads fairseq checkpoints without running pickled code; a checkpoint that needs "
+                     "other code is either not a fairseq HuBERT/wav2vec 2.0 checkpoint or has been tampered with",
+        unreadable_hint="Is it a complete fairseq .pt file? Download it again")
     try:
         return _interpret(path, file)
     except BaseException:

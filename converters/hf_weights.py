@@ -18,8 +18,7 @@ from safetensors import SafetensorError, safe_open
 from bundles.safetensors_stream import PendingTensor, pending_tensors_of
 
 from .errors import ConversionError
-from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile, TorchFileError
+from .torch_file import TORCH_GLOBALS, LazyTensor, open_torch_file
 
 SAFETENSORS_FILE = "model.safetensors"
 BIN_FILE = "pytorch_model.bin"
@@ -106,17 +105,11 @@ def _safetensors(path: Path) -> dict[str, PendingTensor]:
 def _torch_file(path: Path, stack: ExitStack) -> dict[str, PendingTensor]:
     if path.stat().st_size == 0:
         raise ConversionError(path, "the file is empty", hint=_DOWNLOAD_HINT)
-    try:
-        file = TorchFile(path, TORCH_GLOBALS)
-    except UnsafePickleError as exc:
-        raise ConversionError(path, f"refused to load: {exc}",
-                              hint="A transformers weight file is a plain tensor state dict; one that needs other code "
-                                   "to load has been tampered with (nothing of it was run)") from None
-    except TorchFileError as exc:
-        raise ConversionError(path, f"not a readable PyTorch weight file: {exc}", hint=_DOWNLOAD_HINT) from None
-    except UNREADABLE_ERRORS as exc:
-        raise ConversionError(path, f"not a readable PyTorch weight file ({type(exc).__name__}: {exc})",
-                              hint=_DOWNLOAD_HINT) from None
+    file = open_torch_file(
+        path, TORCH_GLOBALS, what="PyTorch weight file",
+        refused_hint="A transformers weight file is a plain tensor state dict; one that needs other code to load "
+                     "has been tampered with (nothing of it was run)",
+        unreadable_hint=_DOWNLOAD_HINT)
     stack.callback(file.close)
     state = file.obj
     bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, LazyTensor)] \

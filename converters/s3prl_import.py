@@ -25,8 +25,7 @@ from typing import Any
 
 from .errors import ConversionError
 from .fairseq_checkpoint import FairseqCheckpoint, LabelDictionary, to_plain
-from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile
+from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, open_torch_file
 
 S3PRL_KEYS = ("task_cfg", "model_cfg", "model_weight")
 _SPECIALS = ("<s>", "<pad>", "</s>", "<unk>")  # fairseq Dictionary's defaults: bos, pad, eos, unk
@@ -69,15 +68,11 @@ def _label_dictionaries(symbols: Any, problems: list[str]) -> list[LabelDictiona
 def read_s3prl_checkpoint(path: str | Path) -> FairseqCheckpoint:
     """Read an s3prl converted checkpoint safely (allow-list: tensors, plain containers, fairseq enum members)."""
     path = Path(path)
-    try:
-        file = TorchFile(path, S3PRL_GLOBALS)
-    except UnsafePickleError as exc:
-        raise ConversionError(path, f"refused to load: {exc}",
-                              hint="s3prl's converted checkpoints hold tensors and plain configuration only; this "
-                                   "file needs other code (it is not one, or has been tampered with)") from None
-    except UNREADABLE_ERRORS as exc:
-        raise ConversionError(path, f"not a readable s3prl checkpoint ({exc})",
-                              hint="Is the file complete? Convert it with s3prl again") from None
+    file = open_torch_file(
+        path, S3PRL_GLOBALS, what="s3prl checkpoint",
+        refused_hint="s3prl's converted checkpoints hold tensors and plain configuration only; this file needs "
+                     "other code (it is not one, or has been tampered with)",
+        unreadable_hint="Is the file complete? Convert it with s3prl again")
     try:
         return _interpret(path, file)
     except BaseException:

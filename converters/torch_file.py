@@ -18,6 +18,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .errors import ConversionError
 from .safe_pickle import RestrictedUnpickler, TypeReference, UnsafePickleError
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -291,3 +292,21 @@ class TorchFile:
             seen.add(id(obj))
             obj.state = self._resolve(obj.state, seen)
         return obj
+
+
+def open_torch_file(path: Path, allowed_globals: Any, *, what: str, refused_hint: str,
+                    unreadable_hint: str) -> "TorchFile":
+    """``TorchFile(path, allowed_globals)``, with each way of failing as one :class:`ConversionError`.
+
+    ``what`` names the file kind in the message ("PyTorch checkpoint", "torchaudio state dict", ...). A refused
+    global (nothing of it was run) gets ``refused_hint``; a damaged, truncated or foreign file ``unreadable_hint``.
+    """
+    try:
+        return TorchFile(path, allowed_globals)
+    except UnsafePickleError as exc:  # an UnpicklingError too: caught before UNREADABLE_ERRORS
+        raise ConversionError(path, f"refused to load: {exc}", hint=refused_hint) from None
+    except TorchFileError as exc:
+        raise ConversionError(path, f"not a readable {what}: {exc}", hint=unreadable_hint) from None
+    except UNREADABLE_ERRORS as exc:
+        raise ConversionError(path, f"not a readable {what} ({type(exc).__name__}: {exc})",
+                              hint=unreadable_hint) from None

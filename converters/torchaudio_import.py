@@ -31,8 +31,7 @@ from bundles.safetensors_stream import PendingTensor
 
 from .errors import ConversionError
 from .families.base import ConversionPlan
-from .safe_pickle import UnsafePickleError
-from .torch_file import TORCH_GLOBALS, UNREADABLE_ERRORS, LazyTensor, TorchFile
+from .torch_file import TORCH_GLOBALS, LazyTensor, TorchFile, open_torch_file
 
 FAMILY_FLAG = "--family"
 _CONV = "feature_extractor.conv_layers.{}.conv.weight"
@@ -111,14 +110,9 @@ def is_torchaudio_state_dict(obj: Any) -> bool:
 def open_torchaudio_file(path: str | Path) -> TorchFile:
     """``path`` read with the plain-tensor allow-list (nothing else may be in a state dict)."""
     path = Path(path)
-    try:
-        file = TorchFile(path, TORCH_GLOBALS)
-    except UnsafePickleError as exc:
-        raise ConversionError(path, f"refused to load: {exc}",
-                              hint="A torchaudio state dict holds tensors only; this file needs other code") from None
-    except UNREADABLE_ERRORS as exc:
-        raise ConversionError(path, f"not a readable torchaudio state dict ({exc})",
-                              hint="Is the file complete? Download it again") from None
+    file = open_torch_file(path, TORCH_GLOBALS, what="torchaudio state dict",
+                           refused_hint="A torchaudio state dict holds tensors only; this file needs other code",
+                           unreadable_hint="Is the file complete? Download it again")
     if not is_torchaudio_state_dict(file.obj):
         file.close()
         raise ConversionError(path, "is not a torchaudio Wav2Vec2Model state dict",
