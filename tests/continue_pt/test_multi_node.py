@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.training_helpers import SignalAfterMicroBatch
+
 ROOT = Path(__file__).resolve().parents[2]
 
 _CLUSTER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK")
@@ -173,18 +175,6 @@ def test_nodes_and_launcher_settings_that_disagree_are_refused(monkeypatch):
     assert trainer_problems(options) == []
 
 
-class _SignalAfterMicroBatch(pl.Callback):
-    """Sends ``signum`` to this process after the first micro-batch of optimizer step ``step`` (mid-accumulation)."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step, self.sent = signum, step, False
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if not self.sent and trainer.global_step == self.step:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-
 def test_under_slurm_sigusr1_stops_at_a_step_boundary_without_lightnings_auto_requeue(monkeypatch, tmp_path,
                                                                                       bundle_dir, audio_dir):
     """Lightning's SLURM auto-requeue would save hpc_ckpt_N.ckpt mid-step on SIGUSR1 (``#SBATCH --signal=USR1@T``),
@@ -211,7 +201,7 @@ def test_under_slurm_sigusr1_stops_at_a_step_boundary_without_lightnings_auto_re
                               accumulate=2, max_batch_seconds=2.0, min_seconds=1.0, val_fraction=0, num_workers=0,
                               warmup_steps=1, checkpoint_every=100, progress_bar=False, accelerator="cpu")
     with pytest.raises(RunInterrupted) as info:
-        run_pretraining(options, callbacks=[_SignalAfterMicroBatch(signal.SIGUSR1, 1), Environment()])
+        run_pretraining(options, callbacks=[SignalAfterMicroBatch(signal.SIGUSR1, 1), Environment()])
     assert isinstance(environments[0], SLURMEnvironment) and environments[0].auto_requeue is False
     assert info.value.step == 2 and info.value.exit_code == 128 + signal.SIGUSR1
     assert torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 2

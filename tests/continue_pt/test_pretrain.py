@@ -23,7 +23,7 @@ from continue_pt.hubert.options import HubertOptions
 from continue_pt.masking import time_mask
 from continue_pt.options import PretrainOptionsError
 from continue_pt.pretrain import PretrainOptions, run_pretraining
-from tests.training_helpers import StopAt, logged_rows, no_dropout
+from tests.training_helpers import StopAt, assert_ddp_gradients_match, logged_rows, no_dropout
 
 SECONDS = 2.0
 
@@ -320,24 +320,7 @@ def _ddp_batches(bundle_dir, mode="fairseq"):
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fairseq", "per-term"])
 def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path, mode):
-    import subprocess
-    import sys
-
-    script = tmp_path / "ddp_step.py"
-    script.write_text(_DDP_SCRIPT)
-    root = str(Path(__file__).resolve().parents[2])
-    results = {}
-    for devices in (1, 2):
-        out = tmp_path / f"grads{devices}.pt"
-        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root, mode],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = torch.load(out, weights_only=True)
-    assert results[1]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
-    one, two = results[1]["grads"], results[2]["grads"]
-    assert set(one) == set(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_ddp_gradients_match(_DDP_SCRIPT, bundle_dir, tmp_path, mode)
 
 
 def test_continuing_a_continued_bundle_warns_about_its_teacher(short_run, bundle_dir, audio_dir, tmp_path):

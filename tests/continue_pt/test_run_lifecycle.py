@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 from click.testing import CliRunner
@@ -27,7 +26,7 @@ from continue_pt.options import PretrainOptionsError
 from continue_pt.pretrain import PretrainOptions, RunResult, run_pretraining
 from continue_pt.progress import PhaseProgress
 from continue_pt.options import auto_log_every
-from tests.training_helpers import StopAt, logged_rows
+from tests.training_helpers import SignalAfterMicroBatch, StopAt, logged_rows
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -207,21 +206,9 @@ def test_a_signal_saves_last_ckpt_at_a_step_boundary_and_the_resumed_run_equals_
     assert losses == [r["train/loss"] for r in logged_rows(full.metrics_csv)]
 
 
-class _SignalAfterMicroBatch(pl.Callback):
-    """Sends ``signum`` to this process after the first micro-batch of optimizer step ``step`` (mid-accumulation)."""
-
-    def __init__(self, signum: int, step: int) -> None:
-        self.signum, self.step, self.sent = signum, step, False
-
-    def on_train_batch_end(self, trainer, *args) -> None:
-        if not self.sent and trainer.global_step == self.step:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-
 def test_a_signal_mid_accumulation_waits_for_the_optimizer_step(bundle_dir, audio_dir, tmp_path, uninterrupted):
     out = tmp_path / "run"
-    signalled = _SignalAfterMicroBatch(signal.SIGTERM, 2)
+    signalled = SignalAfterMicroBatch(signal.SIGTERM, 2)
     before = signal.getsignal(signal.SIGINT)  # SIG_IGN when the suite runs in a background job
     with pytest.raises(RunInterrupted) as info:
         run_pretraining(PretrainOptions(**_values(bundle_dir, audio_dir, out, max_steps=SIGNAL_RUN_STEPS,

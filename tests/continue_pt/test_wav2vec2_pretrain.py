@@ -27,7 +27,7 @@ from continue_pt.pretrain import PretrainOptions, build_module, run_pretraining
 from continue_pt.wav2vec2.module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
 from continue_pt.wav2vec2.objective import sample_negative_indices
 from tests.reference import require
-from tests.training_helpers import StopAt, logged_rows, no_dropout
+from tests.training_helpers import StopAt, assert_ddp_gradients_match, logged_rows, no_dropout
 
 SECONDS = 2.0
 START_UPDATES = 50_000  # optimizer_history num_updates of the shipped checkpoint
@@ -409,21 +409,4 @@ if trainer.is_global_zero:
 def test_two_process_ddp_equals_one_process(bundle_dir, tmp_path):
     """Two ranks of two utterances each: the gradients after the module's normalisation (all-reduced sample
     size) equal one process with all four, as fairseq's trainer makes them."""
-    import subprocess
-    import sys
-
-    script = tmp_path / "ddp_step.py"
-    script.write_text(_DDP_SCRIPT)
-    root = str(Path(__file__).resolve().parents[2])
-    results = {}
-    for devices in (1, 2):
-        out = tmp_path / f"grads{devices}.pt"
-        proc = subprocess.run([sys.executable, str(script), str(bundle_dir), str(devices), str(out), root],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        results[devices] = torch.load(out, weights_only=True)
-    assert results[1]["loss"] == pytest.approx(results[2]["loss"], rel=1e-6)
-    one, two = results[1]["grads"], results[2]["grads"]
-    assert set(one) == set(two)
-    for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert_ddp_gradients_match(_DDP_SCRIPT, bundle_dir, tmp_path)
