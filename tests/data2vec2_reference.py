@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Literal
+from unittest import mock
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -42,7 +43,7 @@ from torch import Tensor, nn
 import fairseq
 from fairseq import tasks
 
-from tests.fairseq_reference import CONFIG_DIR, _full_config, _plain
+from tests.fairseq_reference import CONFIG_DIR, _full_config, _plain, skip_weight_init
 
 DATA2VEC2_CONFIGS: tuple[str, ...] = ("data2vec2_base_libri", "data2vec2_large_vox")
 """Stems of the stored pre-training configurations (see ``tests/fairseq_configs/SOURCE.md``)."""
@@ -196,7 +197,13 @@ def build_data2vec2_model(name: str, seed: int = 0, *, stored: Mapping[str, Any]
     cfg = _pretrain_cfg(stored)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(seed)
-    with torch.device(device) if device else contextlib.nullcontext():
+    with contextlib.ExitStack() as stack:
+        if device:
+            stack.enter_context(torch.device(device))
+        if device == "meta":  # fairseq's init_bert_params copies through the CPU, which meta tensors cannot
+            stack.enter_context(skip_weight_init())
+            stack.enter_context(mock.patch("fairseq.modules.transformer_sentence_encoder.init_bert_params",
+                                           lambda module: None))
         model = task.build_model(cfg.model)
     if device != "meta":
         reinitialise(model, seed)
