@@ -251,6 +251,11 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                               "a torchaudio state dict): fairseq has no model class it fits",
                               hint="Use it as it is (load_bundle(...).get_model(), or as a --teacher), or continue "
                                    "pre-training from it (HuBERT: --reinit-label-head with --kmeans)")
+    if bundle.family not in _FAMILIES:
+        raise ConversionError(src, f"is a {bundle.family} bundle; export to fairseq is implemented for "
+                              f"{sorted(_FAMILIES)}",
+                              hint="The fairseq checkpoint it was converted from is the fairseq form; use the bundle "
+                                   "with load_bundle(...) otherwise")
     problems: list[str] = []
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
     if problems:

@@ -307,3 +307,14 @@ def test_bundles_data2vec2_imports_neither_torchaudio_nor_fairseq():
             "m.split('.')[0] in ('torchaudio', 'fairseq', 'examples', 'timm', 'converters', 'continue_pt', 'omegaconf')]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_verify_passes_and_export_is_refused_with_one_error_line(converted, tmp_path):
+    _, bundle, src = converted
+    result = CliRunner().invoke(cli, ["verify", str(bundle.path), "--against", str(src)])
+    assert result.exit_code == 0 and "tensors equal" in result.output, result.output
+    for target, out in (("fairseq", tmp_path / "x.pt"), ("hf", tmp_path / "hf")):
+        result = CliRunner().invoke(cli, ["export", str(bundle.path), "-o", str(out), "--to", target])
+        errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+        assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output, result.output
+        assert "data2vec2" in errors[0] and not out.exists()
