@@ -137,12 +137,12 @@ def alibi_slopes(heads: int) -> list[float]:
     return power_of_2(closest) + alibi_slopes(2 * closest)[0::2][: heads - closest]
 
 
-def alibi_bias(heads: int, frames: int, device: torch.device) -> Tensor:
-    """``[heads, frames, frames]``: slope_h * -|i - j| (float32, symmetric: the encoder is not causal)."""
-    positions = torch.arange(frames, device=device)
-    distance = -(positions[None, :] - positions[:, None]).abs()
-    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=device)
-    return slopes[:, None, None] * distance[None]
+def alibi_bias(heads: int, positions: Tensor) -> Tensor:
+    """``[rows, heads, frames, frames]`` for ``positions`` ``[rows, frames]`` (each row's frames' original
+    positions): slope_h * -|p_i - p_j| (float32, symmetric: the encoder is not causal)."""
+    distance = -(positions[:, None, :, None] - positions[:, None, None, :]).abs()
+    slopes = torch.tensor(alibi_slopes(heads), dtype=torch.float32, device=positions.device)
+    return slopes[None, :, None, None] * distance
 
 
 class Attention(nn.Module):
@@ -238,17 +238,19 @@ class Data2Vec2Encoder(nn.Module):
         self.alibi_scale = nn.Parameter(torch.ones(args.alibi_scale_layers, 1, args.alibi_scale_heads, 1, 1),
                                         requires_grad=args.alibi_scale_learned) if args.use_alibi else None
 
-    def _biases(self, batch: int, frames: int, padding_mask: Tensor | None, device: torch.device) -> list[Tensor | None]:
-        """The additive attention bias of each block (prenet blocks first): ALiBi times its (clamped) scale, and
-        -inf at padded keys. One tensor for all blocks unless the scales are per layer."""
+    def _biases(self, positions: Tensor, padding_mask: Tensor | None) -> list[Tensor | None]:
+        """The additive attention bias of each block (prenet blocks first): ALiBi over the frames' original
+        ``positions`` (``[1 or rows, frames]``) times its (clamped) scale, and -inf at padded keys. One tensor for all
+        blocks unless the scales are per layer."""
         num_blocks = len(self.prenet) + len(self.layers)
         pad = None
         if padding_mask is not None and padding_mask.any():
-            pad = torch.zeros(batch, 1, 1, frames, device=device).masked_fill(padding_mask[:, None, None, :],
-                                                                              float("-inf"))
+            batch, frames = padding_mask.shape
+            pad = torch.zeros(batch, 1, 1, frames, device=padding_mask.device).masked_fill(
+                padding_mask[:, None, None, :], float("-inf"))
         if self.alibi_scale is None:
             return [pad] * num_blocks
-        base = alibi_bias(self.args.encoder_num_heads, frames, device)[None]
+        base = alibi_bias(self.args.encoder_num_heads, positions)
         scale = self.alibi_scale.clamp_min(0).float()
         if scale.size(0) == 1:
             bias = base * scale[0]
@@ -258,9 +260,27 @@ class Data2Vec2Encoder(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Tensor | None = None,
                 num_layers: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
-        batch, frames, _ = x.shape
         x = x + self.pos_conv(x)
-        biases = self._biases(batch, frames, padding_mask, x.device)
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        return self._blocks(x, self._biases(positions, padding_mask), num_layers)
+
+    def forward_kept(self, x: Tensor, keep: Tensor, padding_mask: Tensor | None = None,
+                     num_layers: int | None = None) -> tuple[list[Tensor], list[Tensor]]:
+        """The student's forward on masked copies, as fairseq's (``remove_masked``, ``encoder_zero_mask``): ``x``
+        ``[rows, frames, dim]`` the projected features of each copy, ``keep`` ``[rows, kept]`` the positions that are
+        not masked (ascending; the same count in every row). The positional encoder sees the features with the
+        masked frames zeroed; the blocks see only the kept frames (feature + its positional encoding), with the
+        ALiBi distances and the padding of their original positions. Returns what :meth:`forward` does, for the kept
+        frames."""
+        kept_index = keep[..., None].expand(-1, -1, x.shape[-1])
+        masked = torch.ones(x.shape[:2], dtype=torch.bool, device=x.device).scatter(1, keep, False)
+        x_pos = self.pos_conv(x * (1 - masked.to(x.dtype)[..., None]))
+        x = torch.gather(x, 1, kept_index) + torch.gather(x_pos, 1, kept_index)
+        kept_padding = torch.gather(padding_mask, 1, keep) if padding_mask is not None else None
+        return self._blocks(x, self._biases(keep, kept_padding), num_layers)
+
+    def _blocks(self, x: Tensor, biases: list[Tensor | None],
+                num_layers: int | None) -> tuple[list[Tensor], list[Tensor]]:
         if self.prenet_norm is not None:
             x = self.prenet_norm(x)
         x = self.prenet_dropout(x)

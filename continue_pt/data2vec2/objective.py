@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @torch.no_grad()
@@ -84,3 +84,76 @@ def regression_loss(prediction: Tensor, targets: Tensor, mask: Tensor, *, clone_
     masked = mask.bool()
     per_element = elementwise_loss(prediction[masked], targets[masked], loss_beta, loss_scale) * weight
     return RegressionLoss(per_element.float().sum(), masked.sum().long())
+
+
+def kept_positions(mask: Tensor) -> Tensor:
+    """``[rows, kept]``: the unmasked positions of each row, ascending (every row has the same number, as fairseq's
+    ``require_same_masks`` makes them)."""
+    kept = mask.shape[1] - int(mask[0].sum())
+    return torch.argsort(mask.to(torch.uint8), dim=1, stable=True)[:, :kept]
+
+
+def decoder_input(kept: Tensor, keep: Tensor, frames: int, *, noise_std: float, dropout: float,
+                  training: bool) -> Tensor:
+    """fairseq's ``decoder_input``: the encoder's kept frames (after ``input_dropout``) back at their positions, and
+    at every masked position a vector drawn from N(0, ``noise_std``). ``[rows, frames, dim]``."""
+    kept = F.dropout(kept, dropout, training=training)
+    full = kept.new_empty(kept.shape[0], frames, kept.shape[-1]).normal_(0, noise_std)
+    return full.scatter(1, keep[..., None].expand(-1, -1, kept.shape[-1]), kept)
+
+
+@dataclass(frozen=True)
+class Data2Vec2Objective:
+    """The options of the loss, named as in the bundle's ``objective`` (fairseq's config)."""
+
+    average_top_k_layers: int = 8
+    clone_batch: int = 1
+    instance_norm_target_layer: bool = False
+    layer_norm_target_layer: bool = False
+    batch_norm_target_layer: bool = False
+    instance_norm_targets: bool = False
+    layer_norm_targets: bool = False
+    loss_beta: float = 0.0
+    loss_scale: float | None = None
+    d2v_loss: float = 1.0
+    mask_noise_std: float = 0.01
+    decoder_input_dropout: float = 0.1
+
+    @classmethod
+    def from_bundle(cls, objective: dict, decoder_args: dict) -> "Data2Vec2Objective":
+        """From a bundle's ``objective`` and ``pretrain_args["decoder"]`` (fairseq's defaults where they are silent)."""
+        names = set(cls.__dataclass_fields__) - {"decoder_input_dropout"}
+        values = {k: objective[k] for k in names if k in objective and (objective[k] is not None or k == "loss_scale")}
+        return cls(**values, decoder_input_dropout=float(decoder_args.get("input_dropout", 0.1)))
+
+
+def data2vec2_loss(model: nn.Module, waveforms: Tensor, lengths: Tensor | None, mask: Tensor,
+                   options: Data2Vec2Objective) -> RegressionLoss:
+    """One batch's loss through a :class:`~bundles.data2vec2.model.Data2Vec2PretrainModel` (``student``, ``decoder``,
+    ``teacher``), equal to fairseq's ``Data2VecMultiModel.forward`` with the same ``mask`` (``[batch * clone_batch,
+    frames]``, see :func:`continue_pt.data2vec2.masking.clone_masks`). Waveforms are normalised already; the
+    teacher runs without gradients in whatever mode it is in (fairseq: eval)."""
+    from bundles.data2vec2.model import padding_mask_of
+
+    student, teacher = model.student, model.teacher
+    features, frame_lengths = student.local_features(waveforms, lengths)
+    frames = features.shape[1]
+    padding = padding_mask_of(frame_lengths, frames)
+    with torch.no_grad():
+        _, results = teacher(features.detach(), padding)
+        targets = make_targets(results, options.average_top_k_layers,
+                               instance_norm_target_layer=options.instance_norm_target_layer,
+                               layer_norm_target_layer=options.layer_norm_target_layer,
+                               batch_norm_target_layer=options.batch_norm_target_layer,
+                               instance_norm_targets=options.instance_norm_targets,
+                               layer_norm_targets=options.layer_norm_targets)
+    copies = options.clone_batch
+    x = features.repeat_interleave(copies, 0) if copies > 1 else features
+    copy_padding = padding.repeat_interleave(copies, 0) if padding is not None and copies > 1 else padding
+    keep = kept_positions(mask)
+    outputs, _ = student.encoder.forward_kept(x, keep, copy_padding)
+    kept = student.encoder.final(outputs[-1])
+    prediction = model.decoder(decoder_input(kept, keep, frames, noise_std=options.mask_noise_std,
+                                             dropout=options.decoder_input_dropout, training=model.training))
+    return regression_loss(prediction, targets, mask, clone_batch=copies, loss_beta=options.loss_beta,
+                           loss_scale=options.loss_scale, weight=options.d2v_loss)

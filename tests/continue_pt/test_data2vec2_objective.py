@@ -26,6 +26,7 @@ from tests.data2vec2_reference import (  # noqa: E402
 
 pytestmark = pytest.mark.fairseq
 
+GRAD_TOLERANCE = 2e-5
 NORM_FLAGS = ("instance_norm_target_layer", "layer_norm_target_layer", "batch_norm_target_layer",
               "instance_norm_targets", "layer_norm_targets")
 
@@ -133,3 +134,104 @@ def test_a_decay_of_one_leaves_the_teacher_frozen(reference_and_bundle):
             p.add_(1.0)
     assert ema_update(ours.teacher, ours.student.encoder, 1.0) is False
     assert all(torch.equal(before[k], v) for k, v in ours.teacher.state_dict().items())
+
+
+# --------------------------------------------------------------------------------------------- the whole loss
+
+
+@pytest.fixture(scope="module")
+def deterministic_pair(tmp_path_factory):
+    """A shrunk BASE model whose mask tokens are zeros (``mask_noise_std`` 0: fairseq draws them from the global RNG
+    in its own order), as fairseq model and as bundle."""
+    name = "data2vec2_base_libri"
+    stored = shrunk(load_data2vec2_config(name))
+    stored["model"]["modalities"]["audio"]["mask_noise_std"] = 0.0
+    ref = build_data2vec2_model(name, seed=6, stored=stored)
+    work = tmp_path_factory.mktemp("d2v_loss")
+    save_data2vec2_checkpoint(ref, work / "ck.pt", num_updates=1234)
+    return ref, load_bundle(convert_checkpoint(work / "ck.pt", work / "bundle"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_masks_loss_and_every_gradient_equal_fairseqs(deterministic_pair, padded):
+    """fairseq's Data2VecMultiModel.forward (clone_batch 8 copies seeded with MaskSeed(seed, num_updates, ids), the
+    EMA teacher's instance-normalised top-k targets, the conv decoder, the scaled L2 loss over masked frames) and
+    ours on the same batch: the same masks, loss and sample size, and the same gradient for every student and decoder
+    tensor."""
+    from continue_pt.data2vec2.masking import clone_masks
+    from continue_pt.data2vec2.objective import Data2Vec2Objective, data2vec2_loss
+    from tests.data2vec2_reference import prepare
+
+    ref, bundle = deterministic_pair
+    model = ref.model
+    model.eval()
+    model.zero_grad()
+    model.num_updates = 1234
+    g = torch.Generator().manual_seed(7)
+    wav = torch.randn(2, 8000, generator=g) * torch.tensor([[0.1], [3.0]])
+    lengths = torch.tensor([8000, 6100]) if padded else None
+    source, sample_padding = prepare(wav, lengths)
+    ids = torch.tensor([3, 11])
+    captured = []
+    encoder = ref.audio_encoder
+    original = encoder.make_maskinfo
+    encoder.make_maskinfo = lambda x, mask, shape=None: captured.append(mask.clone()) or original(x, mask, shape)
+    try:
+        result = model(source=source, padding_mask=sample_padding, id=ids)
+    finally:
+        del encoder.make_maskinfo
+    their_loss = sum(v.float().sum() for v in result["losses"].values())
+    their_loss.backward()
+
+    ours = bundle.get_pretrain_model().eval()
+    cfg = bundle.config
+    objective = cfg.objective
+    with torch.no_grad():
+        features, frame_lengths = ours.student.local_features(source, lengths)
+    frames = features.shape[1]
+    frame_padding = None if lengths is None else torch.arange(frames)[None, :] >= frame_lengths[:, None]
+    mask = clone_masks(frame_padding, frames, ids, clone_batch=objective["clone_batch"],
+                       mask_prob=objective["mask_prob"], mask_length=objective["mask_length"],
+                       seed=objective["seed"], update=1234, mask_dropout=objective["mask_dropout"],
+                       add_masks=objective["add_masks"])
+    assert len(captured) == 1 and torch.equal(mask, captured[0].bool())
+    assert mask.shape[0] == 2 * objective["clone_batch"] == 16
+    options = Data2Vec2Objective.from_bundle(objective, cfg.pretrain_args["decoder"])
+    out = data2vec2_loss(ours, source, lengths, mask, options)
+    assert int(out.sample_size) == int(result["sample_size"]) == int(mask.sum())
+    assert torch.allclose(out.loss, their_loss, rtol=1e-5, atol=1e-5), (out.loss, their_loss)
+    out.loss.backward()
+
+    mapping = data2vec2.PRETRAIN_KEY_MAP.classify({k: v for k, v in model.state_dict().items() if k != "_ema"}).mapped
+    our_params = dict(ours.named_parameters())
+    checked, worst = 0, 0.0
+    for name, param in model.named_parameters():
+        theirs, mine = param.grad, our_params[mapping[name]].grad
+        assert theirs is not None and mine is not None, name
+        # float32 sums in another order: equal to ~1e-6 of the gradient's own scale (a wrong term is O(1) of it)
+        error = float((mine - theirs).abs().max() / theirs.abs().max().clamp_min(1e-12))
+        worst = max(worst, error)
+        assert error <= GRAD_TOLERANCE, (name, error)
+        checked += 1
+    assert checked == len(mapping) - sum(k.startswith("_ema.") for k in mapping)
+    assert all(p.grad is None for p in ours.teacher.parameters())
+    print(f"worst relative gradient difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("options", [{}, {"mask_dropout": 0.2}, {"add_masks": True}], ids=["plain", "dropout", "add"])
+def test_seeded_masks_equal_fairseqs_compute_mask_indices(options):
+    from fairseq.data.data_utils import compute_mask_indices
+
+    from continue_pt.data2vec2.masking import clone_ids, seeded_span_mask
+
+    padding = torch.zeros(6, 50, dtype=torch.bool)
+    padding[3:, 37:] = True
+    ids = clone_ids(torch.tensor([5, 9]), seed=1, clone_batch=3)
+    assert ids[0] == 5 and ids[3] == 9 and len(set(ids.tolist())) == 6
+    theirs = compute_mask_indices((6, 50), padding, 0.5, 5, min_masks=1, require_same_masks=True, seed=1, epoch=77,
+                                  indices=ids, **options)
+    ours = seeded_span_mask((6, 50), padding, 0.5, 5, seed=1, update=77, ids=ids, **options)
+    assert (ours == theirs).all() and ours.any()
+    # fairseq's add_masks fills rows up from every unmasked frame, padding included; the spans never touch padding
+    assert options.get("add_masks") or not (ours & padding.numpy()).any()
