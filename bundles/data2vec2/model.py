@@ -160,9 +160,15 @@ class Attention(nn.Module):
         batch, frames, dim = x.shape
         qkv = self.qkv(x).reshape(batch, frames, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        mask = bias.to(q.dtype) if bias is not None else None
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           dropout_p=self.attention_dropout if self.training else 0.0)
+        dropout = self.attention_dropout if self.training else 0.0
+        if bias is None or q.dtype == torch.float32:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+        else:
+            # In bf16/fp16 an ALiBi bias of -slope * distance (up to hundreds) would lose its low bits: as fairseq,
+            # add it to the scores in float32 and take the softmax there, then go back to the working dtype.
+            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
+            weights = (scores.float() + bias.float()).softmax(dim=-1).to(q.dtype)
+            x = F.dropout(weights, dropout, training=self.training) @ v
         return self.proj_dropout(self.proj(x.transpose(1, 2).reshape(batch, frames, dim)))
 
 

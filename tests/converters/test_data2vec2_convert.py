@@ -318,3 +318,27 @@ def test_verify_passes_and_export_is_refused_with_one_error_line(converted, tmp_
         errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
         assert result.exit_code != 0 and len(errors) == 1 and "Traceback" not in result.output, result.output
         assert "data2vec2" in errors[0] and not out.exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_with_alibi_equals_fairseqs_altattention(dtype):
+    """In bf16 the ALiBi bias (hundreds, for long inputs) is added in float32, as fairseq does: our attention and
+    fairseq's AltAttention agree to the working dtype's precision."""
+    from bundles.data2vec2.model import Attention, alibi_bias
+
+    modules = data2vec2_modules().modules
+    torch.manual_seed(0)
+    theirs = modules.AltAttention(32, num_heads=4, qkv_bias=True).eval().to(dtype)
+    ours = Attention(32, 4, 0.0, 0.0).eval().to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    frames = 600
+    x = torch.randn(2, frames, 32).to(dtype)
+    bias = alibi_bias(4, torch.arange(frames)[None]) * 1.3
+    padding = torch.zeros(2, frames, dtype=torch.bool)
+    padding[1, 500:] = True
+    full = bias.expand(2, -1, -1, -1).masked_fill(padding[:, None, None, :], float("-inf"))
+    with torch.no_grad():
+        expected = theirs(x, padding, bias.expand(2, -1, -1, -1).clone()).float()
+        got = ours(x, full).float()
+    tolerance = 3e-5 if dtype == torch.float32 else 0.0  # bf16: the same operations in the same dtypes
+    assert (got[0] - expected[0]).abs().max() <= tolerance and (got[1, :500] - expected[1, :500]).abs().max() <= tolerance
