@@ -14,6 +14,7 @@ from typing import Any
 
 from bundles.config import BundleConfig
 from bundles.data2vec2.factory import ENCODER_PREFIX
+from bundles.safetensors_stream import PendingTensor
 
 from ..conv_layers import ConvLayersSyntaxError, parse_conv_layers
 from ..fairseq_checkpoint import FairseqCheckpoint
@@ -205,6 +206,21 @@ def objective(ckpt: FairseqCheckpoint, model_cfg: dict[str, Any]) -> dict[str, A
     return out
 
 
+def upgraded_alibi_scales(tensors: list[PendingTensor]) -> tuple[list[PendingTensor], list[str]]:
+    """fairseq's ``upgrade_state_dict_named``: files written before per-layer ALiBi scales existed hold
+    ``alibi_scale`` as ``[1, heads, 1, 1]``; the model's is ``[layers, 1, heads, 1, 1]``. The same bytes, one more
+    leading dimension."""
+    out, upgraded = [], []
+    for tensor in tensors:
+        if tensor.name.endswith("alibi_scale") and len(tensor.shape) == 4:
+            produce = tensor.produce
+            tensor = PendingTensor(tensor.name, (1, *tensor.shape), tensor.dtype,
+                                   lambda produce=produce: produce().unsqueeze(0), tensor.source_span)
+            upgraded.append(tensor.name)
+        out.append(tensor)
+    return out, upgraded
+
+
 def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionPlan | None:
     if kind == "ctc":
         model_cfg, prefix, key_map = _w2v_model_cfg(ckpt), "w2v_encoder.w2v_model.", CTC_KEY_MAP
@@ -237,4 +253,9 @@ def plan(ckpt: FairseqCheckpoint, kind: str, problems: list[str]) -> ConversionP
                               pretrain_args={"decoder": decoder_args(model_cfg)}, objective=objective(ckpt, model_cfg),
                               sample_rate=rate, normalize_waveform=normalize, num_updates=ckpt.num_updates,
                               provenance=prov)
-    return ConversionPlan(config, direct_tensors(ckpt, result.mapped), key_map_result=result)
+    tensors, upgraded = upgraded_alibi_scales(direct_tensors(ckpt, result.mapped))
+    if upgraded:
+        config.provenance["upgraded_alibi_scale"] = (
+            f"{upgraded}: [1, heads, 1, 1] in the file (written before per-layer scales), given the leading layer "
+            "dimension as fairseq's upgrade_state_dict_named does")
+    return ConversionPlan(config, tensors, key_map_result=result)

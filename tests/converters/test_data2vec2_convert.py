@@ -342,3 +342,18 @@ def test_attention_with_alibi_equals_fairseqs_altattention(dtype):
         got = ours(x, full).float()
     tolerance = 3e-5 if dtype == torch.float32 else 0.0  # bf16: the same operations in the same dtypes
     assert (got[0] - expected[0]).abs().max() <= tolerance and (got[1, :500] - expected[1, :500]).abs().max() <= tolerance
+
+
+def test_four_dimensional_alibi_scales_of_older_files_are_upgraded(converted, tmp_path):
+    """Files written before per-layer scales hold alibi_scale as [1, H, 1, 1] (fairseq upgrades them on load)."""
+    ref, bundle, _ = converted
+    state = checkpoint_dict(ref)
+    key = "modality_encoders.AUDIO.alibi_scale"
+    state["model"][key] = state["model"][key].squeeze(0)
+    state["model"]["_ema"] = dict(state["model"]["_ema"])  # fairseq's state_dict hands out its live EMA dict
+    state["model"]["_ema"][key] = state["model"]["_ema"][key].squeeze(0)
+    torch.save(state, tmp_path / "old.pt")
+    old = load_bundle(convert_checkpoint(tmp_path / "old.pt", tmp_path / "b"))
+    a, b = bundle.state_dict(), old.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert "upgraded_alibi_scale" in old.config.provenance and "upgraded_alibi_scale" not in bundle.config.provenance
