@@ -132,13 +132,14 @@ def data2vec2_loss(model: nn.Module, waveforms: Tensor, lengths: Tensor | None, 
     """One batch's loss through a :class:`~bundles.data2vec2.model.Data2Vec2PretrainModel` (``student``, ``decoder``,
     ``teacher``), equal to fairseq's ``Data2VecMultiModel.forward`` with the same ``mask`` (``[batch * clone_batch,
     frames]``, see :func:`continue_pt.data2vec2.masking.clone_masks`). Waveforms are normalised already; the
-    teacher runs without gradients in whatever mode it is in (fairseq: eval)."""
+    teacher runs without gradients and in eval mode (no dropout, no layer drop), as fairseq runs it."""
     from bundles.data2vec2.model import padding_mask_of
 
     student, teacher = model.student, model.teacher
     features, frame_lengths = student.local_features(waveforms, lengths)
     frames = features.shape[1]
     padding = padding_mask_of(frame_lengths, frames)
+    teacher.eval()  # fairseq: tm.eval() before every teacher forward
     with torch.no_grad():
         _, results = teacher(features.detach(), padding)
         targets = make_targets(results, options.average_top_k_layers,

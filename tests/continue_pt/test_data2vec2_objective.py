@@ -235,3 +235,24 @@ def test_seeded_masks_equal_fairseqs_compute_mask_indices(options):
     assert (ours == theirs).all() and ours.any()
     # fairseq's add_masks fills rows up from every unmasked frame, padding included; the spans never touch padding
     assert options.get("add_masks") or not (ours & padding.numpy()).any()
+
+
+def test_the_teacher_runs_in_eval_mode_without_gradients(deterministic_pair):
+    """In train mode (dropout in the student and decoder) the teacher still makes the same targets: it runs in eval
+    mode, like fairseq's, and gets no gradient."""
+    from continue_pt.data2vec2.masking import clone_masks
+    from continue_pt.data2vec2.objective import Data2Vec2Objective, data2vec2_loss
+
+    _, bundle = deterministic_pair
+    model = bundle.get_pretrain_model()
+    assert model.training
+    options = Data2Vec2Objective.from_bundle(bundle.config.objective, bundle.config.pretrain_args["decoder"])
+    wav = torch.randn(2, 8000, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        frames = model.student.local_features(wav)[0].shape[1]
+    mask = clone_masks(None, frames, torch.tensor([0, 1]), clone_batch=options.clone_batch, mask_prob=0.5,
+                       mask_length=5, seed=1, update=10)
+    data2vec2_loss(model, wav, None, mask, options).loss.backward()
+    assert not model.teacher.training and model.student.training
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert all(p.grad is not None for p in model.decoder.parameters())
