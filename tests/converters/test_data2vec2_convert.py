@@ -357,3 +357,38 @@ def test_four_dimensional_alibi_scales_of_older_files_are_upgraded(converted, tm
     a, b = bundle.state_dict(), old.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert "upgraded_alibi_scale" in old.config.provenance and "upgraded_alibi_scale" not in bundle.config.provenance
+
+
+def test_convert_by_catalogue_name_from_a_mirror(converted, tmp_path):
+    """`continue-pt convert data2vec2_base_libri --mirror URL` fetches base_libri.pt (here: a random-weight stand-in
+    served on 127.0.0.1) and converts it."""
+    import functools
+    import shutil
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    ref, _, src = converted
+    if ref.name != "data2vec2_base_libri":
+        pytest.skip("one card is enough")
+    served = tmp_path / "served"
+    served.mkdir()
+    shutil.copy(src, served / "base_libri.pt")
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        result = CliRunner().invoke(cli, ["convert", "data2vec2_base_libri", "-o", str(tmp_path / "b"), "--mirror",
+                                          f"http://127.0.0.1:{httpd.server_address[1]}", "--cache-dir",
+                                          str(tmp_path / "cache")])
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert result.exit_code == 0, result.output
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.family == "data2vec2" and bundle.kind == "pretrain" and bundle.num_updates == NUM_UPDATES
+    assert (tmp_path / "cache" / "catalogue" / "base_libri.pt").is_file()
