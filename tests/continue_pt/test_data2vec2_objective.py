@@ -237,6 +237,7 @@ def test_seeded_masks_equal_fairseqs_compute_mask_indices(options):
     assert options.get("add_masks") or not (ours & padding.numpy()).any()
 
 
+@pytest.mark.slow
 def test_the_teacher_runs_in_eval_mode_without_gradients(deterministic_pair):
     """In train mode (dropout in the student and decoder) the teacher still makes the same targets: it runs in eval
     mode, like fairseq's, and gets no gradient."""

@@ -249,6 +249,7 @@ def _rewritten(ref, path: Path, rename: tuple[str, str] | None = None, **cfg_mod
     return path
 
 
+@pytest.mark.slow
 def test_other_modalities_are_refused_in_one_message(converted, tmp_path):
     ref, _, _ = converted
     src = _rewritten(ref, tmp_path / "image.pt", ("modality_encoders.AUDIO.", "modality_encoders.IMAGE."),
