@@ -393,3 +393,26 @@ def test_convert_by_catalogue_name_from_a_mirror(converted, tmp_path):
     bundle = load_bundle(tmp_path / "b")
     assert bundle.family == "data2vec2" and bundle.kind == "pretrain" and bundle.num_updates == NUM_UPDATES
     assert (tmp_path / "cache" / "catalogue" / "base_libri.pt").is_file()
+
+
+class _Hostile:
+    """Unpickling it would run a shell command that leaves a marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_code_hidden_in_the_teacher_entry_is_refused_without_running(converted, tmp_path):
+    ref, _, _ = converted
+    state = checkpoint_dict(ref)
+    state["model"]["_ema"] = {**state["model"]["_ema"], "blocks.0.norm1.weight": _Hostile(tmp_path / "ran")}
+    torch.save(state, tmp_path / "hostile.pt")
+    with pytest.raises(ConversionError) as err:
+        convert_checkpoint(tmp_path / "hostile.pt", tmp_path / "out")
+    assert "system" in str(err.value) and "allow-list" in str(err.value)
+    assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
