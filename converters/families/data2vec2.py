@@ -27,16 +27,18 @@ MODEL_NAME = "data2vec_multi"
 AUDIO = r"modality_encoders\.AUDIO\."
 TEACHER_KEY = "_ema"  # fairseq's Data2VecMultiModel.state_dict() keeps the EMA teacher's fp32 tensors there
 
-_BLOCK = r"((?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias))"
+# A block's tensors have the same names in fairseq's AltBlock and ours. Plain groups only, so that the table can be
+# reversed (converters/families/reverse_map.py) for an export back to fairseq.
+_BLOCK = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 _MAX_POS_CONV_LAYERS = 64  # fairseq numbers its positional conv layers from 1 (index 0 is a TransposeLast)
 
 ENCODER_RULES = (
     *((AUDIO + rf"relative_positional_encoder\.{i}\.0\.(weight|bias)", rf"pos_conv.layers.{i - 1}.conv.\1")
       for i in range(1, _MAX_POS_CONV_LAYERS + 1)),
     (AUDIO + r"context_encoder\.norm\.(weight|bias)", r"prenet_norm.\1"),
-    (AUDIO + r"context_encoder\.blocks\.(\d+)\." + _BLOCK, r"prenet.\1.\2"),
+    (AUDIO + r"context_encoder\.blocks\.(\d+)\." + _BLOCK, r"prenet.\1.\2.\3"),
     (AUDIO + r"alibi_scale", "alibi_scale"),
-    (r"blocks\.(\d+)\." + _BLOCK, r"layers.\1.\2"),
+    (r"blocks\.(\d+)\." + _BLOCK, r"layers.\1.\2.\3"),
     (r"norm\.(weight|bias)", r"layer_norm.\1"),  # pre-LN models only
 )
 

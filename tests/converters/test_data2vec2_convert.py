@@ -416,3 +416,20 @@ def test_code_hidden_in_the_teacher_entry_is_refused_without_running(converted, 
         convert_checkpoint(tmp_path / "hostile.pt", tmp_path / "out")
     assert "system" in str(err.value) and "allow-list" in str(err.value)
     assert not (tmp_path / "ran").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("key_map", [data2vec2.PRETRAIN_KEY_MAP, data2vec2.CTC_KEY_MAP], ids=["pretrain", "ctc"])
+def test_the_key_maps_reverse_exactly(converted, key_map):
+    """Every bundle key maps back to the fairseq key it came from (what an export to fairseq will need)."""
+    from converters.families.reverse_map import reverse_key_map
+
+    ref, _, _ = converted
+    source = _flat_state(ref.model)
+    if key_map is data2vec2.CTC_KEY_MAP:
+        source = {f"w2v_encoder.w2v_model.{k}": v for k, v in source.items()
+                  if not k.startswith(("_ema.", "modality_encoders.AUDIO.decoder."))}
+        source["w2v_encoder.proj.weight"] = torch.zeros(1)
+    result = key_map.classify(source)
+    assert result.problems() == [] and len(result.mapped) == len(source)
+    reverse = reverse_key_map(key_map)
+    assert all(reverse.fairseq_key(target) == key for key, target in result.mapped.items())
