@@ -26,6 +26,8 @@ NAME = "data2vec2"
 MODEL_NAME = "data2vec_multi"
 AUDIO = r"modality_encoders\.AUDIO\."
 TEACHER_KEY = "_ema"  # fairseq's Data2VecMultiModel.state_dict() keeps the EMA teacher's fp32 tensors there
+NESTED_STATE_KEYS = (TEACHER_KEY,)
+"""Entries of fairseq's model state that are dicts of tensors (read flattened as ``_ema.KEY``; an export nests them)."""
 
 # A block's tensors have the same names in fairseq's AltBlock and ours. Plain groups only, so that the table can be
 # reversed (converters/families/reverse_map.py) for an export back to fairseq.
@@ -44,10 +46,11 @@ ENCODER_RULES = (
 
 FRONT_END_RULES = (
     (AUDIO + r"local_encoder\.conv_layers\.(\d+)\.0\.(weight|bias)", r"feature_extractor.conv_layers.\1.conv.\2"),
-    # layer_norm mode: Sequential(TransposeLast, Fp32LayerNorm, TransposeLast) at index 2 of every conv block;
-    # default mode: Fp32GroupNorm at index 2 of block 0 only.
-    (AUDIO + r"local_encoder\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
+    # default mode: Fp32GroupNorm at index 2 of block 0 only; layer_norm mode: Sequential(TransposeLast,
+    # Fp32LayerNorm, TransposeLast) at index 2 of every conv block (the order of ENCODER_RULES, which an export's
+    # choice between the two relies on).
     (AUDIO + r"local_encoder\.conv_layers\.0\.2\.(weight|bias)", r"feature_extractor.conv_layers.0.layer_norm.\1"),
+    (AUDIO + r"local_encoder\.conv_layers\.(\d+)\.2\.1\.(weight|bias)", r"feature_extractor.conv_layers.\1.layer_norm.\2"),
     (AUDIO + r"project_features\.1\.(weight|bias)", r"feature_projection.layer_norm.\1"),
     (AUDIO + r"project_features\.2\.(weight|bias)", r"feature_projection.projection.\1"),
 )
