@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 # fairseq-fixed is only the tests' reference implementation. It is built against the pinned torch
 # (--no-build-isolation), so its build needs cython/numpy/setuptools/wheel installed first.
+# torchvision and timm (data2vec 2.0's reference code needs them) go in --no-deps, so they never pull another torch.
 $(VENV)/.installed-test: $(VENV)/.installed
+	$(PIPENV) $(PIP) install -q --no-deps torchvision==0.26.0 timm==1.0.31
 	$(PIPENV) $(PIP) install -q -e '.[test]'
 	$(PIPENV) $(PIP) install -q --no-build-isolation fairseq-fixed==0.12.3.1
 	touch $@

@@ -12,7 +12,11 @@ Sources (checked against these; a fact none of them states is written "unknown")
 - the label-set names ``layer6.km500`` (BASE) and ``lyr9.km500`` (LARGE/XLARGE) are the ``task.labels`` of the
   checkpoints as quoted by third-party code and the project notes, not read from the files here;
 - fairseq ``models/wav2vec/wav2vec2_asr.py`` and ``models/hubert/hubert_asr.py``: fine-tuning asserts the same
-  ``normalize`` as pre-training (so a CTC card inherits its parent's) and calls ``remove_pretraining_modules``.
+  ``normalize`` as pre-training (so a CTC card inherits its parent's) and calls ``remove_pretraining_modules``;
+- data2vec 2.0: fairseq ``examples/data2vec/README.md`` (download URLs, data; "Vision models only are license under
+  CC-BY-NC") and the training configs it names, ``examples/data2vec/config/v2/base_audio_only_task.yaml`` and
+  ``large_audio_only_task.yaml`` (EMA schedule, targets, masking; ``task.normalize: true``); ``wav2vec2_asr.py``
+  asserts ``normalize`` when fine-tuning a ``data2vec_multi`` model.
 
 No sha256 of any of these files is published by fairseq or torchaudio, so every ``sha256`` is ``None``; record one
 only from a documented source, never from a local download alone.
@@ -24,11 +28,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-FAMILIES = ("hubert", "wav2vec2", "kmeans")
+FAMILIES = ("hubert", "wav2vec2", "data2vec2", "kmeans")
 KINDS = ("pretrained", "ctc", "kmeans")
 
 _HUBERT_URL = "https://dl.fbaipublicfiles.com/hubert"
 _WAV2VEC_URL = "https://dl.fbaipublicfiles.com/fairseq/wav2vec"
+_DATA2VEC2_URL = "https://dl.fbaipublicfiles.com/fairseq/data2vec2"
 
 _HUBERT_PAPER = (
     "HuBERT: Self-Supervised Speech Representation Learning by Masked Prediction of Hidden Units "
@@ -45,6 +50,10 @@ _XLSR_PAPER = (
 _XLS_R_PAPER = (
     "XLS-R: Self-supervised Cross-lingual Speech Representation Learning at Scale "
     "(Babu et al., 2021), https://arxiv.org/abs/2111.09296"
+)
+_DATA2VEC2_PAPER = (
+    "Efficient Self-supervised Learning with Contextualized Target Representations for Vision, Speech and Language "
+    "(Baevski et al., 2022), https://arxiv.org/abs/2212.07525"
 )
 _SELF_TRAINING_PAPER = (
     "Self-training and Pre-training are Complementary for Speech Recognition "
@@ -76,7 +85,7 @@ class ModelCard:
     name: str
     """Short id, unique in :data:`CATALOGUE` (e.g. ``hubert_base_ls960``)."""
     family: str
-    """``hubert``, ``wav2vec2`` or ``kmeans`` (see :data:`FAMILIES`)."""
+    """``hubert``, ``wav2vec2``, ``data2vec2`` or ``kmeans`` (see :data:`FAMILIES`)."""
     kind: str
     """``pretrained`` (self-supervised only), ``ctc`` (fine-tuned for ASR with CTC) or ``kmeans``."""
     size: str
@@ -187,11 +196,32 @@ def _kmeans_card(**overrides) -> ModelCard:
     return ModelCard(**fields)
 
 
+_REMOVED_HEADS = {"hubert": "final_proj, target_glu", "wav2vec2": "quantizer, project_q, final_proj, target_glu",
+                  "data2vec2": "the conv decoder and the EMA teacher (_ema)"}
+
+
+def _data2vec2_card(**overrides) -> ModelCard:
+    fields = dict(
+        family="data2vec2",
+        kind="pretrained",
+        sha256=None,
+        license=_MIT,
+        paper=_DATA2VEC2_PAPER,
+        sample_rate=16000,
+        normalize_waveform=True,
+        targets_published=True,
+        fine_tuned_from=None,
+    )
+    fields.update(overrides)
+    fields.setdefault("url", f"{_DATA2VEC2_URL}/{fields['file_name']}")
+    return ModelCard(**fields)
+
+
 def _fine_tuned(parent: ModelCard, *, name: str, file_name: str, fine_tuning_data: str, notes: str = "",
                 **overrides) -> ModelCard:
     """A CTC card: data, size, targets, license and normalisation follow the parent (fairseq asserts the same
     ``normalize`` for fine-tuning as for pre-training)."""
-    heads = "final_proj, target_glu" if parent.family == "hubert" else "quantizer, project_q, final_proj, target_glu"
+    heads = _REMOVED_HEADS[parent.family]
     note = _CTC_HEADS_REMOVED.format(heads=heads, parent=parent.name)
     fields = dict(
         name=name,
@@ -280,6 +310,38 @@ def _xls_r(size: str, file_name: str) -> ModelCard:
     )
 
 
+# ------------------------------------------------------------------------------------------- data2vec 2.0
+_D2V_LICENSE_NOTE = ("License: MIT per fairseq's LICENSE; the data2vec README restricts only its vision models "
+                     "(CC-BY-NC).")
+_D2V2_BASE = _data2vec2_card(
+    name="data2vec2_base_libri",
+    size="BASE",
+    file_name="base_libri.pt",
+    training_data=_LIBRISPEECH_960,
+    targets="its EMA teacher: mean of the top 8 blocks' FFN outputs, each instance-normalised",
+    notes=(
+        "~93M parameters (student), plus the conv decoder and the EMA teacher, both in the file. Config "
+        "examples/data2vec/config/v2/base_audio_only_task.yaml: 400k updates, EMA decay 0.999 annealed to 0.99999 "
+        "by update 75k (the teacher ends nearly frozen), clone_batch 8, mask_prob 0.5, mask_length 5, L2 loss "
+        "scaled by 1/sqrt(768). " + _D2V_LICENSE_NOTE
+    ),
+)
+_D2V2_LARGE = _data2vec2_card(
+    name="data2vec2_large_vox",
+    size="LARGE",
+    file_name="large_vox.pt",
+    training_data=_LIBRILIGHT_60K,
+    targets="its EMA teacher: mean of the top 16 blocks' FFN outputs, each instance-normalised",
+    notes=(
+        "~313M parameters (student: 8 prenet + 16 blocks), plus the conv decoder and the EMA teacher, both in the "
+        "file. Config examples/data2vec/config/v2/large_audio_only_task.yaml: 600k updates, EMA decay 0.9997 "
+        "annealed to 1.0 by update 300k (the teacher ends frozen), clone_batch 12, mask_prob 0.55, mask_length 5. "
+        + _D2V_LICENSE_NOTE
+    ),
+)
+_D2V2_FT_NOTE = ("Fine-tuned with one of fairseq's examples/wav2vec/config/finetuning configs (the data2vec README "
+                 "names the directory, not the file).")
+
 _LS_10M = "Libri-Light 10 min labelled (train-10min)"
 _LS_100H = "LibriSpeech train-clean-100 (100 h labelled)"
 _LS_960H = "LibriSpeech 960 h labelled"
@@ -323,6 +385,12 @@ _CARDS = (
     _xls_r("300M", "xlsr2_300m.pt"),
     _xls_r("1B", "xlsr2_960m_1000k.pt"),
     _xls_r("2B", "xlsr2_2B_1000k.pt"),
+    _D2V2_BASE,
+    _fine_tuned(_D2V2_BASE, name="data2vec2_base_libri_ft_960h", file_name="base_libri_960h.pt",
+                fine_tuning_data=_LS_960H, notes=_D2V2_FT_NOTE),
+    _D2V2_LARGE,
+    _fine_tuned(_D2V2_LARGE, name="data2vec2_large_vox_ft_960h", file_name="large_vox_960h.pt",
+                fine_tuning_data=_LS_960H, notes=_D2V2_FT_NOTE),
     _kmeans_card(
         name="hubert_base_ls960_L9_km500",
         size="BASE",
@@ -359,7 +427,7 @@ def _index(cards: tuple[ModelCard, ...]) -> dict[str, ModelCard]:
 
 CATALOGUE: dict[str, ModelCard] = _index(_CARDS)
 """Every card by name, in the order of the table: HuBERT, wav2vec 2.0 (each pre-trained model followed by its
-fine-tuned ones), XLSR, XLS-R, k-means."""
+fine-tuned ones), XLSR, XLS-R, data2vec 2.0, k-means."""
 
 
 class UnknownModelError(KeyError):

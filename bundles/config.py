@@ -16,7 +16,7 @@ MODEL_FILE = "model.safetensors"
 KMEANS_FILE = "kmeans.safetensors"
 FAIRSEQ_EXTRAS_FILE = "fairseq_extras.safetensors"
 
-FAMILIES = ("hubert", "wav2vec2")
+FAMILIES = ("hubert", "wav2vec2", "data2vec2")
 KINDS = ("pretrain", "ctc", "encoder")
 
 
@@ -25,7 +25,8 @@ class BundleConfig:
     """Everything needed to rebuild the model, and where it came from."""
 
     family: str
-    """``"hubert"`` or ``"wav2vec2"``."""
+    """``"hubert"``, ``"wav2vec2"`` or ``"data2vec2"`` (data2vec 2.0 audio: ``encoder_args`` / ``pretrain_args`` are
+    those of :mod:`bundles.data2vec2.config`, not torchaudio's)."""
     kind: str
     """``"pretrain"`` (encoder + pre-training heads), ``"ctc"`` (fine-tuned encoder + CTC output layer) or
     ``"encoder"`` (the encoder alone: a source without pre-training heads, e.g. a torchaudio ``.pth`` state dict or

@@ -27,8 +27,17 @@ def what_it_is(kind: str) -> str:
             "pre-training heads)")
 
 
+_OWN_WAYS_ON = {
+    "data2vec2": ("data2vec 2.0 learns from its EMA teacher and decoder, which this bundle lacks: convert the "
+                  "pre-trained checkpoint it was fine-tuned from (base_libri.pt, large_vox.pt: `continue-pt convert "
+                  "data2vec2_base_libri`)"),
+}
+
+
 def ways_on(family: str, bundle: str = "BUNDLE") -> str:
     """What continuing pre-training from an encoder-only ``family`` bundle needs."""
+    if family in _OWN_WAYS_ON:
+        return _OWN_WAYS_ON[family]
     if family == "hubert":
         return ("To continue HuBERT pre-training, start a new label head on k-means targets: add --reinit-label-head "
                 f"with --kmeans KM (fit one on this model's features with `continue-pt kmeans fit --teacher {bundle} "

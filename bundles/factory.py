@@ -6,8 +6,10 @@ a strict ``load_state_dict(..., assign=True)``: no random initialisation, no cop
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -19,6 +21,21 @@ from .config import BundleConfig
 from .wav2vec2_pretrain import Wav2Vec2PretrainModel
 
 ENCODER_PREFIX = "wav2vec2."
+
+# Families whose model is ours rather than torchaudio's: the module (with build_encoder, build_pretrain_model and
+# ENCODER_PREFIX) that builds it, imported on first use.
+OWN_MODEL_FACTORIES: dict[str, str] = {"data2vec2": "bundles.data2vec2.factory"}
+
+
+def _own_factory(config: BundleConfig) -> Any:
+    name = OWN_MODEL_FACTORIES.get(config.family)
+    return importlib.import_module(name) if name else None
+
+
+def encoder_prefix(config: BundleConfig) -> str:
+    """Where the encoder's tensors live in the bundle's pre-training state dict."""
+    own = _own_factory(config)
+    return own.ENCODER_PREFIX if own else ENCODER_PREFIX
 
 
 def _encoder_factory_args(config: BundleConfig) -> dict:
@@ -52,14 +69,21 @@ def _on_meta_device() -> Iterator[None]:
         parametrizations._WeightNorm.right_inverse = original
 
 
-def build_encoder(config: BundleConfig) -> Wav2Vec2Model:
-    """``torchaudio.models.wav2vec2_model`` with the bundle's arguments (weights uninitialised, on meta)."""
+def build_encoder(config: BundleConfig) -> nn.Module:
+    """``torchaudio.models.wav2vec2_model`` with the bundle's arguments (weights uninitialised, on meta); for a
+    family in :data:`OWN_MODEL_FACTORIES`, that family's encoder."""
+    own = _own_factory(config)
+    if own:
+        return own.build_encoder(config)
     with _on_meta_device():
         return wav2vec2_model(**_encoder_factory_args(config))
 
 
-def build_pretrain_model(config: BundleConfig) -> HuBERTPretrainModel | Wav2Vec2PretrainModel:
+def build_pretrain_model(config: BundleConfig) -> nn.Module:
     """The encoder with its pre-training heads (weights uninitialised, on meta)."""
+    own = _own_factory(config)
+    if own:
+        return own.build_pretrain_model(config)
     if config.kind != "pretrain" or config.pretrain_args is None:
         raise ValueError("only pre-training bundles have pre-training heads")
     encoder_args = _encoder_factory_args(config)

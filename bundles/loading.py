@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .config import FAIRSEQ_EXTRAS_FILE, KMEANS_FILE, MODEL_FILE, BundleConfig
 from .encoder_only import NO_HEAD, has_pretrain_head, ways_on, what_it_is
 from .errors import BundleError
-from .factory import ENCODER_PREFIX, assign_weights, build_encoder, build_pretrain_model
+from .factory import assign_weights, build_encoder, build_pretrain_model, encoder_prefix
 from .kmeans import KMeansModel, load_kmeans
 from .waveform import NormalizingWav2Vec2Model
 
@@ -80,10 +80,12 @@ class Bundle:
 
     def get_model(self) -> nn.Module:
         """The encoder as a torchaudio ``Wav2Vec2Model`` in eval mode (with the CTC layer for fine-tuned
-        bundles), wrapped to normalise waveforms itself when the model expects it."""
+        bundles), wrapped to normalise waveforms itself when the model expects it. data2vec 2.0: a
+        :class:`~bundles.data2vec2.model.Data2Vec2Model`, with the same ``forward`` / ``extract_features``."""
         state = self.state_dict()
         if self.kind == "pretrain":
-            state = {k[len(ENCODER_PREFIX):]: v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+            prefix = encoder_prefix(self.config)
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         model = self._load_into(build_encoder(self.config), state)
         if self.normalize_waveform:
             model = NormalizingWav2Vec2Model(model)
@@ -91,7 +93,8 @@ class Bundle:
 
     def get_pretrain_model(self) -> nn.Module:
         """HuBERT: a torchaudio ``HuBERTPretrainModel`` whose label embedding row c is cluster c.
-        wav2vec 2.0: a :class:`~bundles.wav2vec2_pretrain.Wav2Vec2PretrainModel`. Returned in train mode,
+        wav2vec 2.0: a :class:`~bundles.wav2vec2_pretrain.Wav2Vec2PretrainModel`. data2vec 2.0: a
+        :class:`~bundles.data2vec2.model.Data2Vec2PretrainModel` (student, decoder, EMA teacher). Returned in train mode,
         without waveform normalisation (the data pipeline applies it, see :attr:`normalize_waveform`)."""
         if not has_pretrain_head(self.kind):
             raise BundleError(self.path, f"is {what_it_is(self.kind)}; it has {NO_HEAD}",

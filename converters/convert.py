@@ -21,7 +21,8 @@ from .families import detect_family
 from .families.base import ConversionPlan
 from .joblib_kmeans import read_joblib_kmeans
 
-_UNKNOWN_MODEL_HINT = "This kit converts fairseq HuBERT and wav2vec 2.0 / XLS-R checkpoints (pre-trained or CTC fine-tuned)"
+_UNKNOWN_MODEL_HINT = ("This kit converts fairseq HuBERT and wav2vec 2.0 / XLS-R checkpoints (pre-trained or CTC "
+                       "fine-tuned), and data2vec 2.0 audio ones")
 
 
 def plan_conversion(ckpt: FairseqCheckpoint) -> ConversionPlan:

@@ -25,6 +25,7 @@ def _heads(family: str, kind: str, names: set[str]) -> list[str]:
                    "mask embedding": "mask_generator.mask_embedding"},
         "wav2vec2": {"quantizer": "quantizer.codevectors", "project_q": "project_q.weight",
                      "final_proj": "final_proj.weight", "mask embedding": "mask_embedding"},
+        "data2vec2": {"decoder": "decoder.blocks.0.conv.weight", "EMA teacher": "teacher.layers.0.norm1.weight"},
     }[family]
     return [head for head, key in wanted.items() if key in names]
 

@@ -237,6 +237,8 @@ def _interpret(path: Path, file: TorchFile) -> FairseqCheckpoint:
     for key, value in raw["model"].items():
         if isinstance(value, LazyTensor):
             state[str(key)] = value
+        elif (nested := _nested_tensors(str(key), value)) is not None:
+            state.update(nested)
         else:
             bad.append(str(key))
     if bad:
@@ -256,6 +258,22 @@ def _interpret(path: Path, file: TorchFile) -> FairseqCheckpoint:
     return FairseqCheckpoint(path=path, era=era, cfg=cfg, state=state, num_updates=_num_updates(raw),
                              dictionaries=dictionaries, file=file,
                              task_state_key=task_state_key if dictionaries else None, exported_by=_exported_by(raw))
+
+
+def _nested_tensors(prefix: str, value: Any) -> dict[str, LazyTensor] | None:
+    """A dict of tensors inside the model state (data2vec 2.0 keeps its EMA teacher's tensors as
+    ``model["_ema"]``), flattened to ``prefix.key``; None when it is anything else."""
+    if not isinstance(value, dict) or not value:
+        return None
+    out: dict[str, LazyTensor] = {}
+    for key, item in value.items():
+        if isinstance(item, LazyTensor):
+            out[f"{prefix}.{key}"] = item
+        elif (nested := _nested_tensors(f"{prefix}.{key}", item)) is not None:
+            out.update(nested)
+        else:
+            return None
+    return out
 
 
 def _exported_by(raw: dict[str, Any]) -> str | None:

@@ -37,13 +37,14 @@ from bundles.loading import Bundle, load_bundle
 from bundles.safetensors_stream import PendingTensor, pending_tensors_of
 
 from .errors import ConversionError
-from .families import hubert, wav2vec2
+from .families import data2vec2, hubert, wav2vec2
 from .families.base import FEATURE_PROJECTION
 from .families.reverse_map import ReverseKeyMap, reverse_key_map
 from .torch_zip_writer import StreamedTensor, write_torch_zip
 
-_FAMILIES: dict[str, ModuleType] = {"hubert": hubert, "wav2vec2": wav2vec2}
-_CRITERION_CLASS = {"hubert": "HubertCriterion", "wav2vec": "Wav2vecCriterion", "ctc": "CtcCriterion"}
+_FAMILIES: dict[str, ModuleType] = {"hubert": hubert, "wav2vec2": wav2vec2, "data2vec2": data2vec2}
+_CRITERION_CLASS = {"hubert": "HubertCriterion", "wav2vec": "Wav2vecCriterion", "ctc": "CtcCriterion",
+                    "model": "ModelCriterion"}
 _RECONVERT = "Convert the fairseq checkpoint again with this version of continue-pt (`continue-pt convert`)"
 LABEL_EMBEDDINGS = "logit_generator.label_embeddings"
 NON_CLUSTER_ROWS = "label_embeddings_non_cluster"
@@ -111,9 +112,9 @@ def bundle_tensors(bundle: Bundle, role: str) -> dict[str, PendingTensor]:
     return pending
 
 
-def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, StreamedTensor]:
+def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Any]:
     """The fairseq model's state dict from the bundle's tensors, unread (every unmappable tensor goes to
-    ``problems``)."""
+    ``problems``); :class:`StreamedTensor` values, and for data2vec 2.0 the dict ``"_ema"`` of them."""
     config = bundle.config
     family = _FAMILIES[config.family]
     reverse = reverse_key_map(family.CTC_KEY_MAP if config.kind == "ctc" else family.PRETRAIN_KEY_MAP)
@@ -145,11 +146,29 @@ def fairseq_state_dict(bundle: Bundle, problems: list[str]) -> dict[str, Streame
                     PendingTensor("label_embs_concat", tuple(embs.shape), embs.dtype, lambda: embs))
     if config.kind == "ctc":
         kept = {k: StreamedTensor(v) for k, v in extras.items() if k != NON_CLUSTER_ROWS}
-        if not kept:
+        if not kept and family.CTC_KEY_MAP.drops:
             problems.append("it keeps none of the fine-tuned checkpoint's tensors that the CTC model has no slot for "
                             "(mask_emb), which fairseq's loader needs")
         state.update(kept)
+    return _nested(state, getattr(family, "NESTED_STATE_KEYS", ()))
+
+
+def _nested(state: dict[str, Any], prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """Tensors under ``prefix.`` gathered into the dict ``state[prefix]``, as fairseq keeps them (data2vec 2.0's EMA
+    teacher is ``model["_ema"]``, a dict of tensors)."""
+    for prefix in prefixes:
+        inner = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        if inner:
+            state = {k: v for k, v in state.items() if not k.startswith(prefix + ".")}
+            state[prefix] = inner
     return state
+
+
+def _streamed(value: Any) -> list[StreamedTensor]:
+    """Every tensor of a (nested) state dict."""
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _streamed(v)]
+    return [value]
 
 
 def _label_embs_concat(config: BundleConfig, clusters: Tensor, specials: Tensor | None,
@@ -251,11 +270,16 @@ def export_fairseq(src: str | Path, out: str | Path, *, overwrite: bool = False,
                               "a torchaudio state dict): fairseq has no model class it fits",
                               hint="Use it as it is (load_bundle(...).get_model(), or as a --teacher), or continue "
                                    "pre-training from it (HuBERT: --reinit-label-head with --kmeans)")
+    if bundle.family not in _FAMILIES:
+        raise ConversionError(src, f"is a {bundle.family} bundle; export to fairseq is implemented for "
+                              f"{sorted(_FAMILIES)}",
+                              hint="The fairseq checkpoint it was converted from is the fairseq form; use the bundle "
+                                   "with load_bundle(...) otherwise")
     problems: list[str] = []
     checkpoint = fairseq_checkpoint_dict(bundle, problems)
     if problems:
         raise ConversionError(src, problems, hint=_RECONVERT)
-    size = sum(t.pending.nbytes for t in checkpoint["model"].values())
+    size = sum(t.pending.nbytes for t in _streamed(checkpoint["model"]))
     written = [0]
 
     def count(n: int) -> None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 from types import ModuleType
 
 from ..fairseq_checkpoint import FairseqCheckpoint
-from . import hubert, wav2vec2
+from . import data2vec2, hubert, wav2vec2
 
-FAMILIES: tuple[ModuleType, ...] = (hubert, wav2vec2)
+# data2vec2 before wav2vec2: a data2vec 2.0 CTC model is a ``wav2vec_ctc`` too (its w2v_args name data2vec_multi).
+FAMILIES: tuple[ModuleType, ...] = (hubert, data2vec2, wav2vec2)
 
 
 def detect_family(ckpt: FairseqCheckpoint) -> tuple[ModuleType, str] | None:
