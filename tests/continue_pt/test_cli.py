@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -93,8 +92,8 @@ def test_catalogue_lists_published_models():
     (["inspect", "nowhere"], "nowhere: no such file or directory"),
     (["verify", "nowhere", "--against", CKPT], "nowhere: no such bundle directory"),
 ])
-def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, args, needle):
-    os.chdir(tmp_path)
+def test_bad_input_gives_one_clear_line_and_no_output(tmp_path, monkeypatch, args, needle):
+    monkeypatch.chdir(tmp_path)  # restored after: later tests must not run in a deleted directory
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 1
     assert result.output.startswith("Error: ")
