@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from continue_pt.data2vec2 import options as data2vec2_options
 from continue_pt.hubert import options as hubert_options
 from continue_pt.hubert import records as hubert_records
 from continue_pt.wav2vec2 import options as wav2vec2_options
@@ -85,6 +86,15 @@ FAMILIES: dict[str, Family] = {
                                "loss is normalised by the step's masked frames, fairseq's sample_size)",
                        describe_targets=wav2vec2_options.describe_targets,
                        bundle_problems=wav2vec2_options.bundle_problems),
+    "data2vec2": Family("data2vec2", "data2vec 2.0", "continue_pt.data2vec2.module:Data2Vec2ContinuedPretraining",
+                        data2vec2_options.Data2Vec2Options, label_file_options=(),
+                        without="data2vec 2.0 regresses its own EMA teacher's block outputs (no k-means, labels, "
+                                "label head, quantizer or negatives; its loss is normalised by the step's masked "
+                                "frames, fairseq's sample_size)",
+                        describe_targets=data2vec2_options.describe_targets,
+                        bundle_problems=data2vec2_options.bundle_problems,
+                        option_problems=data2vec2_options.option_problems,
+                        checkpoint_facts=data2vec2_options.checkpoint_facts),
 }
 """Every family ``continue-pt pretrain`` continues, by bundle family."""
 

@@ -209,7 +209,7 @@ class ContinuedPretrainingBase(pl.LightningModule):
         """AdamW (fairseq's recipes: betas (0.9, 0.98), eps 1e-6, weight decay 0.01), linear warm-up to
         ``lr`` then linear (or cosine) decay to 0 at the trainer's ``max_steps``, stepped every update."""
         o = self.options
-        params = list(self.parameters())
+        params = self.optimized_parameters()
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                       weight_decay=o.weight_decay, **self._fused_adamw(params))
         total = self.trainer.max_steps if self.trainer.max_steps and self.trainer.max_steps > 0 else None
@@ -218,6 +218,10 @@ class ContinuedPretrainingBase(pl.LightningModule):
         schedule = lr_factor(o.warmup_steps, total, o.schedule)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def optimized_parameters(self) -> list[torch.nn.Parameter]:
+        """What AdamW updates: every parameter (a family leaves out what must not be in the optimizer)."""
+        return list(self.parameters())
 
     def _fused_adamw(self, params: list[torch.nn.Parameter]) -> dict[str, bool]:
         """``fused=True`` when every parameter is on CUDA and no fp16 GradScaler runs (a fused AdamW unscales in its

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from continue_pt.data2vec2.options import Data2Vec2Options
 from continue_pt.families import FAMILIES
 from continue_pt.hubert.options import HubertOptions
 from continue_pt.masking import MaskingOptions
@@ -48,6 +49,7 @@ class ModuleOptions:
     draws exactly what the uninterrupted run drew."""
     hubert: HubertOptions = field(default_factory=HubertOptions)
     wav2vec2: Wav2Vec2Options = field(default_factory=Wav2Vec2Options)
+    data2vec2: Data2Vec2Options = field(default_factory=Data2Vec2Options)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

@@ -99,6 +99,11 @@ class PretrainOptions:
     """wav2vec 2.0: distractors per masked frame; None: the checkpoint's (100 in the published recipes)."""
     codebook_warn_threshold: float = 0.1
     """wav2vec 2.0: warn when the code perplexity falls below this fraction of the usable codewords."""
+    ema_decay: str | None = None
+    """data2vec 2.0: ``START:END:STEPS`` restarts an anneal of the EMA teacher's decay from this run's first step
+    (``DECAY``: constant); None: the checkpoint's schedule continued from its num_updates."""
+    clone_batch: int | None = None
+    """data2vec 2.0: masked copies of each utterance; None: the checkpoint's (8 in the published recipes)."""
     teacher: str | None = None
     kmeans: str | None = None
     """A k-means ``.safetensors`` (``continue-pt convert --kmeans``); None: the teacher bundle's."""

@@ -62,6 +62,9 @@ def unused_parameter_reasons(module: nn.Module, freeze_feature_extractor_steps: 
     fgm = getattr(objective, "feature_grad_mult", getattr(module, "feature_grad_mult", 1.0))
     if fgm is not None and float(fgm) == 0.0:
         reasons.append("feature_grad_mult 0 freezes the feature extractor")
+    own = getattr(module, "unused_parameter_reasons", None)  # a family module that says it itself (data2vec 2.0)
+    if callable(own):
+        reasons += own()
     if freeze_feature_extractor_steps > 0:
         reasons.append(f"the feature extractor is frozen for the first {freeze_feature_extractor_steps} steps")
     return reasons

@@ -83,6 +83,12 @@ _PRETRAIN_FLAGS = [
                  help="wav2vec 2.0: weight of the codebook diversity loss (default: the checkpoint's, 0.1)."),
     click.option("--num-negatives", type=click.IntRange(min=1),
                  help="wav2vec 2.0: distractors per masked frame (default: the checkpoint's, 100)."),
+    click.option("--ema-decay",
+                 help="data2vec 2.0: restart the EMA teacher's decay anneal, START:END:STEPS from this run's first "
+                      "step (e.g. 0.999:0.9999:20000), or one constant decay (default: the checkpoint's schedule "
+                      "continued from its num_updates)."),
+    click.option("--clone-batch", type=click.IntRange(min=1),
+                 help="data2vec 2.0: masked copies of each utterance per step (default: the checkpoint's, 8)."),
     click.option("--seed", type=int, help=_shown("Seed of data order, crops and masks.", _default("seed"))),
     click.option("--num-workers", type=int,
                  help=_shown("Data loader worker processes per device.", "auto: the CPUs per device, at most 4")),

@@ -71,6 +71,10 @@ class RegressionLoss:
     ``sample_size`` before the optimizer step)."""
     sample_size: Tensor
     """The number of masked frames over the C copies."""
+    prediction: Tensor | None = None
+    """The masked frames' predictions ``[sample_size, dim]``, detached (fairseq's ``pred_var`` is their spread)."""
+    target: Tensor | None = None
+    """Their targets ``[sample_size, dim]`` (fairseq's ``target_var``)."""
 
 
 def regression_loss(prediction: Tensor, targets: Tensor, mask: Tensor, *, clone_batch: int = 1,
@@ -82,8 +86,10 @@ def regression_loss(prediction: Tensor, targets: Tensor, mask: Tensor, *, clone_
     if clone_batch > 1:
         targets = targets.repeat_interleave(clone_batch, 0)
     masked = mask.bool()
-    per_element = elementwise_loss(prediction[masked], targets[masked], loss_beta, loss_scale) * weight
-    return RegressionLoss(per_element.float().sum(), masked.sum().long())
+    predicted, wanted = prediction[masked], targets[masked]
+    per_element = elementwise_loss(predicted, wanted, loss_beta, loss_scale) * weight
+    return RegressionLoss(per_element.float().sum(), masked.sum().long(), predicted.detach().float(),
+                          wanted.detach().float())
 
 
 def kept_positions(mask: Tensor) -> Tensor:
