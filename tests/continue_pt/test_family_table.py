@@ -13,7 +13,7 @@ from continue_pt import families
 from continue_pt.options import PretrainOptions
 
 PACKAGE = Path(__file__).resolve().parents[2] / "continue_pt"
-FAMILY_PACKAGES = ("hubert", "wav2vec2")
+FAMILY_PACKAGES = ("hubert", "wav2vec2", "data2vec2")
 """A family's own package may name its family (a module refusing another family's bundle is not dispatch)."""
 NOT_DISPATCH = {"kmeans_check.py": "`continue-pt check-kmeans` is a HuBERT-only verb: it refuses other bundles"}
 BRANCH = re.compile(r"""[!=]=\s*["'](?:%s)["']""" % "|".join(map(re.escape, families.FAMILIES)))
