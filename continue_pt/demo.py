@@ -22,6 +22,10 @@ CHECKPOINT = ASSETS / "tiny_hubert.pt"
 KMEANS = ASSETS / "tiny_hubert_L1_km20.bin"
 KMEANS_LAYER = 1
 WAV2VEC2_CHECKPOINT = ASSETS / "tiny_wav2vec2.pt"
+DATA2VEC2_CHECKPOINT = ASSETS / "tiny_data2vec2.pt"
+DATA2VEC2_NUM_UPDATES = 400_000
+DATA2VEC2_EMA_RESTART = "0.99:0.999:10"
+"""The demo's restarted teacher anneal (the checkpoint's own schedule ended at 0.99999: nearly frozen)."""
 
 
 def demo_audio(seconds: float, seed: int) -> torch.Tensor:
@@ -65,9 +69,11 @@ def run_demo(output_dir: Path, echo: Callable[[str], None] = print) -> Path:
          f"final_proj {tuple(pretrain.logit_generator.final_proj.weight.shape)}")
     run = continue_pretraining(bundle_dir, output_dir, echo)
     w2v_run = continue_wav2vec2(output_dir, echo)
+    d2v_run = continue_data2vec2(output_dir, echo)
     echo(f"converted bundle: {bundle_dir}\ncontinued bundle: {run.bundle_dir}\n"
          f"curves: {run.output_dir / 'curves.png'}\nsummary: {run.output_dir / 'summary.json'}\n"
-         f"continued wav2vec 2.0 bundle: {w2v_run.bundle_dir}")
+         f"continued wav2vec 2.0 bundle: {w2v_run.bundle_dir}\n"
+         f"continued data2vec 2.0 bundle: {d2v_run.bundle_dir}")
     return run.bundle_dir
 
 
@@ -114,6 +120,35 @@ def continue_wav2vec2(output_dir: Path, echo: Callable[[str], None] = print):
     continued = load_bundle(run.bundle_dir)
     echo(f"10. exported bundle loads (num_updates {continued.num_updates}, Gumbel temperature "
          f"{continued.get_pretrain_model().quantizer.temperature:.4f})")
+    return run
+
+
+def continue_data2vec2(output_dir: Path, echo: Callable[[str], None] = print):
+    """The same job for data2vec 2.0: convert the tiny checkpoint (student, decoder, EMA teacher), continue its
+    pre-training with a restarted teacher anneal (its own schedule ended nearly frozen), export with the trained
+    teacher."""
+    from converters.convert import convert_checkpoint
+
+    bundle_dir = output_dir / "tiny_data2vec2_bundle"
+    shutil.rmtree(bundle_dir, ignore_errors=True)
+    convert_checkpoint(DATA2VEC2_CHECKPOINT, bundle_dir)
+    bundle = load_bundle(bundle_dir)
+    objective = bundle.config.objective or {}
+    echo(f"11. convert {DATA2VEC2_CHECKPOINT.name} -> {bundle_dir}: student, decoder and EMA teacher, num_updates "
+         f"{bundle.num_updates} (its teacher schedule {objective.get('ema_decay')} -> {objective.get('ema_end_decay')}"
+         f" ended at {objective.get('ema_end_decay')}: nearly frozen)")
+    options = _demo_options(bundle_dir, output_dir / "audio", output_dir / "run_data2vec2", max_steps=10)
+    options.ema_decay = DATA2VEC2_EMA_RESTART
+    echo(f"12. continue data2vec 2.0 pre-training for {options.max_steps} steps (EMA-teacher targets, "
+         f"{objective.get('clone_batch')} masked copies per utterance; --ema-decay {DATA2VEC2_EMA_RESTART} restarts "
+         "the teacher's anneal)")
+    start_teacher = bundle.state_dict()
+    run = _train_and_report(options, {"train/loss": "loss", "train/ema_decay": "ema_decay",
+                                      "train/target_var": "target_var", "train/pred_var": "pred_var"}, echo)
+    continued = load_bundle(run.bundle_dir)
+    after = continued.state_dict()
+    moved = sum(not torch.equal(after[k], start_teacher[k]) for k in after if k.startswith("teacher."))
+    echo(f"13. exported bundle loads (num_updates {continued.num_updates}); {moved} teacher tensors moved by the EMA")
     return run
 
 

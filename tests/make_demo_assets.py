@@ -3,6 +3,7 @@
 
     .venv/bin/python -m tests.make_demo_assets            # all
     .venv/bin/python -m tests.make_demo_assets wav2vec2   # only tiny_wav2vec2.pt
+    .venv/bin/python -m tests.make_demo_assets data2vec2  # only tiny_data2vec2.pt
 
 The checkpoints are written by fairseq's own model classes and saved as fairseq's trainer saves it (plain-dict
 ``cfg``, ``task_state`` with the label Dictionary, ``optimizer_history``), with the cluster symbols shuffled in
@@ -19,7 +20,14 @@ import torch
 from omegaconf import OmegaConf
 from sklearn.cluster import MiniBatchKMeans
 
-from continue_pt.demo import ASSETS, KMEANS_LAYER, WAV2VEC2_CHECKPOINT, demo_audio
+from continue_pt.demo import (
+    ASSETS,
+    DATA2VEC2_CHECKPOINT,
+    DATA2VEC2_NUM_UPDATES,
+    KMEANS_LAYER,
+    WAV2VEC2_CHECKPOINT,
+    demo_audio,
+)
 from fairseq.data import Dictionary
 from fairseq.models.hubert.hubert import HubertConfig, HubertModel
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
@@ -67,6 +75,25 @@ def write_tiny_wav2vec2() -> None:
     torch.save(checkpoint, WAV2VEC2_CHECKPOINT)
 
 
+def write_tiny_data2vec2() -> None:
+    """data2vec 2.0 BASE's recipe (the stored data2vec2_base_libri config: clone_batch 8, instance-normalised
+    top-K targets, ALiBi, conv decoder) at a tiny width, written by fairseq's own Data2VecMultiModel and saved as its
+    trainer saves it (teacher under ``model["_ema"]``) at the end of BASE's run (400k updates: the EMA decay has
+    annealed to 0.99999, the teacher is nearly frozen)."""
+    from tests.data2vec2_reference import (
+        build_data2vec2_model,
+        load_data2vec2_config,
+        save_data2vec2_checkpoint,
+        shrunk,
+    )
+
+    stored = shrunk(load_data2vec2_config("data2vec2_base_libri"), depth=2, dim=32, heads=2, conv_dim=32,
+                    decoder_dim=16)
+    ref = build_data2vec2_model("data2vec2_base_libri", seed=3, stored=stored)
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    save_data2vec2_checkpoint(ref, DATA2VEC2_CHECKPOINT, num_updates=DATA2VEC2_NUM_UPDATES)
+
+
 def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
@@ -96,6 +123,7 @@ def main() -> None:
     km = MiniBatchKMeans(n_clusters=NUM_CLUSTERS, batch_size=256, n_init=3, random_state=0).fit(feats)
     joblib.dump(km, ASSETS / "tiny_hubert_L1_km20.bin")
     write_tiny_wav2vec2()
+    write_tiny_data2vec2()
     print(f"wrote {ASSETS}")
 
 
@@ -104,5 +132,7 @@ if __name__ == "__main__":
 
     if sys.argv[1:] == ["wav2vec2"]:  # only the wav2vec 2.0 checkpoint (added later; the others stay as shipped)
         write_tiny_wav2vec2()
+    elif sys.argv[1:] == ["data2vec2"]:  # only the data2vec 2.0 checkpoint (added later)
+        write_tiny_data2vec2()
     else:
         main()

@@ -78,3 +78,6 @@ def test_demo_runs_end_to_end(tmp_path, caplog):
     assert result.exit_code == 0, result.output
     assert "label_rate" not in caplog.text  # online targets and wav2vec 2.0 read no label files: nothing to warn
     assert "0 mismatches" in result.output and "exported bundle loads (num_updates 1030)" in result.output
+    # data2vec 2.0: the tiny fairseq checkpoint continued with a restarted teacher anneal, the teacher exported
+    assert "exported bundle loads (num_updates 400010)" in result.output
+    assert "teacher tensors moved by the EMA" in result.output and "continued data2vec 2.0 bundle" in result.output
