@@ -75,7 +75,8 @@ class Data2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         self.mask_prob, self.mask_length = float(masking.get("mask_prob", 0.65)), int(masking.get("mask_length", 10))
         self.mask_settings = {name: objective.get(name, default) for name, default in
                               (("mask_dropout", 0.0), ("add_masks", False), ("inverse_mask", False))}
-        self.mask_seed = int(objective.get("seed", 1) or 1)  # fairseq's cfg.seed: masks equal fairseq's
+        # fairseq's cfg.seed (common.seed, 1 in the recipes): the masks equal fairseq's; --seed drives the rest
+        self.mask_seed = int(objective["seed"]) if objective.get("seed") is not None else 1
         self.start_updates = int(bundle.num_updates or 0)
         self.schedule, self.schedule_offset = run_schedule(own.ema_decay, objective, self.start_updates)
         self.min_target_var = float(objective.get("min_target_var", MIN_TARGET_VAR))
@@ -219,7 +220,8 @@ class Data2Vec2ContinuedPretraining(ContinuedPretrainingBase):
         super().on_save_checkpoint(checkpoint)
         checkpoint[CHECKPOINT_KEY] = self.checkpoint_section(family="data2vec2", loss_norm="fairseq",
                                                              ema_decay=self.ema_decay,
-                                                             ema_schedule=self.schedule.text())
+                                                             ema_schedule=self.schedule.text(),
+                                                             clone_batch=self.objective.clone_batch)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)

@@ -98,7 +98,7 @@ def describe_targets(options: Mapping[str, Any]) -> tuple[str | None, str]:
 def checkpoint_facts(extra: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """The teacher's schedule and its last decay in a training checkpoint (``inspect``)."""
     return {"ema_schedule": extra.get("ema_schedule"), "ema_decay": extra.get("ema_decay"),
-            "clone_batch": options.get("clone_batch")}
+            "clone_batch": extra.get("clone_batch", options.get("clone_batch"))}
 
 
 def option_problems(options: PretrainOptions) -> list[str]:

@@ -288,6 +288,11 @@ def test_run_logs_the_collapse_signs_and_exports_the_trained_teacher(full_run, b
     assert teacher and all(not torch.equal(after[k], before[k]) for k in teacher)  # the trained EMA teacher
     record = exported.config.provenance["training"][-1]
     assert record["steps"] == 4 and "EMA teacher" in record["targets"]
+    from continue_pt.checkpoint_facts import describe_training_checkpoint
+
+    facts = describe_training_checkpoint(full_run.checkpoint_dir / "last.ckpt")  # what `inspect` shows
+    assert facts["family"] == "data2vec2" and facts["ema_schedule"] == "0.999:0.99999:75000"
+    assert facts["clone_batch"] == 8 and facts["ema_decay"] == pytest.approx(schedule.decay_at(START_UPDATES + 4))
 
 
 @pytest.mark.slow

@@ -1,0 +1,170 @@
+"""Benchmark: one data2vec 2.0 BASE training step (forward + backward + optimizer + EMA update), fairseq vs ours, on
+CPU, side by side in one process.
+
+    .venv/bin/python bench/bench_data2vec2_step.py [--steps 5] [--keep] [--no-publish]
+
+A random-weight fairseq data2vec 2.0 BASE (the stored ``data2vec2_base_libri`` config: 12 blocks, 768 wide, ALiBi,
+clone_batch 8, top-8 instance-normalised targets, conv decoder, layer drop 0.05, dropout 0.1) is built with fairseq's
+own code (``tests/data2vec2_reference.py``, seed 0), saved as its trainer saves it and converted into a bundle.
+``torch.set_num_threads(2)``, float32, the same batch for both: 2 utterances x 4 s of seeded noise, normalised as
+the dataset does (199 frames each; 16 masked copies), ids 0 and 1, num_updates 1000.
+
+* (a) fairseq: ``Data2VecMultiModel`` (train mode) ``forward(source, id=ids)`` (its own MaskSeed masks) + the summed
+  loss's ``backward()`` + the gradients divided by the sample size (its trainer's ``multiply_grads``) + AdamW step +
+  ``set_num_updates`` (the EMA teacher's update).
+* (b) ours: ``Data2Vec2ContinuedPretraining._forward`` (the same seeded masks, the module's path) + ``backward()`` +
+  the division + AdamW step (``optimized_parameters``: without the teacher) + ``ema_update``.
+
+Both use ``torch.optim.AdamW`` (betas 0.9/0.98, eps 1e-6, weight decay 0.01; fairseq's trainer would use its own
+Adam, which does the same arithmetic). ``torch.manual_seed(i)`` / ``np.random.seed(i)`` before round i for both.
+One warm-up step each, then ``--steps`` rounds interleaved (a, b); medians. Equality of the loss and every gradient
+is not re-checked here: ``tests/continue_pt/test_data2vec2_pretrain.py`` does it (without dropout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import _common as C  # noqa: E402
+
+SECTION = "bench_data2vec2_step"
+NAME = "data2vec2_base_libri"
+SEED, NUM_THREADS, BATCH, SECONDS, UPDATES = 0, 2, 2, 4.0, 1000
+TARGET_RATIO = 0.8
+
+
+def _optimizer(params: list[Any]) -> Any:
+    import torch
+
+    return torch.optim.AdamW(params, lr=5e-5, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.01)
+
+
+class Steps:
+    def __init__(self, work: Path):
+        import torch
+
+        from bundles.loading import load_bundle
+        from continue_pt.data2vec2.module import Data2Vec2ContinuedPretraining
+        from continue_pt.module_options import ModuleOptions
+        from converters.convert import convert_checkpoint
+        from tests.data2vec2_reference import build_data2vec2_model, prepare, save_data2vec2_checkpoint
+
+        self.torch = torch
+        t0 = time.perf_counter()
+        ref = build_data2vec2_model(NAME, seed=SEED)
+        ckpt = work / "base.pt"
+        save_data2vec2_checkpoint(ref, ckpt, num_updates=UPDATES)
+        bundle_dir = convert_checkpoint(ckpt, work / "bundle", overwrite=True)
+        C.log(f"built, saved and converted BASE in {time.perf_counter() - t0:.1f} s")
+        g = torch.Generator().manual_seed(SEED)
+        wav = torch.randn(BATCH, int(SECONDS * 16000), generator=g)
+        self.source = prepare(wav, None)[0]
+        self.ids = torch.arange(BATCH)
+        self.fs = ref.model.train()
+        self.fs_opt = _optimizer([p for p in self.fs.parameters() if p.requires_grad])
+        self.module = Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle_dir))).train()
+        self.our_opt = _optimizer(self.module.optimized_parameters())
+        self.batch = {"waveforms": self.source, "lengths": torch.full((BATCH,), self.source.shape[1]),
+                      "indices": self.ids}
+        self.bundle = load_bundle(bundle_dir)
+
+    def _seed(self, i: int) -> None:
+        import numpy as np
+
+        self.torch.manual_seed(i)
+        np.random.seed(i)
+
+    def fairseq(self, i: int) -> dict[str, Any]:
+        from continue_pt.step_guard import divide_, gradients
+
+        self.fs_opt.zero_grad(set_to_none=True)
+        self._seed(i)
+        self.fs.num_updates = UPDATES
+        t0 = time.perf_counter()
+        result = self.fs(source=self.source, padding_mask=None, id=self.ids)
+        loss = sum(v.float().sum() for v in result["losses"].values())
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        divide_(gradients(self.fs.parameters()), float(result["sample_size"]))
+        self.fs_opt.step()
+        self.fs.set_num_updates(UPDATES + 1)
+        t3 = time.perf_counter()
+        return {"s": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
+
+    def ours(self, i: int) -> dict[str, Any]:
+        from continue_pt.data2vec2.ema import ema_update
+        from continue_pt.step_guard import divide_, gradients
+
+        self.our_opt.zero_grad(set_to_none=True)
+        self._seed(i)
+        m = self.module
+        t0 = time.perf_counter()
+        out = m._forward(self.batch)
+        t1 = time.perf_counter()
+        out.loss.backward()
+        t2 = time.perf_counter()
+        divide_(gradients(m.parameters()), float(out.sample_size))
+        self.our_opt.step()
+        ema_update(m.student.teacher, m.student.student.encoder, m.decay_after_update(1))
+        t3 = time.perf_counter()
+        return {"s": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    import torch
+
+    torch.set_num_threads(NUM_THREADS)
+    info = C.machine_info()
+    work = C.WORK / "data2vec2_step"
+    work.mkdir(parents=True, exist_ok=True)
+    steps = Steps(work)
+    runs, loads = C.interleaved_rounds({"a": steps.fairseq, "b": steps.ours}, args.steps)
+    med = {k: {part: statistics.median(r[part] for r in v) for part in ("s", "fwd", "bwd", "opt")}
+           for k, v in runs.items()}
+    pairs = statistics.median(b["s"] / a["s"] for a, b in zip(runs["a"], runs["b"]))
+    ratio = med["b"]["s"] / med["a"]["s"]
+    rows = [[label, f"{med[k]['s']:.3f}", ", ".join(f"{r['s']:.3f}" for r in runs[k]), f"{med[k]['fwd']:.3f}",
+             f"{med[k]['bwd']:.3f}", f"{med[k]['opt']:.3f}"]
+            for k, label in (("a", "(a) fairseq `Data2VecMultiModel` + backward + AdamW + `set_num_updates`"),
+                             ("b", "(b) ours: module `_forward` + backward + AdamW + `ema_update`"))]
+    verdict = "**meets**" if ratio <= TARGET_RATIO else "**misses**"
+    body = [f"## {SECTION}: one data2vec 2.0 BASE training step, fairseq vs ours", "",
+            *C.machine_lines(info, command),
+            f"- Torch threads {NUM_THREADS}; float32; one process. Model: random-weight BASE from the stored "
+            f"`{NAME}` config (12 blocks, 768-d, clone_batch 8, top-8 targets, layer drop 0.05, dropout 0.1), built "
+            "with fairseq's code, converted to a bundle. Batch: 2 x 4 s seeded noise, normalised, ids 0/1, "
+            f"num_updates {UPDATES}; both draw the same MaskSeed masks (16 copies x 199 frames). Train mode with the "
+            "config's dropout; seeds set per round. 1 warm-up each, then rounds interleaved; medians.",
+            "", C.table(["measurement", "s / step (median)", "runs (s)", "forward", "backward", "opt + EMA"], rows),
+            "", C.table(["ratio", "value", "target", "verdict"],
+                        [["(b) / (a) step time", f"{ratio:.2f}×", f"≤ {TARGET_RATIO}×", verdict],
+                         ["median of same-round (b_i / a_i)", f"{pairs:.2f}×", "(context)", ""],
+                         ["(b) / (a) forward", f"{med['b']['fwd'] / med['a']['fwd']:.2f}×", "(context)", ""],
+                         ["(b) / (a) backward", f"{med['b']['bwd'] / med['a']['bwd']:.2f}×", "(context)", ""]]),
+            "", f"- 1-minute load average before each round: {', '.join(loads)}."]
+    if args.no_publish:  # (_common.publish_or_print's parameter shadows _common.publish)
+        print("\n".join(body))
+    else:
+        C.publish(SECTION, body)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--keep", action="store_true")
+    parser.add_argument("--no-publish", action="store_true")
+    args = parser.parse_args()
+    C.run_and_clean_up(run, args, Path(__file__).name)
+
+
+if __name__ == "__main__":
+    main()
