@@ -136,7 +136,9 @@ def run(args: argparse.Namespace, command: str) -> None:
              f"{med[k]['bwd']:.3f}", f"{med[k]['opt']:.3f}"]
             for k, label in (("a", "(a) fairseq `Data2VecMultiModel` + backward + AdamW + `set_num_updates`"),
                              ("b", "(b) ours: module `_forward` + backward + AdamW + `ema_update`"))]
-    verdict = "**meets**" if ratio <= TARGET_RATIO else "**misses**"
+    # judged on the same-round pairs: on the shared 2-core machine one loaded round can triple a step's time, and a
+    # ratio of medians then measures the load, not the code (a first run showed 0.39x with same-round pairs at 1.04x)
+    verdict = "**meets**" if pairs <= TARGET_RATIO else "**misses**"
     body = [f"## {SECTION}: one data2vec 2.0 BASE training step, fairseq vs ours", "",
             *C.machine_lines(info, command),
             f"- Torch threads {NUM_THREADS}; float32; one process. Model: random-weight BASE from the stored "
@@ -146,11 +148,20 @@ def run(args: argparse.Namespace, command: str) -> None:
             "config's dropout; seeds set per round. 1 warm-up each, then rounds interleaved; medians.",
             "", C.table(["measurement", "s / step (median)", "runs (s)", "forward", "backward", "opt + EMA"], rows),
             "", C.table(["ratio", "value", "target", "verdict"],
-                        [["(b) / (a) step time", f"{ratio:.2f}×", f"≤ {TARGET_RATIO}×", verdict],
-                         ["median of same-round (b_i / a_i)", f"{pairs:.2f}×", "(context)", ""],
+                        [["median of same-round (b_i / a_i) step time", f"{pairs:.2f}×", f"≤ {TARGET_RATIO}×",
+                          verdict],
+                         ["(b) / (a) of the median step times", f"{ratio:.2f}×", "(context; load-sensitive)", ""],
                          ["(b) / (a) forward", f"{med['b']['fwd'] / med['a']['fwd']:.2f}×", "(context)", ""],
                          ["(b) / (a) backward", f"{med['b']['bwd'] / med['a']['bwd']:.2f}×", "(context)", ""]]),
-            "", f"- 1-minute load average before each round: {', '.join(loads)}."]
+            "", f"- 1-minute load average before each round: {', '.join(loads)}.",
+            "- Both steps run the same work: the conv front end once, the teacher's 12 blocks on the 2 utterances, "
+            "the student's 12 blocks on the kept half of the 16 copies, the decoder, the backward of all of it, "
+            "AdamW over the student and decoder and the EMA over the teacher. Ours differs only in how attention is "
+            "written (`scaled_dot_product_attention` with the ALiBi bias, where fairseq writes the matrix products "
+            "and softmax; on CPU with an additive bias both come down to the same products). fairseq's data2vec 2.0 "
+            "step is already lean; a 20 % saving would have to change the work itself (e.g. bf16 on a GPU, which "
+            "both would get). What this shows: the LightningModule path adds nothing measurable over fairseq's "
+            "step."]
     if args.no_publish:  # (_common.publish_or_print's parameter shadows _common.publish)
         print("\n".join(body))
     else:

@@ -25,7 +25,7 @@ from bundles.loading import load_bundle
 from continue_pt.data2vec2.ema import ema_update
 from continue_pt.data2vec2.masking import clone_masks
 from continue_pt.data2vec2.objective import Data2Vec2Objective, RegressionLoss, data2vec2_loss
-from continue_pt.data2vec2.options import run_schedule
+from continue_pt.data2vec2.options import run_schedule, unsupported_common_options
 from continue_pt.device_batch import padded, to_device
 from continue_pt.empty_batch import is_empty, zero_loss
 from continue_pt.frames import conv_output_frames
@@ -60,6 +60,9 @@ class Data2Vec2ContinuedPretraining(ContinuedPretrainingBase):
     def __init__(self, options: ModuleOptions | dict[str, Any]):
         super().__init__()
         options = self.take_options(options, "data2vec2")
+        problems = unsupported_common_options(vars(options), options.masking)
+        if problems:
+            raise ValueError("; ".join(problems))
         bundle = load_bundle(options.bundle)
         if bundle.family != "data2vec2":
             raise ValueError(f"{bundle.path}: a {bundle.family} bundle; this module continues data2vec 2.0")

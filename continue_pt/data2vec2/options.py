@@ -113,6 +113,26 @@ def option_problems(options: PretrainOptions) -> list[str]:
     return problems
 
 
+_NOT_APPLICABLE = {"feature_penalty_weight": None, "feature_grad_mult": None, "freeze_feature_extractor_steps": 0,
+                   "logit_temp": None}
+"""Common options data2vec 2.0's objective has no use for (no feature penalty, no contrastive logits; its conv front
+end trains with the rest), with their defaults."""
+MASKING_OVERRIDES = ("mask_prob", "mask_length")
+"""The masking overrides data2vec 2.0 reads (its span masks are fairseq's data2vec ones, not MaskingOptions)."""
+
+
+def unsupported_common_options(values: Mapping[str, Any], masking: Mapping[str, Any]) -> list[str]:
+    """Common options set to something data2vec 2.0 would silently ignore."""
+    problems = [f"{name} does not apply to data2vec 2.0 (it regresses the teacher's outputs; no feature penalty, "
+                "contrastive logits or separate feature-extractor schedule)"
+                for name, default in _NOT_APPLICABLE.items() if values.get(name, default) != default]
+    others = sorted(set(masking) - set(MASKING_OVERRIDES))
+    if others:
+        problems.append(f"masking {others} do not apply to data2vec 2.0 (only {', '.join(MASKING_OVERRIDES)} can "
+                        "be overridden; the rest is the checkpoint's)")
+    return problems
+
+
 def run_schedule(ema_decay: str | None, objective: Mapping[str, Any], start_updates: int) -> tuple[EmaSchedule, int]:
     """The schedule a run uses and the update its step 0 is at in that schedule: the checkpoint's, at
     ``start_updates``; or a restarted one, at 0."""
@@ -144,7 +164,7 @@ def bundle_problems(options: PretrainOptions, bundle: Bundle, kmeans: KMeansMode
 
     if bundle.kind != "pretrain":
         return []  # a fine-tuned bundle is refused before (no pre-training head)
-    problems = []
+    problems = unsupported_common_options(vars(options), options.masking)
     objective = dict(bundle.config.objective or {})
     if int(objective.get("mask_length", 5)) <= 1 and "mask_length" not in options.masking:
         problems.append(f"{bundle.path}: mask_length {objective.get('mask_length')} (random masking) is not "

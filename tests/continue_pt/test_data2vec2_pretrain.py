@@ -360,12 +360,14 @@ def test_frozen_or_nearly_frozen_teacher_warns_naming_ema_decay(bundle_dir, audi
 
 def test_bad_ema_decay_and_foreign_options_are_refused_together(bundle_dir, audio_dir, tmp_path):
     options = _options(bundle_dir, audio_dir, tmp_path / "o", ema_decay="0.9:0.99", reinit_label_head=True,
-                       clone_batch=0)
+                       clone_batch=0, freeze_feature_extractor_steps=5, masking={"mask_channel_prob": 0.1})
     with pytest.raises(PretrainOptionsError) as info:
         options.validate()
     text = str(info.value)
     for expected in ("ema_decay '0.9:0.99': expected START:END:STEPS", "clone_batch must be >= 1",
-                     "reinit_label_head is a HuBERT option; data2vec 2.0 regresses"):
+                     "reinit_label_head is a HuBERT option; data2vec 2.0 regresses",
+                     "freeze_feature_extractor_steps does not apply to data2vec 2.0",
+                     "masking ['mask_channel_prob'] do not apply to data2vec 2.0"):
         assert expected in text
     assert not (tmp_path / "o").exists()
 
