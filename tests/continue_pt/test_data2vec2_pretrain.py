@@ -238,8 +238,9 @@ bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 pl.seed_everything(0, verbose=False)
 module = _Recording(ModuleOptions(bundle=bundle_dir, warmup_steps=0))
 trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_steps=1,
-                     accumulate_grad_batches=1 if devices > 1 else 2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                     num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
+                     accumulate_grad_batches=1 if devices > 1 else 2, logger=False, enable_checkpointing=False,
+                     enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                     limit_val_batches=0, use_distributed_sampler=False)
 batches = _batches([[0, 1], [2, 3]])  # one process accumulates both: the same micro-batches (masks follow them)
 trainer.fit(module, datamodule=_ListData(batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1
                                          else batches))
