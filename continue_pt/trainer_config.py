@@ -23,6 +23,7 @@ from lightning.fabric.plugins.environments import (
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from continue_pt.options import PretrainOptions, PretrainOptionsError
+from continue_pt.sharding import sharded_strategy
 
 _REFUSALS = (MisconfigurationException, ValueError, RuntimeError, TypeError)
 _HARDWARE_OPTIONS = ("accelerator", "devices", "strategy", "precision")
@@ -48,8 +49,11 @@ def trainer_problems(options: PretrainOptions) -> list[str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real Trainer says it again where it matters
-            trainer = pl.Trainer(**_with_cluster_plugins(args), logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False)
+            sharded = sharded_strategy(options.strategy, args["precision"], False)
+            built = {**args, "strategy": sharded, "precision": None} if sharded is not None else args
+            trainer = pl.Trainer(**_with_cluster_plugins(built),
+                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False)
     except _REFUSALS as exc:
         return [_reworded(exc, args)]
     finally:

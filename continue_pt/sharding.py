@@ -1,0 +1,298 @@
+"""Models larger than one GPU's memory: Lightning's FSDP strategy with one wrap unit per transformer layer, sharded
+checkpoints, and activation checkpointing of each transformer layer (under FSDP and under DDP / one device).
+
+Why Lightning's ``FSDPStrategy`` (FSDP1) and not ``ModelParallelStrategy`` (FSDP2): the objectives call the
+student's pieces one by one (feature extractor, masking, encoder layers, heads; ``continue_pt.hubert.objective``),
+not its ``forward``. ``FSDPStrategy`` wraps the whole LightningModule and runs ``training_step`` inside the root's
+forward (Lightning's forward redirection), so every parameter outside the per-layer units is gathered for the whole
+step; under ``ModelParallelStrategy`` ``training_step`` runs outside any forward and those parameters would stay
+sharded ``DTensor``s.
+
+What :class:`LayerShardedFSDP` adds to ``FSDPStrategy``:
+
+* one FSDP unit per trainable torchaudio ``EncoderLayer`` (the student's; the teacher's are not wrapped);
+* the frozen teacher (every child module without a trainable parameter) is FSDP's ``ignored_modules``: each
+  process keeps it whole and it runs exactly as under DDP, never gathered, sharded or updated;
+* CPU processes (gloo): FSDP1 runs there when given the CPU as its device, which Lightning's ``"fsdp"`` name
+  refuses; that is how the tests check FSDP against DDP on a machine without GPU;
+* gradient clipping by norm (``--gradient-clip-val``, on by default): Lightning's ``FSDPPrecision`` refuses it;
+  :class:`ShardedPrecision` clips with FSDP's own ``clip_grad_norm_`` (the norm over every shard, equal to
+  ``torch.nn.utils.clip_grad_norm_`` of the whole model);
+* ``state_dict_type="sharded"``: each process writes its shard (``torch.distributed.checkpoint``) into a checkpoint
+  *directory*; :func:`read_sharded_checkpoint` reads one back offline, without a process group.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.precision import FSDPPrecision
+from lightning.pytorch.strategies import FSDPStrategy
+from torch import nn
+from torchaudio.models.wav2vec2.components import EncoderLayer
+
+FSDP_STRATEGY = "fsdp"
+"""The ``--strategy`` value that selects :class:`LayerShardedFSDP`."""
+
+SHARDED_META_FILE = "meta.pt"
+"""What Lightning's ``FSDPStrategy`` writes beside the shards of a sharded checkpoint: everything but the model and
+optimizer tensors (loops, callbacks, hyper-parameters, the continue-pt section), a plain ``torch.save`` file."""
+
+
+def is_sharded_checkpoint(path: str | Path) -> bool:
+    """A directory written by :class:`LayerShardedFSDP` (``torch.distributed.checkpoint`` shards + ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / SHARDED_META_FILE).is_file() and (path / ".metadata").is_file()
+
+
+def trainable_encoder_layer(module: nn.Module) -> bool:
+    """A torchaudio transformer layer with something to train: the student's (the frozen teacher's are not)."""
+    return isinstance(module, EncoderLayer) and any(p.requires_grad for p in module.parameters())
+
+
+def frozen_children(module: nn.Module) -> list[nn.Module]:
+    """Direct children of ``module`` with parameters, none of them trainable (HuBERT's teacher)."""
+    frozen = []
+    for child in module.children():
+        params = list(child.parameters())
+        if params and not any(p.requires_grad for p in params):
+            frozen.append(child)
+    return frozen
+
+
+def checkpoint_layers(module: nn.Module) -> int:
+    """Wrap each trainable transformer layer of ``module`` so that its activations are recomputed in the backward
+    instead of kept (``torch.utils.checkpoint``, non-reentrant). The RNG state is saved and restored around the
+    recomputation (torch's default), so dropout draws the same masks twice: loss and gradients are unchanged.
+    Layer drop is drawn by the transformer outside the layers, once. The wrapper's state-dict hooks keep every
+    parameter name as it was (checkpoints and export do not see it). Returns the number of layers wrapped."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+
+    count = sum(1 for m in module.modules() if trainable_encoder_layer(m))
+    apply_activation_checkpointing(
+        module, check_fn=trainable_encoder_layer,
+        checkpoint_wrapper_fn=functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT))
+    return count
+
+
+class ShardedPrecision(FSDPPrecision):
+    """Lightning's ``FSDPPrecision`` that clips by norm with the FSDP root's ``clip_grad_norm_`` (set by
+    :class:`LayerShardedFSDP` once it has wrapped the model)."""
+
+    root: Any = None
+
+    def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
+        if self.root is None:
+            raise RuntimeError("ShardedPrecision clips only a model wrapped by LayerShardedFSDP")
+        self.root.clip_grad_norm_(clip_val)
+
+
+class LayerShardedFSDP(FSDPStrategy):
+    """Lightning's FSDP with one unit per trainable transformer layer, the frozen teacher left whole, sharded
+    checkpoints and, with ``activation_checkpointing``, each layer recomputed in the backward (see the module
+    docstring)."""
+
+    shards_gradients = True
+    """Each process holds only its shard of every gradient (read by ``ContinuedPretrainingBase.read_step``)."""
+
+    def __init__(self, activation_checkpointing: bool = False, **kwargs: Any):
+        super().__init__(auto_wrap_policy=_layer_policy(), state_dict_type="sharded", **kwargs)
+        self.checkpoint_activations = activation_checkpointing
+
+    def _setup_model(self, model: nn.Module) -> nn.Module:
+        from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        self.kwargs["ignored_modules"] = frozen_children(model)
+        for child in self.kwargs["ignored_modules"]:
+            _left_out_of_checkpoints(model, child)
+        if self.root_device.type == "cpu":  # Lightning passes device_id None there, which FSDP refuses
+            wrapped = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs)
+            _move_torchmetrics_to_device(wrapped, self.root_device)
+        else:
+            wrapped = super()._setup_model(model)
+        if self.checkpoint_activations:  # inside each FSDP unit, as Lightning's own policy would place it
+            checkpoint_layers(wrapped)
+        if isinstance(self.precision_plugin, ShardedPrecision):
+            self.precision_plugin.root = wrapped
+        return wrapped
+
+
+def _left_out_of_checkpoints(parent: nn.Module, child: nn.Module) -> None:
+    """The frozen ``child`` (HuBERT's teacher, rebuilt from its bundle) out of the sharded checkpoints, as the
+    modules leave it out of the ``.ckpt`` files: left out of ``parent``'s state dict, and its own tensors taken
+    when a checkpoint is loaded (Lightning loads the sharded checkpoint into what the state dict holds)."""
+    name = next(n for n, c in parent.named_children() if c is child)
+
+    def drop(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for key in [k for k in state if k.startswith(f"{prefix}{name}.")]:
+            del state[key]
+
+    def fill(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        for key, value in module.state_dict().items():
+            state.setdefault(prefix + key, value)
+
+    parent.register_state_dict_post_hook(drop)
+    child.register_load_state_dict_pre_hook(fill)
+
+
+def _layer_policy() -> Any:
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    return CustomPolicy(trainable_encoder_layer)
+
+
+def sharded_strategy(strategy: str, precision: str, activation_checkpointing: bool) -> LayerShardedFSDP | None:
+    """:class:`LayerShardedFSDP` with its :class:`ShardedPrecision` for ``--strategy fsdp``, else None."""
+    if strategy != FSDP_STRATEGY:
+        return None
+    return LayerShardedFSDP(activation_checkpointing=activation_checkpointing,
+                            precision_plugin=ShardedPrecision(precision))
+
+
+# ------------------------------------------------------------------------------------------------ offline reading
+
+
+_METADATA_CLASSES = (
+    "torch.distributed.checkpoint.metadata",
+    "torch.distributed.checkpoint.filesystem",
+    "torch.distributed.checkpoint.planner",
+)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """``torch.distributed.checkpoint``'s ``.metadata`` is a plain pickle of its own dataclasses (torch reads it
+    with ``pickle.load``); this allows those classes, torch's sizes, dtypes and layouts and builtins' containers,
+    and nothing else: a crafted file cannot run code."""
+
+    _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool", "slice"}
+
+    def find_class(self, module_name: str, name: str) -> Any:
+        if module_name in _METADATA_CLASSES:  # its dataclasses and enums; no function
+            module = __import__(module_name, fromlist=[name])
+            value = getattr(module, name)
+            if isinstance(value, type):
+                return value
+        if module_name == "torch" and (name == "Size" or isinstance(getattr(torch, name, None),
+                                                                     (torch.dtype, torch.layout,
+                                                                      torch.memory_format))):
+            return getattr(torch, name)
+        if module_name == "builtins" and name in self._BUILTINS:
+            import builtins
+
+            return getattr(builtins, name)
+        if module_name == "collections" and name == "OrderedDict":
+            from collections import OrderedDict
+
+            return OrderedDict
+        if module_name == "torch.serialization" and name == "_get_layout":  # a layout from its name
+            from torch.serialization import _get_layout
+
+            return _get_layout
+        if module_name == "pathlib" and name in ("Path", "PosixPath", "PurePosixPath", "WindowsPath",
+                                                 "PureWindowsPath"):  # where it was written (storage_meta)
+            import pathlib
+
+            return getattr(pathlib, name)
+        if module_name == "copyreg" and name == "_reconstructor":
+            import copyreg
+
+            return copyreg._reconstructor
+        raise pickle.UnpicklingError(f"{module_name}.{name} is not allowed in a checkpoint's .metadata")
+
+
+def _safe_reader(path: Path) -> Any:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            with open(Path(self.path) / ".metadata", "rb") as fh:
+                metadata = _MetadataUnpickler(fh).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def read_sharded_model_state(path: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict of a sharded checkpoint directory, whole, on the CPU, in this one process (no process
+    group). The shards' tensors are read with torch's weights-only loader, the index with an allow-list unpickler."""
+    from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+
+    state: dict[str, Any] = {}
+    _load_state_dict(state, storage_reader=_safe_reader(Path(path)),
+                     planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
+    model = state.get("model")
+    if not isinstance(model, dict):
+        raise ValueError("the checkpoint holds no model state")
+    return model
+
+
+def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint directory as the dict a ``.ckpt`` file holds: ``meta.pt`` (weights-only) with the whole
+    model state as its ``state_dict`` (the optimizer shards are not read). A :class:`~bundles.errors.BundleError`
+    names the directory when either part is unreadable."""
+    from bundles.errors import BundleError
+
+    path = Path(path)
+    hint = "Pass a checkpoint directory written by `continue-pt pretrain --strategy fsdp` (OUTPUT/checkpoints/)"
+    try:
+        checkpoint = torch.load(path / SHARDED_META_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  a damaged file fails torch's weights-only loader in any way
+        raise BundleError(path / SHARDED_META_FILE, f"is not readable ({_first_line(exc)})", hint=hint) from None
+    if not isinstance(checkpoint, dict):
+        raise BundleError(path / SHARDED_META_FILE, "does not hold a checkpoint dict", hint=hint)
+    try:
+        checkpoint["state_dict"] = read_sharded_model_state(path)
+    except Exception as exc:  # noqa: BLE001  missing or damaged shards, a refused class in .metadata
+        raise BundleError(path, f"its model shards are not readable ({_first_line(exc)})", hint=hint) from None
+    return checkpoint
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def replace_directory(source: Path, target: Path) -> None:
+    """``target`` becomes a copy of the directory ``source`` (hard links where the file system allows), swapped in
+    by renames: a reader sees the old or the new checkpoint, never a mix."""
+    import os
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    old = target.with_name(f".{target.name}.old")
+    for leftover in (tmp, old):
+        if leftover.is_dir():
+            shutil.rmtree(leftover)
+        elif leftover.exists():
+            leftover.unlink()
+
+    def link_or_copy(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, tmp, copy_function=link_or_copy)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(tmp, target)
+    if old.is_dir():
+        shutil.rmtree(old)
+    elif old.exists():
+        old.unlink()
