@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -85,9 +86,21 @@ def checkpoint_layers(module: nn.Module) -> int:
 
 class ShardedPrecision(FSDPPrecision):
     """Lightning's ``FSDPPrecision`` that clips by norm with the FSDP root's ``clip_grad_norm_`` (set by
-    :class:`LayerShardedFSDP` once it has wrapped the model)."""
+    :class:`LayerShardedFSDP` once it has wrapped the model), and whose ``bf16-mixed`` / ``16-mixed`` is DDP's:
+    autocast over fp32 weights, gradients reduced in fp32.
+
+    Lightning's own FSDP "mixed" gathers the weights in bf16 and *reduces the gradients in bf16*, and casts the
+    inputs of the root's forward to bf16, which the frozen fp32 teacher (left out of FSDP) then refuses. Here FSDP
+    shards and gathers fp32 (twice the bytes of a bf16 gather, one layer at a time) and the compute is autocast's,
+    so a run's numbers do not depend on the strategy."""
 
     root: Any = None
+
+    @property
+    def mixed_precision_config(self) -> Any:
+        if self.precision in ("bf16-mixed", "16-mixed"):
+            return None
+        return super().mixed_precision_config
 
     def clip_grad_by_norm(self, optimizer: Any, clip_val: int | float) -> None:
         if self.root is None:
@@ -150,6 +163,31 @@ def _layer_policy() -> Any:
     from torch.distributed.fsdp.wrap import CustomPolicy
 
     return CustomPolicy(trainable_encoder_layer)
+
+
+_AUTOCAST_ONLY_ON_CUDA = ("bf16-mixed", "16-mixed")
+
+
+def other_fsdp_problem(strategy: str) -> str | None:
+    """Lightning's other FSDP names (``fsdp_cpu_offload``, ...) would run its FSDP as it is: refused, with the fix."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    if strategy == FSDP_STRATEGY or strategy not in StrategyRegistry:
+        return None
+    if not issubclass(StrategyRegistry[strategy]["strategy"], FSDPStrategy):
+        return None
+    return (f"strategy is {strategy!r}: Lightning's FSDP as it is would shard the frozen teacher and wrap no "
+            "transformer layer; use --strategy fsdp (one unit per transformer layer, the teacher whole, sharded "
+            "checkpoints)")
+
+
+def sharded_precision_problem(strategy: str, precision: str, on_cuda: bool) -> str | None:
+    """A mixed precision under ``--strategy fsdp`` on the CPU, where Lightning's FSDP does not autocast."""
+    if strategy == FSDP_STRATEGY and not on_cuda and precision in _AUTOCAST_ONLY_ON_CUDA:
+        return (f"precision {precision} with strategy fsdp needs CUDA GPUs (Lightning's FSDP autocasts only on "
+                "CUDA: on the CPU it would silently train in 32-bit); on the CPU use --precision 32-true (the "
+                "default there), or train on GPUs (--accelerator gpu)")
+    return None
 
 
 def sharded_strategy(strategy: str, precision: str, activation_checkpointing: bool) -> LayerShardedFSDP | None:
@@ -233,8 +271,10 @@ def read_sharded_model_state(path: str | Path) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
+    reader = _safe_reader(Path(path))
+    reader.read_metadata()  # here, so that a refused or damaged index says why (torch's loader hides it)
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=_safe_reader(Path(path)),
+    _load_state_dict(state, storage_reader=reader,
                      planner=_EmptyStateDictLoadPlanner(keys={"model"}), no_dist=True)
     model = state.get("model")
     if not isinstance(model, dict):
@@ -256,11 +296,39 @@ def read_sharded_checkpoint(path: str | Path) -> dict[str, Any]:
         raise BundleError(path / SHARDED_META_FILE, f"is not readable ({_first_line(exc)})", hint=hint) from None
     if not isinstance(checkpoint, dict):
         raise BundleError(path / SHARDED_META_FILE, "does not hold a checkpoint dict", hint=hint)
-    try:
-        checkpoint["state_dict"] = read_sharded_model_state(path)
-    except Exception as exc:  # noqa: BLE001  missing or damaged shards, a refused class in .metadata
-        raise BundleError(path, f"its model shards are not readable ({_first_line(exc)})", hint=hint) from None
+    checkpoint["state_dict"] = _ShardedModelState(path, hint)
     return checkpoint
+
+
+class _ShardedModelState(Mapping):
+    """The model state of a sharded checkpoint, read on first use: a resume reads the checkpoint's options and
+    steps in every process, and only export needs the weights (a whole XLS-R 2B is 8 GB in fp32)."""
+
+    def __init__(self, path: Path, hint: str):
+        self.path, self.hint = path, hint
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def _loaded(self) -> dict[str, torch.Tensor]:
+        if self._state is None:
+            from bundles.errors import BundleError
+
+            from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+            try:
+                self._state = read_sharded_model_state(self.path)
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001  missing/damaged shards, refused .metadata
+                raise BundleError(self.path, f"its model shards are not readable ({_first_line(exc)})",
+                                  hint=self.hint) from None
+        return self._state
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._loaded()[key]
+
+    def __iter__(self):
+        return iter(self._loaded())
+
+    def __len__(self) -> int:
+        return len(self._loaded())
 
 
 def _first_line(exc: BaseException) -> str:

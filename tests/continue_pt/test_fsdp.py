@@ -42,7 +42,7 @@ def run(name, bundle, **overrides):
     run_pretraining(PretrainOptions(**values))
 
 
-run("hubert_ddp", hubert, strategy="ddp", accumulate=2)
+run("hubert_ddp", hubert, strategy="ddp", accumulate=2, activation_checkpointing=True)
 run("hubert_fsdp", hubert, strategy="fsdp", accumulate=2)
 run("hubert_fsdp_resumed", None, strategy="fsdp", accumulate=2,
     resume=str(Path(out) / "hubert_fsdp" / "checkpoints" / "step-step=2.ckpt"))
@@ -90,8 +90,8 @@ def _logged(run: Path, column: str) -> list[float]:
 def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_bundle_dir):
     """Same data, seeds and global batch: FSDP's sharded update is DDP's, to float rounding (gradients are
     reduce-scattered instead of all-reduced; on one CPU thread per process they came out bit-identical), with
-    gradient accumulation (HuBERT), clipping by norm (both) and activation checkpointing (wav2vec 2.0 under FSDP
-    only: its dropout is redrawn alike in the recomputation). The logged gradient norm, summed over the shards,
+    gradient accumulation (HuBERT), clipping by norm (both) and activation checkpointing (HuBERT under DDP,
+    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout). The logged gradient norm, summed over the shards,
     is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
     _assert_same_weights(runs / "hubert_fsdp/bundle", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
     _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_bundle_dir, rtol=1e-5, atol=1e-6)
@@ -126,3 +126,120 @@ def test_export_of_a_sharded_checkpoint_is_the_ddp_runs_bundle(runs, bundle_dir,
     exported, ddp = load_bundle(tmp_path / "exported"), load_bundle(runs / "hubert_ddp/bundle")
     assert exported.num_updates == ddp.num_updates
     assert torch.equal(exported.get_kmeans().centroids, ddp.get_kmeans().centroids)
+
+
+@pytest.mark.slow
+def test_export_refuses_a_sharded_checkpoint_whose_index_would_run_code(runs, tmp_path):
+    """``torch.distributed.checkpoint`` reads its ``.metadata`` with ``pickle.load``; export reads it with an
+    allow-list: a planted ``.metadata`` that would run a command is one ``Error:`` line and runs nothing."""
+    import pickle
+    import shutil
+
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    planted = tmp_path / "ckpt"
+    shutil.copytree(runs / "hubert_fsdp/checkpoints/last.ckpt", planted)
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (planted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    result = CliRunner().invoke(cli, ["export", str(planted), "-o", str(tmp_path / "bundle")])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert "model shards are not readable" in lines[0] and "is not allowed" in lines[0], lines[0]
+    assert not marker.exists() and not (tmp_path / "bundle").exists()
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, expected", [
+    (["--strategy", "fsdp", "--precision", "bf16-mixed"],
+     "precision bf16-mixed with strategy fsdp needs CUDA GPUs"),
+    (["--strategy", "fsdp_cpu_offload"], "use --strategy fsdp (one unit per transformer layer"),
+])
+def test_what_fsdp_cannot_do_here_is_one_error_line(flags, expected, bundle_dir, audio_dir,
+                                                                           tmp_path):
+    from click.testing import CliRunner
+
+    from continue_pt.cli import cli
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["pretrain", "--init-from", str(bundle_dir), "--train-data", str(audio_dir),
+                                      "--output-dir", str(out), "--accelerator", "cpu", "--max-steps", "2",
+                                      "--warmup-steps", "1", *flags])
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("Error: "), result.output
+    assert expected in lines[0], lines[0]
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------------------------------ activation checkpointing
+
+
+def _loss_and_grads(module, family: str, batch: dict, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One micro-batch's unnormalised loss (what the training step backwards) and its gradients, with dropout on."""
+    import numpy as np
+
+    from continue_pt.hubert.loss import unnormalized_loss as hubert_loss
+    from continue_pt.wav2vec2.objective import unnormalized_loss as w2v_loss
+
+    module.train()
+    module.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)  # dropout, Gumbel noise
+    if family == "hubert":
+        terms, _ = module._forward_terms(batch, np.random.default_rng(seed), module.feature_grad_mult)
+        loss = hubert_loss(terms, module.weights, "fairseq")
+    else:
+        _, terms = module._forward(batch, (seed, 0, 0, 0), module.objective.feature_grad_mult)
+        loss = w2v_loss(terms, module.objective.weights)
+    loss.backward()
+    return loss.detach(), {n.replace("_checkpoint_wrapped_module.", ""): p.grad.clone()
+                           for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["hubert", "wav2vec2"])
+def test_activation_checkpointing_keeps_the_loss_and_every_gradient(family, bundle_dir, w2v_bundle_dir):
+    """Each student layer recomputed in the backward (it runs twice), the teacher's not wrapped, parameter names
+    unchanged, and the same loss and gradients to 1e-6 with dropout on (the recomputation redraws the same
+    dropout masks: torch's checkpoint restores the RNG state)."""
+    import copy
+
+    from continue_pt.demo import demo_audio
+    from continue_pt.options import PretrainOptions
+    from continue_pt.pretrain import MODULES
+    from continue_pt.sharding import checkpoint_layers
+    from torchaudio.models.wav2vec2.components import EncoderLayer
+
+    bundle = bundle_dir if family == "hubert" else w2v_bundle_dir
+    options = PretrainOptions(train_data="unused", output_dir="unused", init_from=str(bundle)).module_options()
+    plain = MODULES[family](options)
+    checkpointed = copy.deepcopy(plain)
+    names = list(checkpointed.state_dict())
+    student_layers = [m for m in checkpointed.student.modules() if isinstance(m, EncoderLayer)]
+    assert checkpoint_layers(checkpointed) == len(student_layers) > 0
+    assert list(checkpointed.state_dict()) == names
+    if family == "hubert":  # the frozen teacher runs without a graph: nothing to recompute, left as it is
+        assert not [m for m in checkpointed.targets.modules() if type(m).__name__ == "CheckpointWrapper"]
+
+    calls = []
+    # a pre-hook: the recomputation stops (torch's early stop) once it has what the backward needs
+    student_layers[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    batch = {"waveforms": torch.stack([demo_audio(1.0, seed=i)[0] for i in range(2)]), "lengths": None}
+    loss, grads = _loss_and_grads(plain, family, batch, seed=3)
+    ours, our_grads = _loss_and_grads(checkpointed, family, batch, seed=3)
+    assert len(calls) == 2  # forward, then again in the backward
+
+    torch.testing.assert_close(ours, loss, rtol=1e-6, atol=1e-6)
+    assert set(our_grads) == set(grads) and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
+    other, _ = _loss_and_grads(plain, family, batch, seed=4)
+    assert not torch.equal(other, loss)  # the draws matter: equal losses above are not a coincidence
