@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]
 _CLUSTER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE", "GROUP_RANK", "RANK")
 
 _SCRIPT = '''
-import sys, warnings
+import os, signal, sys, warnings
 from pathlib import Path
+import lightning.pytorch as pl
+from continue_pt.interruption import RunInterrupted
 from continue_pt.options import PretrainOptions
 from continue_pt.pretrain import run_pretraining
 
@@ -33,19 +35,34 @@ hubert, w2v, audio, out = sys.argv[1:5]
 warnings.simplefilter("ignore")
 
 
-def run(name, bundle, **overrides):
+class SignalAfterStep1(pl.Callback):
+    """What SLURM sends before the time limit, to rank 0 only, once optimizer step 1 is done."""
+    sent = False
+
+    def on_train_batch_end(self, trainer, *args):
+        if trainer.global_step == 1 and trainer.global_rank == 0 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+
+def run(name, bundle, callbacks=None, **overrides):
     values = dict(train_data=audio, output_dir=str(Path(out) / name), init_from=bundle, max_steps=3,
                   warmup_steps=1, lr=1e-3, max_batch_seconds=2.0, min_seconds=1.0, val_fraction=0, num_workers=0,
                   checkpoint_every=2, log_every=1, progress_bar=False, accelerator="cpu", devices=2,
                   gradient_clip_val=1.0)  # below these steps' gradient norms (2.5-3): clipping acts
     values.update(overrides)
-    run_pretraining(PretrainOptions(**values))
+    run_pretraining(PretrainOptions(**values), callbacks)
 
 
 run("hubert_ddp", hubert, strategy="ddp", accumulate=2, activation_checkpointing=True)
 run("hubert_fsdp", hubert, strategy="fsdp", accumulate=2)
-run("hubert_fsdp_resumed", None, strategy="fsdp", accumulate=2,
-    resume=str(Path(out) / "hubert_fsdp" / "checkpoints" / "step-step=2.ckpt"))
+try:
+    run("hubert_fsdp_stopped", hubert, [SignalAfterStep1()], strategy="fsdp", accumulate=2)
+    raise SystemExit("SIGUSR1 did not stop the run")
+except RunInterrupted:
+    pass
+run("hubert_fsdp_stopped", None, strategy="fsdp", accumulate=2,
+    resume=str(Path(out) / "hubert_fsdp_stopped" / "checkpoints" / "last.ckpt"))
 run("w2v_ddp", w2v, strategy="ddp", max_steps=2)
 run("w2v_fsdp", w2v, strategy="fsdp", max_steps=2, activation_checkpointing=True)
 '''
@@ -60,7 +77,7 @@ def _clean_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def runs(bundle_dir, w2v_bundle_dir, audio_dir, tmp_path_factory) -> Path:
-    """The five 2-process runs of ``_SCRIPT`` (one launch: starting processes costs more than these steps)."""
+    """The 2-process runs of ``_SCRIPT`` (one launch: starting processes costs more than these steps)."""
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "runs.py"
     script.write_text(_SCRIPT)
@@ -103,11 +120,17 @@ def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_bund
 
 
 @pytest.mark.slow
-def test_fsdp_checkpoints_are_sharded_directories_and_resume_exactly(runs, bundle_dir):
+def test_fsdp_checkpoints_are_sharded_directories_and_a_stopped_run_resumes_exactly(runs, bundle_dir):
+    """SIGUSR1 (to rank 0 only) after step 1: both processes stop after step 2 and save it as a sharded
+    checkpoint, which becomes last.ckpt; resumed from it, the run ends with the uninterrupted run's weights."""
     checkpoints = runs / "hubert_fsdp/checkpoints"
     for name in ("step-step=2.ckpt", "last.ckpt", "final.ckpt"):
         assert (checkpoints / name / "meta.pt").is_file() and list((checkpoints / name).glob("*.distcp")), name
-    _assert_same_weights(runs / "hubert_fsdp_resumed/bundle", runs / "hubert_fsdp/bundle", bundle_dir,
+    stopped = runs / "hubert_fsdp_stopped/checkpoints"
+    assert (stopped / "interrupted-step=2.ckpt" / "meta.pt").is_file()
+    assert not [p for p in stopped.iterdir() if p.name.startswith(".")]  # no temporary copy left
+    assert torch.load(stopped / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 3
+    _assert_same_weights(runs / "hubert_fsdp_stopped/bundle", runs / "hubert_fsdp/bundle", bundle_dir,
                          rtol=0, atol=0)
 
 
