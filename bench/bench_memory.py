@@ -25,7 +25,7 @@ models of ``bench/bench_gpu_step.py`` (``bench/gpu_step_configs``: the real fair
 
 **Activations** are measured on this CPU: the student's real training forward (``hubert_forward`` /
 ``wav2vec2_forward`` and the loss, masks drawn with the model's own masking, dropout on, attention dropout 0 as a
-GPU's flash attention keeps no attention matrix) of random-weight BASE and LARGE models, counting the bytes of
+GPU's flash attention keeps no attention matrix, no layer drop: the batch must fit when every layer runs) of random-weight BASE and LARGE models, counting the bytes of
 every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``, each storage once,
 parameters themselves excluded), split into those saved inside transformer layers and the rest, under bf16
 autocast on the CPU (what ``bf16-mixed`` keeps) and in fp32. Two crop lengths separate what grows with the audio
@@ -163,6 +163,8 @@ def _materialized(config: Any) -> Any:
     for m in model.modules():  # a GPU's flash attention keeps no attention matrix; the CPU's math path would
         if hasattr(m, "dropout") and type(m).__name__ == "SelfAttention":
             m.dropout = 0.0
+    # the batch must fit when no layer is dropped (layer drop would make the count a random draw)
+    model.wav2vec2.encoder.transformer.layer_drop = 0.0
     return model.train()
 
 
@@ -377,9 +379,12 @@ def render(rows: list[Row], details: dict[str, Any], smoke: bool) -> list[str]:
              "matrix products keep; with AC only one layer's). 'max s' = the largest micro-batch in "
              "audio-seconds per GPU for 77 GiB usable: `--max-batch-seconds` (0: the states alone do not fit).",
              "",
-             f"Check of the width scaling: a BASE layer's activation rate over a LARGE layer's is "
-             f"{ratio['hubert']:.3f} (HuBERT) and {ratio['wav2vec2']:.3f} (wav2vec 2.0); their widths' ratio is "
-             f"{widths[0]}/{widths[1]} = {widths[0] / widths[1]:.3f}. "
+             f"The width scaling: a BASE layer's activation rate over a LARGE layer's is {ratio['hubert']:.3f} "
+             f"(HuBERT) and {ratio['wav2vec2']:.3f} (wav2vec 2.0), their widths' ratio {widths[0]}/{widths[1]} = "
+             f"{widths[0] / widths[1]:.3f}: not one rate per width across configs (BASE keeps dropout masks in "
+             "more places, and BASE is post-norm, LARGE pre-norm), so the larger sizes are extrapolated from "
+             "LARGE, whose configs they share; the rate grows linearly with the crop length (no attention matrix "
+             "is kept), checked at 1, 2, 4 and 8 s on BASE. "
              "fp32 (32-true) rates, GB per audio-second: "
              + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in details["fp32_rate_bytes_per_second"].items()) + "."]
     return lines

@@ -11,6 +11,8 @@ sharded ``DTensor``s.
 What :class:`LayerShardedFSDP` adds to ``FSDPStrategy``:
 
 * one FSDP unit per trainable torchaudio ``EncoderLayer`` (the student's; the teacher's are not wrapped);
+* layer drop: the same layers skipped by every process (:func:`same_layers_dropped_everywhere`), else a process
+  would wait forever to gather a layer another one skipped;
 * the frozen teacher (every child module without a trainable parameter) is FSDP's ``ignored_modules``: each
   process keeps it whole and it runs exactly as under DDP, never gathered, sharded or updated;
 * CPU processes (gloo): FSDP1 runs there when given the CPU as its device, which Lightning's ``"fsdp"`` name
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import pickle
+import types
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -34,7 +37,7 @@ import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
-from torchaudio.models.wav2vec2.components import EncoderLayer
+from torchaudio.models.wav2vec2.components import EncoderLayer, Transformer
 
 FSDP_STRATEGY = "fsdp"
 """The ``--strategy`` value that selects :class:`LayerShardedFSDP`."""
@@ -125,6 +128,7 @@ class LayerShardedFSDP(FSDPStrategy):
         from torch.distributed.fsdp import FullyShardedDataParallel
 
         self.kwargs["ignored_modules"] = frozen_children(model)
+        same_layers_dropped_everywhere(model)
         for child in self.kwargs["ignored_modules"]:
             _left_out_of_checkpoints(model, child)
         if self.root_device.type == "cpu":  # Lightning passes device_id None there, which FSDP refuses
@@ -139,6 +143,50 @@ class LayerShardedFSDP(FSDPStrategy):
         if isinstance(self.precision_plugin, ShardedPrecision):
             self.precision_plugin.root = wrapped
         return wrapped
+
+
+def same_layers_dropped_everywhere(model: nn.Module) -> int:
+    """Layer drop under FSDP: every process must skip the same layers, or their collectives stop pairing up (one
+    process gathers a layer's shards while another, having skipped it, gathers the next: a hang or wrong weights). torchaudio's ``Transformer`` draws each layer's fate from the global RNG, which
+    continue-pt seeds per process (``micro_batch_key``); here the trainable transformers draw all their layers'
+    fates at once on rank 0, which broadcasts them. Without layer drop nothing changes (no draw, no broadcast: the
+    run equals DDP's); with it, the fates are rank 0's and the RNG is consumed in another order than under DDP.
+    Returns the number of transformers changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, Transformer) and float(module.layer_drop) > 0 and any(
+                p.requires_grad for p in module.parameters()):
+            module.forward = types.MethodType(_forward_dropping_the_same_layers, module)
+            changed += 1
+    return changed
+
+
+def _forward_dropping_the_same_layers(self: Any, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                                      position_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """torchaudio's ``Transformer.forward`` with the layers' fates drawn by :func:`kept_layers`."""
+    x = self._preprocess(x)
+    kept = kept_layers(len(self.layers), float(self.layer_drop) if self.training else 0.0, x.device)
+    for layer, keep in zip(self.layers, kept):
+        if keep:
+            x, position_bias = layer(x, attention_mask, position_bias=position_bias)
+    if not self.layer_norm_first:
+        x = self.layer_norm(x)
+    return x
+
+
+def kept_layers(num_layers: int, layer_drop: float, device: torch.device) -> list[bool]:
+    """Which of ``num_layers`` layers run (each dropped with probability ``layer_drop``, torchaudio's rule
+    ``rand <= layer_drop``), the same in every process: rank 0's draw, broadcast."""
+    if layer_drop <= 0:
+        return [True] * num_layers
+    draws = torch.rand(num_layers)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        shared = draws.to(device)
+        dist.broadcast(shared, src=0)
+        draws = shared.cpu()
+    return (draws > layer_drop).tolist()
 
 
 def _left_out_of_checkpoints(parent: nn.Module, child: nn.Module) -> None:

@@ -31,7 +31,7 @@ from continue_pt.interruption import RunInterrupted
 from continue_pt.options import PretrainOptions
 from continue_pt.pretrain import run_pretraining
 
-hubert, w2v, audio, out = sys.argv[1:5]
+hubert, w2v, w2v_drop, audio, out = sys.argv[1:6]
 warnings.simplefilter("ignore")
 
 
@@ -65,6 +65,7 @@ run("hubert_fsdp_stopped", None, strategy="fsdp", accumulate=2,
     resume=str(Path(out) / "hubert_fsdp_stopped" / "checkpoints" / "last.ckpt"))
 run("w2v_ddp", w2v, strategy="ddp", max_steps=2)
 run("w2v_fsdp", w2v, strategy="fsdp", max_steps=2, activation_checkpointing=True)
+run("w2v_fsdp_layer_drop", w2v_drop, strategy="fsdp", max_steps=2)
 '''
 
 
@@ -75,15 +76,38 @@ def _clean_env() -> dict[str, str]:
     return {**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
+def _with_layer_drop(bundle: Path, out: Path, layer_drop: float) -> Path:
+    """``bundle`` with another layer drop (the weights linked, not copied)."""
+    import json
+
+    out.mkdir()
+    for item in bundle.iterdir():
+        if item.name != "config.json":
+            os.link(item, out / item.name)
+    config = json.loads((bundle / "config.json").read_text())
+    config["encoder_args"]["encoder_layer_drop"] = layer_drop
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
 @pytest.fixture(scope="module")
-def runs(bundle_dir, w2v_bundle_dir, audio_dir, tmp_path_factory) -> Path:
+def w2v_without_layer_drop(w2v_bundle_dir, tmp_path_factory) -> Path:
+    """The demo wav2vec 2.0 (layer drop 0.05) without layer drop: under DDP and FSDP alike every layer runs, so
+    the two runs draw the same numbers (with layer drop FSDP draws the layers' fates on rank 0, see
+    ``continue_pt.sharding.same_layers_dropped_everywhere``)."""
+    return _with_layer_drop(w2v_bundle_dir, tmp_path_factory.mktemp("w2v_no_drop") / "tiny", 0.0)
+
+
+@pytest.fixture(scope="module")
+def runs(bundle_dir, w2v_without_layer_drop, w2v_bundle_dir, audio_dir, tmp_path_factory) -> Path:
     """The 2-process runs of ``_SCRIPT`` (one launch: starting processes costs more than these steps)."""
     out = tmp_path_factory.mktemp("fsdp")
     script = out / "runs.py"
     script.write_text(_SCRIPT)
+    w2v_drop = _with_layer_drop(w2v_bundle_dir, out / "w2v_layer_drop_bundle", 0.5)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--nnodes", "1",
                            "--rdzv-endpoint", "127.0.0.1:0", "--rdzv-backend", "c10d", str(script),
-                           str(bundle_dir), str(w2v_bundle_dir), str(audio_dir), str(out)],
+                           str(bundle_dir), str(w2v_without_layer_drop), str(w2v_drop), str(audio_dir), str(out)],
                           env=_clean_env(), capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return out
@@ -104,19 +128,42 @@ def _logged(run: Path, column: str) -> list[float]:
 
 
 @pytest.mark.slow
-def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_bundle_dir):
+def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_without_layer_drop):
     """Same data, seeds and global batch: FSDP's sharded update is DDP's, to float rounding (gradients are
     reduce-scattered instead of all-reduced; on one CPU thread per process they came out bit-identical), with
     gradient accumulation (HuBERT), clipping by norm (both) and activation checkpointing (HuBERT under DDP,
     wav2vec 2.0 under FSDP: the recomputation redraws the same dropout). The logged gradient norm, summed over the shards,
     is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
     _assert_same_weights(runs / "hubert_fsdp/bundle", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
-    _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_bundle_dir, rtol=1e-5, atol=1e-6)
+    _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_without_layer_drop, rtol=1e-5,
+                         atol=1e-6)
     for family, column in (("hubert", "train/grad_norm"), ("hubert", "train/loss"), ("w2v", "train/grad_norm"),
                            ("w2v", "train/gumbel_temperature")):
         fsdp, ddp = _logged(runs / f"{family}_fsdp", column), _logged(runs / f"{family}_ddp", column)
         assert len(fsdp) == len(ddp) > 0 and fsdp == pytest.approx(ddp, rel=1e-6), (family, column)
     assert min(_logged(runs / "hubert_ddp", "train/grad_norm")) > 1.0  # so the clipping at 1.0 acted
+
+
+@pytest.mark.slow
+def test_under_fsdp_every_process_drops_the_same_layers(runs, w2v_bundle_dir):
+    """Layer drop 0.5 over 2 steps (2 layers): had the processes drawn their own layers' fates (torchaudio's draw,
+    seeded per process), their all-gathers would have stopped pairing up as soon as one skipped a layer the other
+    ran; the run ends normally."""
+    assert (runs / "w2v_fsdp_layer_drop/bundle/model.safetensors").is_file()
+    assert len(_logged(runs / "w2v_fsdp_layer_drop", "train/loss")) == 2
+
+
+def test_kept_layers_are_rank_0s_draw_and_none_without_layer_drop():
+    from continue_pt.sharding import kept_layers
+
+    torch.manual_seed(0)
+    draws = torch.rand(1000)
+    torch.manual_seed(0)
+    kept = kept_layers(1000, 0.3, torch.device("cpu"))  # one process: its own draw, no broadcast
+    assert kept == (draws > 0.3).tolist() and 600 < sum(kept) < 800
+    state = torch.get_rng_state()
+    assert kept_layers(12, 0.0, torch.device("cpu")) == [True] * 12
+    assert torch.equal(torch.get_rng_state(), state)  # no layer drop: no draw, the run's numbers are DDP's
 
 
 @pytest.mark.slow
@@ -149,6 +196,12 @@ def test_export_of_a_sharded_checkpoint_is_the_ddp_runs_bundle(runs, bundle_dir,
     exported, ddp = load_bundle(tmp_path / "exported"), load_bundle(runs / "hubert_ddp/bundle")
     assert exported.num_updates == ddp.num_updates
     assert torch.equal(exported.get_kmeans().centroids, ddp.get_kmeans().centroids)
+
+    import json
+
+    facts = CliRunner().invoke(cli, ["inspect", str(runs / "hubert_fsdp/checkpoints/last.ckpt"), "--json"])
+    assert facts.exit_code == 0, facts.output
+    assert json.loads(facts.output)["step"] == 3
 
 
 @pytest.mark.slow
