@@ -28,14 +28,17 @@ models of ``bench/bench_gpu_step.py`` (``bench/gpu_step_configs``: the real fair
 GPU's flash attention keeps no attention matrix, no layer drop: the batch must fit when every layer runs) of random-weight BASE and LARGE models, counting the bytes of
 every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``, each storage once,
 parameters themselves excluded), split into those saved inside transformer layers and the rest, under bf16
-autocast on the CPU (what ``bf16-mixed`` keeps) and in fp32. Two crop lengths separate what grows with the audio
-from what does not (autocast's bf16 copies of the weights that matrix products save): ``bytes = fixed + rate x
-audio seconds``, per part. Other sizes: a layer's rate scales with the width (FFN = 4 x width in every size), the
+autocast on the CPU (what ``bf16-mixed`` keeps) and in fp32. Two crop lengths (2 and 4 s) separate what grows with
+the audio from what does not (autocast's bf16 copies of the weights that matrix products save): ``bytes = fixed +
+rate x audio seconds``, per part; a third (1 s) checks that it is a line. wav2vec 2.0 adds a transient the hooks
+do not see: its contrastive logits compare every masked frame of the micro-batch with every other (an fp32
+``[S, S]`` matrix, ``S`` masked frames, counted from the masks drawn). Other sizes: a layer's rate scales with the width (FFN = 4 x width in every size), the
 rest's rate is the line through BASE and LARGE of the same family in the width, the fixed part with the layers'
 parameters. With activation checkpointing each layer keeps only its input (the fp32 residual stream, 4 bytes x
 width x 50 frames per second) and one layer's activations exist at a time, recomputed in the backward.
 
-**The largest batch**: ``(usable - states - fixed) / rate`` audio-seconds per GPU and micro-batch, with 77 GiB
+**The largest batch**: ``(usable - states - fixed) / rate`` audio-seconds per GPU and micro-batch (for wav2vec 2.0
+the root of the quadratic with the ``[S, S]`` term), with 77 GiB
 usable of an 80 GB GPU (3 GiB left for the CUDA context, NCCL buffers and the allocator's fragmentation). Not
 counted: the optimizer step's temporaries (the fused AdamW works in place), the loss's logits (small: masked
 frames x classes) and the data loader's pinned buffers.
@@ -63,8 +66,9 @@ USABLE_BYTES = 77 * GIB
 FSDP_GPUS = 8
 FRAMES_PER_SECOND = 50  # 16 kHz audio through the conv front end (stride 320)
 CROPS = 2
-CROP_SECONDS = (2.0, 4.0)
-SMOKE_CROP_SECONDS = (0.5, 1.0)
+CROP_SECONDS = (1.0, 2.0, 4.0)
+SMOKE_CROP_SECONDS = (0.5, 1.0, 2.0)
+"""The line is drawn through the two longer crops; the shortest checks that it is one (no attention matrix kept)."""
 TEACHER_CONFIG, TEACHER_LAYER = "hubert_base_ls960", 9
 CONFIG_DIR = C.BENCH / "gpu_step_configs"
 
@@ -148,6 +152,10 @@ class Activations:
     layer_rate: float
     other_fixed: float
     other_rate: float
+    masked_per_second: float = 0.0
+    """Masked frames per audio-second (wav2vec 2.0: the contrastive logits' transient ``[S, S]`` matrix)."""
+    line_error: float = 0.0
+    """Relative error of the line at the shortest crop."""
 
 
 def _materialized(config: Any) -> Any:
@@ -168,8 +176,9 @@ def _materialized(config: Any) -> Any:
     return model.train()
 
 
-def saved_bytes(config: Any, model: Any, seconds: float, bf16: bool) -> tuple[int, int]:
-    """Bytes autograd saves in one training forward of ``CROPS`` crops of ``seconds``: (in layers, outside)."""
+def saved_bytes(config: Any, model: Any, seconds: float, bf16: bool) -> tuple[int, int, int]:
+    """Bytes autograd saves in one training forward of ``CROPS`` crops of ``seconds``: (in layers, outside), and
+    the masked frames."""
     import numpy as np
     import torch
     from torchaudio.models.wav2vec2.components import EncoderLayer
@@ -224,16 +233,19 @@ def saved_bytes(config: Any, model: Any, seconds: float, bf16: bool) -> tuple[in
         for h in handles:
             h.remove()
     del loss
-    return totals["layer"], totals["other"]
+    return totals["layer"], totals["other"], int(mask.sum())
 
 
-def measure_activations(config: Any, crop_seconds: tuple[float, float], bf16: bool) -> Activations:
+def measure_activations(config: Any, crop_seconds: tuple[float, float, float], bf16: bool) -> Activations:
     """The line through two crop lengths, for the layers and the rest (see the module docstring)."""
     model = _materialized(config)
-    (l1, o1), (l2, o2) = (saved_bytes(config, model, s, bf16) for s in crop_seconds)
-    a1, a2 = (CROPS * s for s in crop_seconds)
+    (l0, o0, _), (l1, o1, _), (l2, o2, masked) = (saved_bytes(config, model, s, bf16) for s in crop_seconds)
+    a0, a1, a2 = (CROPS * s for s in crop_seconds)
     layer_rate, other_rate = (l2 - l1) / (a2 - a1), (o2 - o1) / (a2 - a1)
-    return Activations(l1 - layer_rate * a1, layer_rate, o1 - other_rate * a1, other_rate)
+    act = Activations(l1 - layer_rate * a1, layer_rate, o1 - other_rate * a1, other_rate, masked / a2)
+    predicted = act.layer_fixed + act.other_fixed + (layer_rate + other_rate) * a0
+    act.line_error = abs(predicted - (l0 + o0)) / (l0 + o0)
+    return act
 
 
 def extrapolated(base: tuple[Counts, Activations], large: tuple[Counts, Activations], counts: Counts
@@ -245,7 +257,7 @@ def extrapolated(base: tuple[Counts, Activations], large: tuple[Counts, Activati
     other_rate = al.other_rate + slope * (counts.width - cl.width)
     fixed_per_param = al.layer_fixed / (cl.layers * cl.layer_params)
     return Activations(fixed_per_param * counts.layers * counts.layer_params, per_layer_rate * counts.layers,
-                       al.other_fixed * counts.root_params / cl.root_params, other_rate)
+                       al.other_fixed * counts.root_params / cl.root_params, other_rate, al.masked_per_second)
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -265,7 +277,19 @@ class Row:
     max_seconds: dict[str, float]
 
 
-def memory_row(label: str, counts: Counts, act: Activations, teacher_bytes: float) -> Row:
+def largest_batch(budget: float, rate: float, pairwise: float) -> float:
+    """The largest ``S`` with ``rate S + pairwise S^2 <= budget`` (0 when nothing fits)."""
+    if budget <= 0:
+        return 0.0
+    if pairwise <= 0:
+        return budget / rate
+    return (-rate + (rate * rate + 4 * pairwise * budget) ** 0.5) / (2 * pairwise)
+
+
+def memory_row(label: str, counts: Counts, act: Activations, teacher_bytes: float, contrastive: bool = False
+               ) -> Row:
+    """``contrastive``: wav2vec 2.0's logits compare every masked frame of a micro-batch with every other, a
+    transient fp32 ``[S, S]`` matrix at the end of the forward: ``4 (masked per second x seconds)^2`` bytes."""
     p = counts.params
     states_ddp = 16.0 * p
     states_fsdp = 16.0 * p / FSDP_GPUS + 8.0 * counts.root_params + 12.0 * counts.layer_params
@@ -279,7 +303,8 @@ def memory_row(label: str, counts: Counts, act: Activations, teacher_bytes: floa
     for name, states, r, f in (("DDP", states_ddp, rate, fixed), ("DDP + AC", states_ddp, rate_ac, fixed_ac),
                                (f"FSDP x{FSDP_GPUS}", states_fsdp, rate, fixed),
                                (f"FSDP x{FSDP_GPUS} + AC", states_fsdp, rate_ac, fixed_ac)):
-        fits[name] = max(0.0, (USABLE_BYTES - states - teacher_bytes - f) / r)
+        pairwise = 4.0 * act.masked_per_second ** 2 if contrastive else 0.0
+        fits[name] = largest_batch(USABLE_BYTES - states - teacher_bytes - f, r, pairwise)
     return Row(label, p, states_ddp, states_fsdp, teacher_bytes, rate, rate_ac, fixed, fixed_ac, fits)
 
 
@@ -308,9 +333,11 @@ def compute(smoke: bool) -> tuple[list[Row], dict[str, Any]]:
             act = (large if "LARGE" in size.label else base)[1]
         else:
             act = extrapolated(base, large, counts)
-        rows.append(memory_row(size.label, counts, act, teacher_bytes if size.family == "hubert" else 0.0))
+        rows.append(memory_row(size.label, counts, act, teacher_bytes if size.family == "hubert" else 0.0,
+                               contrastive=size.family == "wav2vec2"))
     details = {"crop_seconds": list(crop), "crops": CROPS,
                "fp32_rate_bytes_per_second": {k: v.layer_rate + v.other_rate for k, v in fp32.items()},
+               "line_error_at_shortest_crop": max(a.line_error for _, a in measured.values()),
                "measured": {f"{f}/{s}": vars(a) for (f, s), (_, a) in measured.items()},
                "layer_rate_ratio_base_to_large": {
                    f: (measured[(f, "base")][1].layer_rate / measured[(f, "base")][0].layers)
@@ -374,17 +401,20 @@ def render(rows: list[Row], details: dict[str, Any], smoke: bool) -> list[str]:
              "fp32 weights and gradients gathered. HuBERT rows add the frozen fp32 teacher (BASE cut at layer "
              f"{TEACHER_LAYER}) in every process. Activations (bf16-mixed, saved for the backward, measured on "
              f"this CPU under bf16 autocast for BASE and LARGE at {details['crops']} crops of "
-             f"{' and '.join(f'{s:g}' for s in details['crop_seconds'])} s, extrapolated in width for the others): "
+             f"{' and '.join(f'{s:g}' for s in details['crop_seconds'][1:])} s, extrapolated in width for the others): "
              "per audio-second of a micro-batch, plus a fixed part (autocast's bf16 copies of the weights that "
              "matrix products keep; with AC only one layer's). 'max s' = the largest micro-batch in "
-             "audio-seconds per GPU for 77 GiB usable: `--max-batch-seconds` (0: the states alone do not fit).",
+             "audio-seconds per GPU for 77 GiB usable: `--max-batch-seconds` (0: the states alone do not fit); "
+             "for wav2vec 2.0 with the contrastive logits' transient [S, S] fp32 matrix of the S masked frames.",
              "",
              f"The width scaling: a BASE layer's activation rate over a LARGE layer's is {ratio['hubert']:.3f} "
              f"(HuBERT) and {ratio['wav2vec2']:.3f} (wav2vec 2.0), their widths' ratio {widths[0]}/{widths[1]} = "
              f"{widths[0] / widths[1]:.3f}: not one rate per width across configs (BASE keeps dropout masks in "
              "more places, and BASE is post-norm, LARGE pre-norm), so the larger sizes are extrapolated from "
-             "LARGE, whose configs they share; the rate grows linearly with the crop length (no attention matrix "
-             "is kept), checked at 1, 2, 4 and 8 s on BASE. "
+             "LARGE, whose configs they share. The line through the "
+             f"{' and '.join(f'{s:g}' for s in details['crop_seconds'][1:])} s crops misses the "
+             f"{details['crop_seconds'][0]:g} s crop by {100 * details['line_error_at_shortest_crop']:.2f} % at most "
+             "(no attention matrix is kept). "
              "fp32 (32-true) rates, GB per audio-second: "
              + ", ".join(f"{k} {v / 1e9:.3f}" for k, v in details["fp32_rate_bytes_per_second"].items()) + "."]
     return lines

@@ -50,6 +50,12 @@ def test_the_memory_model_by_hand():
     assert row.max_seconds["DDP"] == pytest.approx((usable - 16_000 - 100.0) / 20.0)
     assert row.max_seconds[f"FSDP x{bench.FSDP_GPUS} + AC"] == pytest.approx(
         (usable - row.states_fsdp - 30.0) / row.act_rate_ac)
+    # wav2vec 2.0: the contrastive logits' [S, S] fp32 matrix of S masked frames comes on top
+    act.masked_per_second = 25.0
+    contrastive = bench.memory_row("x", counts, act, teacher_bytes=0.0, contrastive=True)
+    seconds = contrastive.max_seconds["DDP"]
+    assert seconds < row.max_seconds["DDP"]
+    assert 20.0 * seconds + 4 * (25.0 * seconds) ** 2 == pytest.approx(usable - 16_000 - 100.0, rel=1e-9)
 
 
 @pytest.mark.slow
@@ -74,3 +80,5 @@ def test_smoke_mode_runs_the_measurement_on_the_tiny_models(tmp_path):
     for family in ("hubert", "wav2vec2"):  # more width, more activation per layer; something is kept outside them
         assert measured[f"{family}/large"]["layer_rate"] > measured[f"{family}/base"]["layer_rate"] > 0
         assert measured[f"{family}/base"]["other_rate"] > 0
+    assert data["details"]["line_error_at_shortest_crop"] < 0.05  # what is kept grows linearly with the audio
+    assert measured["wav2vec2/base"]["masked_per_second"] > 0
