@@ -25,23 +25,24 @@ models of ``bench/bench_gpu_step.py`` (``bench/gpu_step_configs``: the real fair
 
 **Activations** are measured on this CPU: the student's real training forward (``hubert_forward`` /
 ``wav2vec2_forward`` and the loss, masks drawn with the model's own masking, dropout on, attention dropout 0 as a
-GPU's flash attention keeps no attention matrix, no layer drop: the batch must fit when every layer runs) of random-weight BASE and LARGE models, counting the bytes of
-every tensor autograd saves for the backward (``torch.autograd.graph.saved_tensors_hooks``, each storage once,
-parameters themselves excluded), split into those saved inside transformer layers and the rest, under bf16
-autocast on the CPU (what ``bf16-mixed`` keeps) and in fp32. Two crop lengths (2 and 4 s) separate what grows with
-the audio from what does not (autocast's bf16 copies of the weights that matrix products save): ``bytes = fixed +
-rate x audio seconds``, per part; a third (1 s) checks that it is a line. wav2vec 2.0 adds a transient the hooks
-do not see: its contrastive logits compare every masked frame of the micro-batch with every other (an fp32
-``[S, S]`` matrix, ``S`` masked frames, counted from the masks drawn). Other sizes: a layer's rate scales with the width (FFN = 4 x width in every size), the
-rest's rate is the line through BASE and LARGE of the same family in the width, the fixed part with the layers'
-parameters. With activation checkpointing each layer keeps only its input (the fp32 residual stream, 4 bytes x
-width x 50 frames per second) and one layer's activations exist at a time, recomputed in the backward.
+GPU's flash attention keeps no attention matrix, no layer drop: the batch must fit when every layer runs) of
+random-weight BASE and LARGE models, counting the bytes of every tensor autograd saves for the backward
+(``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters themselves excluded), split into those
+saved inside transformer layers and the rest, under bf16 autocast on the CPU (what ``bf16-mixed`` keeps) and in
+fp32. Two crop lengths (2 and 4 s) separate what grows with the audio from what does not (autocast's bf16 copies of
+the weights that matrix products save): ``bytes = fixed + rate x audio seconds``, per part; a third (1 s) checks
+that it is a line. wav2vec 2.0 adds a transient the hooks do not see: its contrastive logits compare every masked
+frame of the micro-batch with every other (an fp32 ``[S, S]`` matrix, ``S`` masked frames, counted from the masks
+drawn). Other sizes: a layer's rate scales with the width (FFN = 4 x width in every size), the rest's rate is the
+line through BASE and LARGE of the same family in the width, the fixed part with the layers' parameters. With
+activation checkpointing each layer keeps only its input (the fp32 residual stream, 4 bytes x width x 50 frames per
+second) and one layer's activations exist at a time, recomputed in the backward.
 
 **The largest batch**: ``(usable - states - fixed) / rate`` audio-seconds per GPU and micro-batch (for wav2vec 2.0
-the root of the quadratic with the ``[S, S]`` term), with 77 GiB
-usable of an 80 GB GPU (3 GiB left for the CUDA context, NCCL buffers and the allocator's fragmentation). Not
-counted: the optimizer step's temporaries (the fused AdamW works in place), the loss's logits (small: masked
-frames x classes) and the data loader's pinned buffers.
+the root of the quadratic with the ``[S, S]`` term), with 77 GiB usable of an 80 GB GPU (3 GiB left for the CUDA
+context, NCCL buffers and the allocator's fragmentation). Not counted: the optimizer step's temporaries (the fused
+AdamW works in place), the backward's transient gradients of one layer's activations and the data loader's pinned
+buffers.
 """
 
 from __future__ import annotations
@@ -355,11 +356,11 @@ def _smoke_sources() -> dict[str, dict[str, Any]]:
     from continue_pt.demo import CHECKPOINT, WAV2VEC2_CHECKPOINT
     from converters.convert import convert_checkpoint
 
-    out = Path(tempfile.mkdtemp(prefix="bench_memory_smoke_"))
     configs = {}
-    for family, checkpoint in (("hubert", CHECKPOINT), ("wav2vec2", WAV2VEC2_CHECKPOINT)):
-        convert_checkpoint(checkpoint, out / family)
-        configs[family] = json.loads((out / family / "config.json").read_text())
+    with tempfile.TemporaryDirectory(prefix="bench_memory_smoke_") as tmp:
+        for family, checkpoint in (("hubert", CHECKPOINT), ("wav2vec2", WAV2VEC2_CHECKPOINT)):
+            convert_checkpoint(checkpoint, Path(tmp) / family)
+            configs[family] = json.loads((Path(tmp) / family / "config.json").read_text())
     tiny = {}
     for size in SIZES + [Size("teacher", "hubert", TEACHER_CONFIG)]:
         data = copy.deepcopy(configs[size.family])

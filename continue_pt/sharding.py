@@ -147,11 +147,12 @@ class LayerShardedFSDP(FSDPStrategy):
 
 def same_layers_dropped_everywhere(model: nn.Module) -> int:
     """Layer drop under FSDP: every process must skip the same layers, or their collectives stop pairing up (one
-    process gathers a layer's shards while another, having skipped it, gathers the next: a hang or wrong weights). torchaudio's ``Transformer`` draws each layer's fate from the global RNG, which
-    continue-pt seeds per process (``micro_batch_key``); here the trainable transformers draw all their layers'
-    fates at once on rank 0, which broadcasts them. Without layer drop nothing changes (no draw, no broadcast: the
-    run equals DDP's); with it, the fates are rank 0's and the RNG is consumed in another order than under DDP.
-    Returns the number of transformers changed."""
+    process gathers a layer's shards while another, having skipped it, gathers the next: a hang or wrong
+    weights). torchaudio's ``Transformer`` draws each layer's fate from the global RNG, which continue-pt seeds
+    per process (``micro_batch_key``); here the trainable transformers draw all their layers' fates at once on
+    rank 0, which broadcasts them. Without layer drop nothing changes (no draw, no broadcast: the run equals
+    DDP's); with it, the fates are rank 0's and the RNG is consumed in another order than under DDP. Returns the
+    number of transformers changed."""
     changed = 0
     for module in model.modules():
         if isinstance(module, Transformer) and float(module.layer_drop) > 0 and any(

@@ -65,7 +65,7 @@ run("hubert_fsdp_stopped", None, strategy="fsdp", accumulate=2,
     resume=str(Path(out) / "hubert_fsdp_stopped" / "checkpoints" / "last.ckpt"))
 run("w2v_ddp", w2v, strategy="ddp", max_steps=2)
 run("w2v_fsdp", w2v, strategy="fsdp", max_steps=2, activation_checkpointing=True)
-run("w2v_fsdp_layer_drop", w2v_drop, strategy="fsdp", max_steps=2)
+run("w2v_fsdp_layer_drop", w2v_drop, strategy="fsdp", max_steps=2, val_fraction=0.25, val_check_interval=1)
 '''
 
 
@@ -132,8 +132,8 @@ def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_with
     """Same data, seeds and global batch: FSDP's sharded update is DDP's, to float rounding (gradients are
     reduce-scattered instead of all-reduced; on one CPU thread per process they came out bit-identical), with
     gradient accumulation (HuBERT), clipping by norm (both) and activation checkpointing (HuBERT under DDP,
-    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout). The logged gradient norm, summed over the shards,
-    is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
+    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout). The logged gradient norm, summed over
+    the shards, is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
     _assert_same_weights(runs / "hubert_fsdp/bundle", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
     _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_without_layer_drop, rtol=1e-5,
                          atol=1e-6)
@@ -145,12 +145,16 @@ def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_with
 
 
 @pytest.mark.slow
-def test_under_fsdp_every_process_drops_the_same_layers(runs, w2v_bundle_dir):
+def test_under_fsdp_every_process_drops_the_same_layers_and_validates(runs):
     """Layer drop 0.5 over 2 steps (2 layers): had the processes drawn their own layers' fates (torchaudio's draw,
     seeded per process), their all-gathers would have stopped pairing up as soon as one skipped a layer the other
     ran; the run ends normally."""
     assert (runs / "w2v_fsdp_layer_drop/bundle/model.safetensors").is_file()
     assert len(_logged(runs / "w2v_fsdp_layer_drop", "train/loss")) == 2
+    import csv
+
+    with open(runs / "w2v_fsdp_layer_drop/metrics.csv", newline="") as f:  # validation runs under FSDP too
+        assert [row for row in csv.DictReader(f) if row.get("val/loss")]
 
 
 def test_kept_layers_are_rank_0s_draw_and_none_without_layer_drop():
@@ -256,7 +260,7 @@ def test_what_fsdp_cannot_do_here_is_one_error_line(flags, expected, bundle_dir,
     assert not out.exists()
 
 
-# ------------------------------------------------------------------------------------------------ activation checkpointing
+# ------------------------------------------------------------------------------------------ activation checkpointing
 
 
 def _loss_and_grads(module, family: str, batch: dict, seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
