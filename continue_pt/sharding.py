@@ -123,6 +123,21 @@ class LayerShardedFSDP(FSDPStrategy):
         super().__init__(auto_wrap_policy=_layer_policy(), state_dict_type="sharded", **kwargs)
         self.checkpoint_activations = activation_checkpointing
 
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None) -> None:
+        """Lightning's sharded save into a temporary sibling directory, swapped in by renames once every process
+        has written its shard: a crash, a full disk or a kill mid-save leave the previous checkpoint (``last.ckpt``
+        included) whole, never a mix of old and new shards."""
+        path = Path(self.broadcast(str(filepath)))
+        tmp = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0:
+            _remove(tmp)
+        self.barrier("sharded_checkpoint_start")
+        super().save_checkpoint(checkpoint, tmp, storage_options)
+        self.barrier("sharded_checkpoint_written")
+        if self.global_rank == 0:
+            _swap_in(tmp, path)
+        self.barrier("sharded_checkpoint_done")
+
     def _setup_model(self, model: nn.Module) -> nn.Module:
         from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -392,12 +407,7 @@ def replace_directory(source: Path, target: Path) -> None:
     import shutil
 
     tmp = target.with_name(f".{target.name}.tmp")
-    old = target.with_name(f".{target.name}.old")
-    for leftover in (tmp, old):
-        if leftover.is_dir():
-            shutil.rmtree(leftover)
-        elif leftover.exists():
-            leftover.unlink()
+    _remove(tmp)
 
     def link_or_copy(src: str, dst: str) -> None:
         try:
@@ -406,10 +416,26 @@ def replace_directory(source: Path, target: Path) -> None:
             shutil.copy2(src, dst)
 
     shutil.copytree(source, tmp, copy_function=link_or_copy)
-    if target.exists():
+    _swap_in(tmp, target)
+
+
+def _swap_in(complete: Path, target: Path) -> None:
+    """Put the complete directory ``complete`` at ``target`` (a directory or a file of an earlier run) by renames;
+    the old one is removed only once the new one is in place."""
+    import os
+
+    old = target.with_name(f".{target.name}.old")
+    _remove(old)
+    if target.exists() or target.is_symlink():
         os.replace(target, old)
-    os.replace(tmp, target)
-    if old.is_dir():
-        shutil.rmtree(old)
-    elif old.exists():
-        old.unlink()
+    os.replace(complete, target)
+    _remove(old)
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()

@@ -323,3 +323,27 @@ def test_activation_checkpointing_keeps_the_loss_and_every_gradient(family, bund
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-6, atol=1e-6, msg=name)
     other, _ = _loss_and_grads(plain, family, batch, seed=4)
     assert not torch.equal(other, loss)  # the draws matter: equal losses above are not a coincidence
+
+
+def test_a_sharded_checkpoint_is_swapped_in_whole(tmp_path):
+    """``last.ckpt`` as a directory replaces an older one (or a ``.ckpt`` file of an earlier run) by renames, with
+    hard links, and leaves no temporary sibling; a leftover of a killed save is cleared first."""
+    from continue_pt.sharding import replace_directory
+
+    final = tmp_path / "final.ckpt"
+    final.mkdir()
+    (final / "meta.pt").write_bytes(b"new")
+    (final / "__0_0.distcp").write_bytes(b"shard")
+    last = tmp_path / "last.ckpt"
+    last.write_bytes(b"a file from a DDP run")
+    (tmp_path / ".last.ckpt.tmp").mkdir()  # what a killed save left
+    replace_directory(final, last)
+    assert sorted(p.name for p in last.iterdir()) == ["__0_0.distcp", "meta.pt"]
+    assert (last / "meta.pt").read_bytes() == b"new"
+    assert (last / "meta.pt").stat().st_ino == (final / "meta.pt").stat().st_ino  # linked, not copied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.ckpt", "last.ckpt"]
+    (final / "meta.pt").unlink()
+    (final / "meta.pt").write_bytes(b"newer")
+    replace_directory(final, last)  # over an existing directory
+    assert (last / "meta.pt").read_bytes() == b"newer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final.ckpt", "last.ckpt"]
