@@ -35,12 +35,13 @@ hubert, w2v, w2v_drop, audio, out = sys.argv[1:6]
 warnings.simplefilter("ignore")
 
 
-class SignalAfterStep1(pl.Callback):
-    """What SLURM sends before the time limit, to rank 0 only, once optimizer step 1 is done."""
+class SignalInStep1(pl.Callback):
+    """What SLURM sends before the time limit, to rank 0 only, during optimizer step 1 (after its first of two
+    micro-batches): the run stops after step 1, in the middle of the epoch's 2 steps."""
     sent = False
 
     def on_train_batch_end(self, trainer, *args):
-        if trainer.global_step == 1 and trainer.global_rank == 0 and not self.sent:
+        if trainer.global_step == 0 and trainer.global_rank == 0 and not self.sent:
             self.sent = True
             os.kill(os.getpid(), signal.SIGUSR1)
 
@@ -57,7 +58,7 @@ def run(name, bundle, callbacks=None, **overrides):
 run("hubert_ddp", hubert, strategy="ddp", accumulate=2, activation_checkpointing=True)
 run("hubert_fsdp", hubert, strategy="fsdp", accumulate=2)
 try:
-    run("hubert_fsdp_stopped", hubert, [SignalAfterStep1()], strategy="fsdp", accumulate=2)
+    run("hubert_fsdp_stopped", hubert, [SignalInStep1()], strategy="fsdp", accumulate=2)
     raise SystemExit("SIGUSR1 did not stop the run")
 except RunInterrupted:
     pass
@@ -172,13 +173,14 @@ def test_kept_layers_are_rank_0s_draw_and_none_without_layer_drop():
 
 @pytest.mark.slow
 def test_fsdp_checkpoints_are_sharded_directories_and_a_stopped_run_resumes_exactly(runs, bundle_dir):
-    """SIGUSR1 (to rank 0 only) after step 1: both processes stop after step 2 and save it as a sharded
-    checkpoint, which becomes last.ckpt; resumed from it, the run ends with the uninterrupted run's weights."""
+    """SIGUSR1 (to rank 0 only) during step 1: both processes stop after it, in the middle of an epoch, and save
+    a sharded checkpoint, which becomes last.ckpt; resumed from it (data position, optimizer, schedule, seeds), the
+    run ends with the uninterrupted run's weights, bit for bit."""
     checkpoints = runs / "hubert_fsdp/checkpoints"
     for name in ("step-step=2.ckpt", "last.ckpt", "final.ckpt"):
         assert (checkpoints / name / "meta.pt").is_file() and list((checkpoints / name).glob("*.distcp")), name
     stopped = runs / "hubert_fsdp_stopped/checkpoints"
-    assert (stopped / "interrupted-step=2.ckpt" / "meta.pt").is_file()
+    assert (stopped / "interrupted-step=1.ckpt" / "meta.pt").is_file()
     assert not [p for p in stopped.iterdir() if p.name.startswith(".")]  # no temporary copy left
     assert torch.load(stopped / "last.ckpt" / "meta.pt", weights_only=True)["global_step"] == 3
     _assert_same_weights(runs / "hubert_fsdp_stopped/bundle", runs / "hubert_fsdp/bundle", bundle_dir,
