@@ -64,6 +64,8 @@ except RunInterrupted:
     pass
 run("hubert_fsdp_stopped", None, strategy="fsdp", accumulate=2,
     resume=str(Path(out) / "hubert_fsdp_stopped" / "checkpoints" / "last.ckpt"))
+run("hubert_head_only_ddp", hubert, strategy="ddp", max_steps=2, reinit_label_head=True, head_only_steps=1)
+run("hubert_head_only_fsdp", hubert, strategy="fsdp", max_steps=2, reinit_label_head=True, head_only_steps=1)
 run("w2v_ddp", w2v, strategy="ddp", max_steps=2)
 run("w2v_fsdp", w2v, strategy="fsdp", max_steps=2, activation_checkpointing=True)
 run("w2v_fsdp_layer_drop", w2v_drop, strategy="fsdp", max_steps=2, val_fraction=0.25, val_check_interval=1)
@@ -132,12 +134,15 @@ def _logged(run: Path, column: str) -> list[float]:
 def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_without_layer_drop):
     """Same data, seeds and global batch: FSDP's sharded update is DDP's, to float rounding (gradients are
     reduce-scattered instead of all-reduced; on one CPU thread per process they came out bit-identical), with
-    gradient accumulation (HuBERT), clipping by norm (both) and activation checkpointing (HuBERT under DDP,
-    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout). The logged gradient norm, summed over
+    gradient accumulation (HuBERT), clipping by norm (both), activation checkpointing (HuBERT under DDP,
+    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout) and a new label head trained alone first. The logged gradient norm, summed over
     the shards, is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
     _assert_same_weights(runs / "hubert_fsdp/bundle", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
     _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_without_layer_drop, rtol=1e-5,
                          atol=1e-6)
+    # a new label head trained alone for a step: the other parameters' gradients dropped (as for a skipped step)
+    _assert_same_weights(runs / "hubert_head_only_fsdp/bundle", runs / "hubert_head_only_ddp/bundle", bundle_dir,
+                         rtol=1e-5, atol=1e-6)
     for family, column in (("hubert", "train/grad_norm"), ("hubert", "train/loss"), ("w2v", "train/grad_norm"),
                            ("w2v", "train/gumbel_temperature")):
         fsdp, ddp = _logged(runs / f"{family}_fsdp", column), _logged(runs / f"{family}_ddp", column)
