@@ -29,7 +29,8 @@ from bundles.writing import write_bundle
 from continue_pt.families import FAMILIES
 from continue_pt.module_base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from continue_pt.resume_notes import SEGMENTS_KEY
-from continue_pt.sharding import is_sharded_checkpoint, read_sharded_checkpoint
+from continue_pt.sharded_files import is_sharded_checkpoint
+from continue_pt.sharding import read_sharded_checkpoint
 
 STUDENT_PREFIX = "student."
 EXTRA_ROWS_KEY = "extra_label_embeddings"
@@ -161,7 +162,7 @@ def bundle_of(src: str | Path, scratch_dir: str | Path) -> Iterator[Path]:
     (in ``scratch_dir``, removed afterwards). This is how ``export --to fairseq/hf`` takes checkpoints: the
     converters read bundles only (they do not depend on the training package)."""
     src = Path(src)
-    if not src.is_file():
+    if not src.is_file() and not is_sharded_checkpoint(src):  # a bundle directory (a sharded checkpoint is one too)
         yield src
         return
     scratch_dir = Path(scratch_dir)

@@ -39,18 +39,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torchaudio.models.wav2vec2.components import EncoderLayer, Transformer
 
+from continue_pt.sharded_files import SHARDED_META_FILE
+
 FSDP_STRATEGY = "fsdp"
 """The ``--strategy`` value that selects :class:`LayerShardedFSDP`."""
 
-SHARDED_META_FILE = "meta.pt"
-"""What Lightning's ``FSDPStrategy`` writes beside the shards of a sharded checkpoint: everything but the model and
-optimizer tensors (loops, callbacks, hyper-parameters, the continue-pt section), a plain ``torch.save`` file."""
-
-
-def is_sharded_checkpoint(path: str | Path) -> bool:
-    """A directory written by :class:`LayerShardedFSDP` (``torch.distributed.checkpoint`` shards + ``meta.pt``)."""
-    path = Path(path)
-    return path.is_dir() and (path / SHARDED_META_FILE).is_file() and (path / ".metadata").is_file()
 
 
 def trainable_encoder_layer(module: nn.Module) -> bool:

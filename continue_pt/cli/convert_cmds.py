@@ -114,7 +114,7 @@ def inspect(path: Path, as_json: bool) -> None:
     from converters.describe import describe
     from converters.errors import ConversionError
 
-    from continue_pt.sharding import is_sharded_checkpoint
+    from continue_pt.sharded_files import is_sharded_checkpoint
 
     if path.suffix == ".ckpt" and path.is_file() or is_sharded_checkpoint(path):  # a directory under --strategy fsdp
         from continue_pt.checkpoint_facts import describe_training_checkpoint

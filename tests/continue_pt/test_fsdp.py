@@ -194,7 +194,10 @@ def test_fsdp_checkpoints_are_sharded_directories_and_a_stopped_run_resumes_exac
 
 @pytest.mark.slow
 def test_export_of_a_sharded_checkpoint_is_the_ddp_runs_bundle(runs, bundle_dir, tmp_path):
-    """``continue-pt export`` of the FSDP run's last.ckpt (a directory), in one process, no process group."""
+    """``continue-pt export`` of the FSDP run's last.ckpt (a directory), in one process, no process group: the DDP
+    run's weights and config (the label set included); ``inspect`` and ``export --to fairseq`` take it too."""
+    import json
+
     from click.testing import CliRunner
 
     from bundles.loading import load_bundle
@@ -205,14 +208,19 @@ def test_export_of_a_sharded_checkpoint_is_the_ddp_runs_bundle(runs, bundle_dir,
     assert result.exit_code == 0, result.output
     _assert_same_weights(tmp_path / "exported", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
     exported, ddp = load_bundle(tmp_path / "exported"), load_bundle(runs / "hubert_ddp/bundle")
+    ours, theirs = (json.loads((path / "config.json").read_text()) for path in (tmp_path / "exported",
+                                                                              runs / "hubert_ddp/bundle"))
+    assert {k: v for k, v in ours.items() if k != "provenance"} == {k: v for k, v in theirs.items()
+                                                                     if k != "provenance"}
     assert exported.num_updates == ddp.num_updates
     assert torch.equal(exported.get_kmeans().centroids, ddp.get_kmeans().centroids)
-
-    import json
 
     facts = CliRunner().invoke(cli, ["inspect", str(runs / "hubert_fsdp/checkpoints/last.ckpt"), "--json"])
     assert facts.exit_code == 0, facts.output
     assert json.loads(facts.output)["step"] == 3
+    fairseq = CliRunner().invoke(cli, ["export", str(runs / "hubert_fsdp/checkpoints/last.ckpt"), "--to", "fairseq",
+                                       "-o", str(tmp_path / "continued.pt")])
+    assert fairseq.exit_code == 0 and (tmp_path / "continued.pt").is_file(), fairseq.output
 
 
 @pytest.mark.slow
