@@ -155,7 +155,8 @@ def _strategy_and_precision(options: PretrainOptions, module: ContinuedPretraini
     if sharded is not None:
         return sharded, None
     if options.activation_checkpointing:
-        checkpoint_layers(module)
+        rank_zero_info(f"activation checkpointing: {checkpoint_layers(module)} transformer layers recompute their "
+                       "activations in the backward")
     return choose_strategy(options.strategy, options.accelerator, options.devices, module,
                            options.freeze_feature_extractor_steps, num_nodes=options.num_nodes), \
         options.resolved_precision()

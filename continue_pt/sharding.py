@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.precision import FSDPPrecision
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchaudio.models.wav2vec2.components import EncoderLayer, Transformer
 
@@ -139,6 +140,7 @@ class LayerShardedFSDP(FSDPStrategy):
         same_layers_dropped_everywhere(model)
         for child in self.kwargs["ignored_modules"]:
             _left_out_of_checkpoints(model, child)
+            child.to(self.root_device)  # FSDP moves only what it manages (and Lightning leaves moving to FSDP)
         if self.root_device.type == "cpu":  # Lightning passes device_id None there, which FSDP refuses
             wrapped = FullyShardedDataParallel(
                 module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
@@ -147,7 +149,8 @@ class LayerShardedFSDP(FSDPStrategy):
         else:
             wrapped = super()._setup_model(model)
         if self.checkpoint_activations:  # inside each FSDP unit, as Lightning's own policy would place it
-            checkpoint_layers(wrapped)
+            rank_zero_info(f"activation checkpointing: {checkpoint_layers(wrapped)} transformer layers (FSDP units) "
+                           "recompute their activations in the backward")
         if isinstance(self.precision_plugin, ShardedPrecision):
             self.precision_plugin.root = wrapped
         return wrapped

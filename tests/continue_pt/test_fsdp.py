@@ -113,6 +113,7 @@ def runs(bundle_dir, w2v_without_layer_drop, w2v_bundle_dir, audio_dir, tmp_path
                            str(bundle_dir), str(w2v_without_layer_drop), str(w2v_drop), str(audio_dir), str(out)],
                           env=_clean_env(), capture_output=True, text=True, timeout=300, cwd=out)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
     return out
 
 
@@ -148,6 +149,9 @@ def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_with
         fsdp, ddp = _logged(runs / f"{family}_fsdp", column), _logged(runs / f"{family}_ddp", column)
         assert len(fsdp) == len(ddp) > 0 and fsdp == pytest.approx(ddp, rel=1e-6), (family, column)
     assert min(_logged(runs / "hubert_ddp", "train/grad_norm")) > 1.0  # so the clipping at 1.0 acted
+    log = (runs / "launch.log").read_text()  # the demo models have 2 layers
+    assert "activation checkpointing: 2 transformer layers recompute" in log  # DDP
+    assert "activation checkpointing: 2 transformer layers (FSDP units) recompute" in log
 
 
 @pytest.mark.slow
