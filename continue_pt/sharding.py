@@ -11,17 +11,22 @@ sharded ``DTensor``s.
 What :class:`LayerShardedFSDP` adds to ``FSDPStrategy``:
 
 * one FSDP unit per trainable torchaudio ``EncoderLayer`` (the student's; the teacher's are not wrapped);
-* layer drop: the same layers skipped by every process (:func:`same_layers_dropped_everywhere`), else a process
-  would wait forever to gather a layer another one skipped;
+* layer drop: the same layers skipped by every process (:func:`same_layers_dropped_everywhere`), else their
+  per-layer all-gathers stop pairing up;
+* activation checkpointing (``--activation-checkpointing``): each trainable layer inside its FSDP unit
+  (:func:`checkpoint_layers`, what Lightning's ``activation_checkpointing_policy`` does, but not the teacher's
+  layers, which run without a graph);
 * the frozen teacher (every child module without a trainable parameter) is FSDP's ``ignored_modules``: each
-  process keeps it whole and it runs exactly as under DDP, never gathered, sharded or updated;
+  process keeps it whole on its device and it runs exactly as under DDP, never gathered, sharded or updated; it
+  stays out of the checkpoints, as the modules leave it out of ``.ckpt`` files;
 * CPU processes (gloo): FSDP1 runs there when given the CPU as its device, which Lightning's ``"fsdp"`` name
   refuses; that is how the tests check FSDP against DDP on a machine without GPU;
 * gradient clipping by norm (``--gradient-clip-val``, on by default): Lightning's ``FSDPPrecision`` refuses it;
   :class:`ShardedPrecision` clips with FSDP's own ``clip_grad_norm_`` (the norm over every shard, equal to
   ``torch.nn.utils.clip_grad_norm_`` of the whole model);
 * ``state_dict_type="sharded"``: each process writes its shard (``torch.distributed.checkpoint``) into a checkpoint
-  *directory*; :func:`read_sharded_checkpoint` reads one back offline, without a process group.
+  *directory*, swapped into place once complete; :func:`read_sharded_checkpoint` reads one back offline, without a
+  process group, and without unpickling anything but the index's own classes.
 """
 
 from __future__ import annotations
@@ -44,7 +49,6 @@ from continue_pt.sharded_files import SHARDED_META_FILE
 
 FSDP_STRATEGY = "fsdp"
 """The ``--strategy`` value that selects :class:`LayerShardedFSDP`."""
-
 
 
 def trainable_encoder_layer(module: nn.Module) -> bool:
