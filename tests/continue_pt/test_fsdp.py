@@ -135,9 +135,9 @@ def _logged(run: Path, column: str) -> list[float]:
 def test_fsdp_steps_equal_ddp_steps_for_both_families(runs, bundle_dir, w2v_without_layer_drop):
     """Same data, seeds and global batch: FSDP's sharded update is DDP's, to float rounding (gradients are
     reduce-scattered instead of all-reduced; on one CPU thread per process they came out bit-identical), with
-    gradient accumulation (HuBERT), clipping by norm (both), activation checkpointing (HuBERT under DDP,
-    wav2vec 2.0 under FSDP: the recomputation redraws the same dropout) and a new label head trained alone first. The logged gradient norm, summed over
-    the shards, is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
+    gradient accumulation (HuBERT), clipping by norm (both), activation checkpointing (HuBERT under DDP, wav2vec
+    2.0 under FSDP: the recomputation redraws the same dropout) and a new label head trained alone first. The
+    logged gradient norm, summed over the shards, is DDP's, and so is wav2vec 2.0's Gumbel temperature."""
     _assert_same_weights(runs / "hubert_fsdp/bundle", runs / "hubert_ddp/bundle", bundle_dir, rtol=1e-5, atol=1e-6)
     _assert_same_weights(runs / "w2v_fsdp/bundle", runs / "w2v_ddp/bundle", w2v_without_layer_drop, rtol=1e-5,
                          atol=1e-6)
