@@ -85,7 +85,11 @@ class PretrainOptions:
     accelerator: str = "auto"
     strategy: str = "auto"
     """Lightning's strategy name. "auto": DDP on more than one device, with find_unused_parameters=True when layer
-    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice)."""
+    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice).
+    "fsdp": Lightning's FSDP, one unit per transformer layer, sharded checkpoints (continue_pt.sharding)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward instead of keeping them (less memory, about
+    a third more compute; same loss and gradients), under FSDP, DDP or one device."""
     seed: int = 0
     loss_norm: str = "fairseq"
     unmasked_weight: float | None = None

@@ -98,7 +98,11 @@ _PRETRAIN_FLAGS = [
                              "skipped: no update).", _default("max_bad_steps"))),
     click.option("--strategy", help="Lightning strategy (default auto: DDP on several devices, with "
                  "find_unused_parameters when layer drop or a frozen extractor leaves parameters unused; "
-                 "e.g. ddp when none can be)."),
+                 "e.g. ddp when none can be; fsdp: sharded over the devices, one unit per transformer layer, "
+                 "sharded checkpoints, for models that do not fit one GPU)."),
+    click.option("--activation-checkpointing", is_flag=True, default=None,
+                 help="Recompute each transformer layer's activations in the backward instead of keeping them: "
+                      "less memory for a third more compute, same loss and gradients (any strategy)."),
 ]
 
 
