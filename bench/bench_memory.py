@@ -432,10 +432,7 @@ def main() -> None:
     lines = render(rows, details, args.smoke)
     if args.out is not None:
         args.out.write_text(json.dumps({"rows": [vars(r) for r in rows], "details": details}, indent=1))
-    if args.smoke or args.no_publish:
-        print("\n".join(lines))
-    else:  # (not C.publish_or_print: its parameter `publish` shadows the function it means to call)
-        C.publish("bench_memory", lines)
+    C.publish_or_print("bench_memory", lines, not (args.smoke or args.no_publish))
 
 
 if __name__ == "__main__":
