@@ -28,6 +28,8 @@ from continue_pt.shard_write import write_shards
 from tests.training_helpers import StopAt, logged_rows
 
 SHARD_SIZE = 200_000
+MIN_TEST_SHARD = 70_000
+"""Three 2-second 16 kHz FLAC utterances per shard at most: the eight of `audio_dir` span several shards."""
 
 
 @pytest.fixture(scope="module")
@@ -245,6 +247,21 @@ def test_remote_shards_read_like_local_ones(shard_dir):
             read_item(item, 16000)
 
 
+def test_validation_data_may_be_shards_and_training_a_held_out_share(corpus, shard_dir):
+    from continue_pt.data import AudioDataModule
+
+    held_out = AudioDataModule(shard_dir, min_seconds=1.0, val_fraction=0.2, num_workers=0)
+    held_out.setup()
+    as_directory = AudioDataModule(corpus, min_seconds=1.0, val_fraction=0.2, num_workers=0)
+    as_directory.setup()
+    for split in ("train_dataset", "val_dataset"):  # the same split by name as the directory's
+        assert [i.name for i in getattr(held_out, split).items] == [i.name for i in getattr(as_directory, split).items]
+    separate = AudioDataModule(corpus, shard_dir, min_seconds=1.0, num_workers=0)
+    separate.setup()
+    assert len(separate.val_dataset) == 12 and all(i.member is not None for i in separate.val_dataset.items)
+    assert separate.val_dataset[0]["waveform"].shape[0] == separate.val_dataset.items[0].num_samples
+
+
 def test_offline_labels_are_refused_with_shards(shard_dir, tmp_path, bundle_dir):
     options = PretrainOptions(train_data=str(shard_dir), output_dir=str(tmp_path / "o"), init_from=str(bundle_dir),
                               labels=str(shard_dir / INDEX_NAME), label_dict=str(shard_dir / INDEX_NAME))
@@ -284,3 +301,41 @@ def test_shards_train_like_the_directory_and_resume_exactly_mid_shard(bundle_dir
     losses = [float(r["train/loss"]) for r in logged_rows(from_dir.metrics_csv)]
     assert [float(r["train/loss"]) for r in logged_rows(resumed.metrics_csv)][-3:] == losses[3:]
     assert _same_weights(from_dir.bundle_dir, resumed.bundle_dir)
+
+
+_DDP_RUN = ("max_steps: 3\nwarmup_steps: 1\nlr: 0.001\nmax_batch_seconds: 2.0\nmin_seconds: 1.0\nval_fraction: 0\n"
+            "num_workers: 0\ncheckpoint_every: 100\nlog_every: 1\nprogress_bar: false\naccelerator: cpu\n")
+"""Eight 2-second files, one per micro-batch: 8 batches an epoch, 3 optimizer steps of 2 files."""
+
+
+@pytest.mark.slow
+def test_two_process_ddp_from_shards_equals_one_process_from_the_directory(bundle_dir, audio_dir, tmp_path):
+    """Each rank reads only its own batches' utterances from the shards; together they train what one process
+    accumulating both micro-batches trains from the directory."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[2]
+    shards = tmp_path / "shards"
+    write_shards(audio_dir, shards, MIN_TEST_SHARD, "flac")
+    config = tmp_path / "run.yaml"
+    config.write_text(_DDP_RUN)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK",
+                                                             "LOCAL_RANK", "NODE_RANK") and not k.startswith("SLURM_")}
+    env.update(PYTHONPATH=str(root), OMP_NUM_THREADS="1")
+    outs = {}
+    for name, data, flags in (("one", audio_dir, ["--accumulate", "2"]), ("ddp", shards, ["--devices", "2"])):
+        outs[name] = tmp_path / name
+        proc = subprocess.run([sys.executable, "-m", "continue_pt.cli", "pretrain", "--config", str(config),
+                               "--init-from", str(bundle_dir), "--train-data", str(data), "--output-dir",
+                               str(outs[name]), *flags], env=env, capture_output=True, text=True, timeout=240,
+                              cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, reference = (load_file(outs[n] / "bundle/model.safetensors") for n in ("ddp", "one"))
+    start = load_file(bundle_dir / "model.safetensors")
+    for name in reference:
+        torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
+    assert any(not torch.equal(reference[k], start[k]) for k in start), "nothing was trained"
