@@ -8,7 +8,7 @@ amplitude modulation and noise, 16-bit PCM) once per rate (16 and 48 kHz) and fo
 directory, writes each directory as shards (``continue_pt.shard_write.write_shards``, 1 GB, bytes as they are), then
 reads both the way a training data-loader worker does (``AudioDataset[i]``: decode, mix down, resample 48 -> 16 kHz)
 in one process with one torch thread, in a shuffled order, for ``--cell-seconds`` per layout and round (the layouts
-alternate, so load on a shared machine hits both alike). ``--smoke``: 24 files, a fraction of a second per cell,
+alternate, so load on a shared machine hits both alike). ``--smoke``: 16 files, a fraction of a second per cell,
 nothing published (the test suite runs it).
 """
 
@@ -30,6 +30,7 @@ import soundfile as sf
 import torch
 
 import _common as C  # noqa: E402  (bench/ is on sys.path when run as a script)
+from _range_server import served
 from continue_pt.batching import AudioDataset
 from continue_pt.corpus import scan_audio
 from continue_pt.shard_read import scan_shards
@@ -100,14 +101,18 @@ def bench_cell(work: Path, files: int, rate: int, fmt: str, cell_seconds: float,
     indexed = scan_shards(shards, MODEL_RATE, min_seconds=0)
     t4 = time.perf_counter()
     assert [i.name for i in scanned.items] == [i.name for i in indexed.items]
-    datasets = {"directory": AudioDataset(scanned.items, MODEL_RATE, normalize=False),
-                "shards": AudioDataset(indexed.items, MODEL_RATE, normalize=False)}
-    totals = {name: [0.0, 0.0, 0] for name in datasets}
-    for round_ in range(rounds):
-        order = np.random.default_rng(round_).permutation(len(scanned.items)).tolist()  # training reads shuffled
-        for name in (("directory", "shards") if round_ % 2 == 0 else ("shards", "directory")):
-            audio, wall, count = read_rate(datasets[name], order, cell_seconds)
-            totals[name] = [totals[name][0] + audio, totals[name][1] + wall, totals[name][2] + count]
+    with served(work) as url:
+        remote = scan_shards(url + shards.name + "/", MODEL_RATE, min_seconds=0)
+        datasets = {"directory": AudioDataset(scanned.items, MODEL_RATE, normalize=False),
+                    "shards": AudioDataset(indexed.items, MODEL_RATE, normalize=False),
+                    "http": AudioDataset(remote.items, MODEL_RATE, normalize=False)}
+        totals = {name: [0.0, 0.0, 0] for name in datasets}
+        for round_ in range(rounds):
+            order = np.random.default_rng(round_).permutation(len(scanned.items)).tolist()  # training reads shuffled
+            names = list(datasets) if round_ % 2 == 0 else list(reversed(datasets))
+            for name in names:
+                audio, wall, count = read_rate(datasets[name], order, cell_seconds)
+                totals[name] = [totals[name][0] + audio, totals[name][1] + wall, totals[name][2] + count]
     result = {"rate": rate, "format": fmt, "files": files, "generate_s": t1 - t0, "shards_write_s": t2 - t1,
               "scan_s": t3 - t2, "index_s": t4 - t3,
               "hours": sum(i.num_samples for i in scanned.items) / MODEL_RATE / 3600,
@@ -120,9 +125,10 @@ def bench_cell(work: Path, files: int, rate: int, fmt: str, cell_seconds: float,
 def section(results: list[dict], command: str, info: dict, args: argparse.Namespace) -> list[str]:
     rows = []
     for r in results:
-        d, s = r["directory"]["rate"], r["shards"]["rate"]
+        d, s, h = (r[layout]["rate"] for layout in ("directory", "shards", "http"))
         rows.append([f"{r['rate'] / 1000:g} kHz .{r['format']}", f"{r['bytes'] / 1e9:.2f}", f"{d:,.0f}", f"{s:,.0f}",
-                     f"{s / d:.2f}x", f"{math.ceil(TARGET / d)}", f"{math.ceil(TARGET / s)}",
+                     f"{h:,.0f}", f"{s / d:.2f}x / {h / d:.2f}x",
+                     f"{math.ceil(TARGET / d)} / {math.ceil(TARGET / s)} / {math.ceil(TARGET / h)}",
                      f"{r['scan_s']:.1f} / {r['index_s']:.2f}"])
     hours = results[0]["hours"]
     return [
@@ -137,8 +143,11 @@ def section(results: list[dict], command: str, info: dict, args: argparse.Namesp
         "measures decoding and file access, not a cold disk or a network.",
         f"- Workers for one H100 = ceil({TARGET:,.0f} / per-worker rate): {TARGET:,.0f} audio-s/s is the HuBERT "
         "BASE throughput target on one H100 (issue 12).", "",
-        C.table(["audio", "GB", "directory audio-s/s/worker", "shards audio-s/s/worker", "shards/dir",
-                 "workers @3000 (dir)", "workers @3000 (shards)", "scan dir / index shards (s)"], rows), "",
+        C.table(["audio", "GB", "directory", "local shards", "http shards", "shards/dir, http/dir",
+                 "workers for 3000 audio-s/s: dir / shards / http", "scan dir / read index (s)"], rows), "",
+        "- directory, local shards, http shards: decoded audio-seconds per second per loader worker; http = the same "
+        "shards served from 127.0.0.1 by a Range-answering server in another process (one kept-alive connection per "
+        "worker, one Range request per utterance; the server's work is not counted, a network's latency is absent).",
     ]
 
 
@@ -148,12 +157,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cell-seconds", type=float, default=20.0)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="processes generating the audio")
-    parser.add_argument("--smoke", action="store_true", help="24 files, tiny cells, nothing published")
+    parser.add_argument("--smoke", action="store_true", help="16 files, tiny cells, nothing published")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument("--no-publish", dest="publish", action="store_false")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.files, args.cell_seconds, args.rounds, args.jobs, args.publish = 24, 0.2, 2, 1, False
+        args.files, args.cell_seconds, args.rounds, args.jobs, args.publish = 16, 0.05, 2, 1, False
     torch.set_num_threads(1)  # one data-loader worker's view
     command = shlex.join([".venv/bin/python", "bench/bench_loader.py", *(sys.argv[1:] if argv is None else argv)])
     info = C.machine_info() if args.publish else {}
@@ -162,8 +171,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for rate, fmt in CELLS:
             results.append(bench_cell(Path(tmp), args.files, rate, fmt, args.cell_seconds, args.rounds, args.jobs))
             r = results[-1]
-            print(f"{rate} Hz {fmt}: directory {r['directory']['rate']:,.0f}, shards {r['shards']['rate']:,.0f} "
-                  f"audio-s/s per worker (generated in {r['generate_s']:.0f} s)", flush=True)
+            print(f"{rate} Hz {fmt}: directory {r['directory']['rate']:,.0f}, shards {r['shards']['rate']:,.0f}, "
+                  f"http {r['http']['rate']:,.0f} audio-s/s per worker (generated in {r['generate_s']:.0f} s)",
+                  flush=True)
             for path in Path(tmp).iterdir():  # keep the disk use to one cell's corpus
                 _remove(path)
     if args.json:

@@ -9,8 +9,11 @@ connection or a 5xx answer).
 
 from __future__ import annotations
 
+import http.client
+import os
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from continue_pt.shard_format import (INDEX_NAME, ShardError, ShardIndex, ShardM
 
 HTTP_TIMEOUT_S = 60.0
 HTTP_TRIES = 4
+_REDIRECTS = (301, 302, 303, 307, 308)
 _REMOTE_HINT = "Check the URL and that the server is up; it must answer HTTP Range requests (nginx, S3, GCS do)"
 
 
@@ -123,31 +127,65 @@ def _http_get(url: str) -> bytes:
 
 
 def _http_range(url: str, offset: int, size: int) -> bytes:
-    data = _http(url, {"Range": f"bytes={offset}-{offset + size - 1}"}, expect_status=206)
+    data = _http(url, {"Range": f"bytes={offset}-{offset + size - 1}"}, expect_status=206, keep_alive=True)
     if len(data) != size:
         raise ShardError(url, f"answered {len(data)} bytes for a range of {size}", _REMOTE_HINT)
     return data
 
 
-def _http(url: str, headers: dict[str, str], expect_status: int) -> bytes:
-    """GET ``url``; connection errors and 5xx answers are retried a few times (a busy server, a dropped
-    connection), anything else is one :class:`ShardError` naming the URL."""
+_CONNECTIONS: dict[tuple[int, str, str, int | None], http.client.HTTPConnection] = {}
+"""One kept-alive connection per process and server: a TLS handshake per utterance would cost more than the read.
+Keyed by the process id too, so a data-loader worker never uses a connection it inherited from its parent."""
+
+
+def _kept_alive_get(url: str, headers: dict[str, str]) -> tuple[int, bytes, str | None]:
+    """``(status, body, location)`` of a GET over this process's connection to the server of ``url``."""
+    parts = urllib.parse.urlsplit(url)
+    key = (os.getpid(), parts.scheme, parts.hostname or "", parts.port)
+    connection = _CONNECTIONS.get(key)
+    if connection is None:
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        connection = _CONNECTIONS[key] = kind(parts.hostname or "", parts.port, timeout=HTTP_TIMEOUT_S)
+    path = parts.path + (f"?{parts.query}" if parts.query else "")
+    try:
+        connection.request("GET", path or "/", headers=headers)
+        response = connection.getresponse()
+        return response.status, response.read(), response.getheader("Location")
+    except BaseException:
+        connection.close()  # reopened by the next request
+        _CONNECTIONS.pop(key, None)
+        raise
+
+
+def _http(url: str, headers: dict[str, str], expect_status: int, keep_alive: bool = False) -> bytes:
+    """GET ``url`` (``keep_alive``: over this process's open connection; a redirect is followed by urllib);
+    connection errors and 5xx answers are retried a few times (a busy server, a dropped connection), anything else
+    is one :class:`ShardError` naming the URL."""
     last = ""
     for attempt in range(HTTP_TRIES):
-        if attempt:
+        if attempt > 1:  # the first retry at once: a kept-alive connection the server had closed meanwhile
             time.sleep(0.25 * 2 ** attempt)
         try:
-            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=HTTP_TIMEOUT_S) as r:
-                if r.status != expect_status:
-                    raise ShardError(url, f"answered HTTP {r.status} where {expect_status} was expected"
-                                     + (" (the server ignores Range requests)" if expect_status == 206 else ""),
-                                     _REMOTE_HINT)
-                return r.read()
+            if keep_alive:
+                status, body, location = _kept_alive_get(url, headers)
+                if status in _REDIRECTS and location:
+                    return _http(urllib.parse.urljoin(url, location), headers, expect_status)
+                if status >= 400:
+                    raise urllib.error.HTTPError(url, status, http.client.responses.get(status, ""), None, None)
+            else:
+                with urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                            timeout=HTTP_TIMEOUT_S) as r:
+                    status, body = r.status, r.read()
+            if status != expect_status:
+                raise ShardError(url, f"answered HTTP {status} where {expect_status} was expected"
+                                 + (" (the server ignores Range requests)" if expect_status == 206 else ""),
+                                 _REMOTE_HINT)
+            return body
         except urllib.error.HTTPError as error:
             if error.code < 500:
                 missing = " (no shard set there?)" if error.code == 404 else ""
                 raise ShardError(url, f"answered HTTP {error.code} {error.reason}{missing}", _REMOTE_HINT) from None
             last = f"HTTP {error.code} {error.reason}"
-        except (urllib.error.URLError, OSError) as error:  # refused, unknown host, timeout, reset
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as error:  # refused, timeout, reset
             last = str(getattr(error, "reason", error))
     raise ShardError(url, f"cannot be fetched after {HTTP_TRIES} tries ({last})", _REMOTE_HINT)

@@ -195,6 +195,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
     """A static server answering ``Range: bytes=a-b`` with 206 (as nginx or S3 do; http.server does not)."""
 
     ignore_ranges = False
+    protocol_version = "HTTP/1.1"  # connections stay open between requests, as the reader keeps them
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = Path(self.translate_path(self.path))
@@ -221,6 +222,7 @@ def served(directory: Path, ignore_ranges: bool = False):
     handler = type("Handler", (_RangeHandler,), {"ignore_ranges": ignore_ranges})
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(directory), **k))
+    server.daemon_threads = True  # closing does not wait for the connections the reader keeps open
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
