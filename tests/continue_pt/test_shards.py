@@ -90,6 +90,14 @@ def test_written_shards_decode_to_the_source_and_respect_the_size(corpus, tmp_pa
     assert json.loads((tmp_path / "again" / INDEX_NAME).read_text())["shards"] == index["shards"]
 
 
+def test_a_manifest_is_written_in_its_own_order(corpus, tmp_path):
+    names = [p.relative_to(corpus).as_posix() for p in sorted(corpus.rglob("*.wav"), reverse=True)][:5]
+    manifest = tmp_path / "train.tsv"
+    manifest.write_text(str(corpus) + "\n" + "".join(f"{n}\t{sf.info(corpus / n).frames}\n" for n in names))
+    write_shards(manifest, tmp_path / "set", SHARD_SIZE, "original")
+    assert [i.name for i in scan_shards(tmp_path / "set", 16000, 0).items] == names
+
+
 def test_webdataset_reads_the_shards(shard_dir):
     wds = pytest.importorskip("webdataset")
     index = json.loads((shard_dir / INDEX_NAME).read_text())
