@@ -11,6 +11,7 @@ from pathlib import Path
 
 class RangeHandler(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the shard reader uses it
+    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx sets it: no delayed-ACK stall between header and body
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = Path(self.translate_path(self.path))

@@ -3,8 +3,8 @@ per loader worker, and the loader workers one H100 needs at the throughput targe
 
     .venv/bin/python bench/bench_loader.py [--files 10000] [--cell-seconds 20] [--rounds 2] [--smoke] [--no-publish]
 
-Generates ``--files`` utterances of 2-6 s (seeded, speech-like: harmonics of a wandering pitch with syllable-rate
-amplitude modulation and noise, 16-bit PCM) once per rate (16 and 48 kHz) and format (wav, flac) into a temporary
+Generates ``--files`` utterances of 2-6 s (seeded, speech-like: stretches of synthetic voices, harmonics of a
+wandering pitch with syllable-rate amplitude modulation, plus noise; 16-bit PCM) once per rate (16 and 48 kHz) and format (wav, flac) into a temporary
 directory, writes each directory as shards (``continue_pt.shard_write.write_shards``, 1 GB, bytes as they are), then
 reads both the way a training data-loader worker does (``AudioDataset[i]``: decode, mix down, resample 48 -> 16 kHz)
 in one process with one torch thread, in a shuffled order, for ``--cell-seconds`` per layout and round (the layouts
@@ -44,17 +44,37 @@ CELLS = [(16000, "wav"), (16000, "flac"), (48000, "wav"), (48000, "flac")]
 PER_DIRECTORY = 1000
 
 
-def utterance(seed: int, rate: int) -> np.ndarray:
-    """2-6 s of speech-like 16-bit audio: harmonics of a pitch wandering around 80-250 Hz, syllable-rate (4 Hz)
-    envelope, a little noise. FLAC compresses it about as much as it compresses speech (not as little as noise)."""
-    rng = np.random.default_rng(seed)
-    n = int(rng.uniform(2.0, 6.0) * rate)
+BANK_SECONDS = 8.0
+BANK_VOICES = 16
+
+
+def voice(seed: int, rate: int) -> np.ndarray:
+    """8 s of speech-like audio: harmonics of a pitch wandering around 80-250 Hz and a syllable-rate (4 Hz)
+    envelope. FLAC compresses it about as much as it compresses speech (not as little as noise)."""
+    rng = np.random.default_rng(10_000 + seed)
+    n = int(BANK_SECONDS * rate)
     t = np.arange(n) / rate
     f0 = rng.uniform(80, 250) * (1 + 0.1 * np.sin(2 * np.pi * rng.uniform(0.2, 1.0) * t))
     phase = 2 * np.pi * np.cumsum(f0) / rate
-    voice = sum(np.sin(k * phase) / k for k in range(1, 8))
+    harmonics = sum(np.sin(k * phase) / k for k in range(1, 8))
     envelope = 0.5 * (1 + np.sin(2 * np.pi * 4 * t + rng.uniform(0, 2 * np.pi))) ** 2
-    wave = 0.15 * envelope * voice + 0.01 * rng.standard_normal(n)
+    return 0.15 * envelope * harmonics
+
+
+_BANK: dict[int, list[np.ndarray]] = {}
+
+
+def utterance(seed: int, rate: int) -> np.ndarray:
+    """2-6 s of 16-bit audio: a random stretch of one of :data:`BANK_VOICES` voices at a random gain, plus its own
+    noise (so no two files are alike; the voices are synthesised once per process, which keeps generating 10,000
+    files cheap)."""
+    if rate not in _BANK:
+        _BANK[rate] = [voice(v, rate) for v in range(BANK_VOICES)]
+    rng = np.random.default_rng(seed)
+    n = int(rng.uniform(2.0, 6.0) * rate)
+    source = _BANK[rate][int(rng.integers(BANK_VOICES))]
+    start = int(rng.integers(0, len(source) - n))
+    wave = rng.uniform(0.5, 1.0) * source[start:start + n] + 0.01 * rng.standard_normal(n)
     return (np.clip(wave, -1, 1) * 32767).astype(np.int16)
 
 
@@ -135,7 +155,7 @@ def section(results: list[dict], command: str, info: dict, args: argparse.Namesp
         f"## {SECTION}: decoded audio-s/s per loader worker, {args.files:,} short files vs the same in shards", "",
         *C.machine_lines(info, command),
         f"- Corpus per row: {args.files:,} generated utterances of 2-6 s ({hours:.1f} h), 16-bit PCM, speech-like "
-        "(harmonics, 4 Hz envelope, noise); written once as a directory (1,000 files per subdirectory) and as 1 GB "
+        "(stretches of synthetic voices: harmonics, 4 Hz envelope; plus noise); written once as a directory (1,000 files per subdirectory) and as 1 GB "
         "shards of the same bytes (`continue-pt shards write --format original`).",
         f"- One process, one torch thread = one data-loader worker; each utterance read as training reads it "
         f"(`AudioDataset[i]`: decode, mono, resample to 16 kHz), shuffled order, {args.cell_seconds:g} s per layout "
@@ -147,7 +167,8 @@ def section(results: list[dict], command: str, info: dict, args: argparse.Namesp
                  "workers for 3000 audio-s/s: dir / shards / http", "scan dir / read index (s)"], rows), "",
         "- directory, local shards, http shards: decoded audio-seconds per second per loader worker; http = the same "
         "shards served from 127.0.0.1 by a Range-answering server in another process (one kept-alive connection per "
-        "worker, one Range request per utterance; the server's work is not counted, a network's latency is absent).",
+        "worker, one Range request per utterance; no network latency, but on a machine with few cores the server "
+        "takes CPU from the reader).",
     ]
 
 

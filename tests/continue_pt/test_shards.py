@@ -204,6 +204,7 @@ class _RangeHandler(http.server.SimpleHTTPRequestHandler):
 
     ignore_ranges = False
     protocol_version = "HTTP/1.1"  # connections stay open between requests, as the reader keeps them
+    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx sets it: no delayed-ACK stall between header and body
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         path = Path(self.translate_path(self.path))
