@@ -350,3 +350,21 @@ def test_two_process_ddp_from_shards_equals_one_process_from_the_directory(bundl
     for name in reference:
         torch.testing.assert_close(ours[name], reference[name], rtol=1e-5, atol=1e-7, msg=name)
     assert any(not torch.equal(reference[k], start[k]) for k in start), "nothing was trained"
+
+
+def test_pretrain_from_an_unreachable_shard_url_is_one_error_line(bundle_dir, tmp_path, monkeypatch):
+    import socket
+
+    from continue_pt import shard_read
+
+    monkeypatch.setattr(shard_read, "HTTP_TRIES", 1)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/corpus/"
+    out = tmp_path / "run"
+    result = CliRunner().invoke(cli, ["pretrain", "--init-from", str(bundle_dir), "--train-data", url,
+                                      "--output-dir", str(out), "--max-steps", "2", "--accelerator", "cpu"])
+    assert result.exit_code == 1, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert error and f"{url}shards.json: cannot be fetched" in error[0], result.output
+    assert "Traceback" not in result.output and not out.exists()
