@@ -357,9 +357,9 @@ def publish(section: str, body: list[str]) -> None:
     print(f"\n(wrote section '{section}' of {RESULTS.relative_to(REPO)})")
 
 
-def publish_or_print(section: str, body: list[str], publish: bool) -> None:
+def publish_or_print(section: str, body: list[str], to_results: bool) -> None:
     """:func:`publish` ``body``, or only print it (a script's ``--no-publish``)."""
-    if publish:
+    if to_results:
         publish(section, body)
     else:
         print("\n".join(body))

@@ -14,10 +14,12 @@ class FileProblem(Exception):
 
     def __init__(self, path: str | Path, problems: str | list[str], hint: str = ""):
         self.path = Path(path)
+        # A URL (a remote shard set, a download) is named as given: Path() would fold its "//" into "/".
+        self.where = str(path) if "://" in str(path) else str(self.path)
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.hint = hint
         body = self.problems[0] if len(self.problems) == 1 else "\n  - " + "\n  - ".join(self.problems)
-        message = f"{self.path}: {body}"
+        message = f"{self.where}: {body}"
         if hint:
             message += f"\n  {hint}" if len(self.problems) > 1 else f". {hint}"
         super().__init__(message)

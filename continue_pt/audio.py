@@ -8,6 +8,7 @@ audio I/O. Channels are averaged (as fairseq's datasets do) and other sample rat
 
 from __future__ import annotations
 
+import io
 import math
 import warnings
 from pathlib import Path
@@ -51,13 +52,16 @@ def audio_info(path: str | Path) -> tuple[int, int, int]:
     return int(info.frames), int(info.samplerate), int(info.channels)
 
 
-def read_audio(path: str | Path, sample_rate: int) -> Tensor:
-    """The file's samples as a 1-D float32 tensor at ``sample_rate`` (channels averaged, resampled if needed)."""
+def read_audio(path: str | Path, sample_rate: int, data: bytes | None = None) -> Tensor:
+    """The file's samples as a 1-D float32 tensor at ``sample_rate`` (channels averaged, resampled if needed).
+
+    ``data``: the file's bytes, already read (an utterance of a tar shard): decoded from memory, ``path`` only
+    names it in errors."""
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise AudioError(path, "no such file" if not path.exists() else "not a regular file")
     try:
-        samples, file_rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+        samples, file_rate = soundfile.read(_opened(path, data), dtype="float32", always_2d=True)
     except Exception as error:  # corrupt or truncated data, unknown format, I/O errors
         raise AudioError(path, f"cannot be read as audio ({_one_line(error)})",
                          "Supported are the formats libsndfile reads (wav, flac, ogg, opus, mp3, ...)") from error
@@ -76,7 +80,8 @@ UNSEEKABLE_FORMATS = frozenset({"MP3"})
 to): :func:`read_audio_window` decodes them from the start."""
 
 
-def read_audio_window(path: str | Path, sample_rate: int, start: int, length: int) -> Tensor:
+def read_audio_window(path: str | Path, sample_rate: int, start: int, length: int,
+                      data: bytes | None = None) -> Tensor:
     """``read_audio(path, sample_rate)[start:start + length]``, decoding only that window (+ a margin).
 
     A training crop of at most 15.6 s then costs the same whether the file lasts 20 s or an hour. Without
@@ -85,11 +90,12 @@ def read_audio_window(path: str | Path, sample_rate: int, start: int, length: in
     resampled, and cut: every output sample is computed from the same input samples with the same kernel as when
     the whole file is resampled (equal bit for bit in the tests). Formats in :data:`UNSEEKABLE_FORMATS` are decoded
     from the start. Raises :class:`AudioError` when the file cannot be read or is shorter than the window.
+    ``data``: the file's bytes, already read (see :func:`read_audio`).
     """
     path = Path(path)
     start, length = int(start), int(length)
     try:
-        with soundfile.SoundFile(str(path)) as sound:
+        with soundfile.SoundFile(_opened(path, data)) as sound:
             file_rate, frames = int(sound.samplerate), int(sound.frames)
             first, last, out_offset = _input_window(start, length, file_rate, int(sample_rate), frames)
             if sound.format in UNSEEKABLE_FORMATS:
@@ -111,6 +117,11 @@ def read_audio_window(path: str | Path, sample_rate: int, start: int, length: in
     if not bool(torch.isfinite(waveform).all()):
         raise AudioError(path, "holds NaN or infinite samples")
     return waveform.contiguous()
+
+
+def _opened(path: Path, data: bytes | None) -> Any:
+    """What soundfile opens: the path, or the bytes given for it (named by ``path`` in soundfile's errors)."""
+    return str(path) if data is None else io.BytesIO(data)
 
 
 def _input_window(start: int, length: int, file_rate: int, rate: int, frames: int) -> tuple[int, int, int]:

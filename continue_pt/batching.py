@@ -20,7 +20,8 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import Dataset, Sampler
 
-from continue_pt.audio import AudioError, read_audio, read_audio_window
+from continue_pt.audio import AudioError
+from continue_pt.shard_read import read_item, read_item_window
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ class AudioDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         item = self.items[index]
         try:
-            waveform = read_audio(item.path, self.sample_rate)
+            waveform = read_item(item, self.sample_rate)
         except AudioError as error:
             self._failures += 1
             logger.warning("%s; left out of its batch (%d read failures so far)", error, self.failures)
@@ -93,7 +94,7 @@ class AudioDataset(Dataset):
         item = self.items[index]
         try:
             if self.normalize and not bool(self._norm_known[index]):
-                whole = read_audio(item.path, self.sample_rate)  # once: the statistics need every sample
+                whole = read_item(item, self.sample_rate)  # once: the statistics need every sample
                 self._norm_stats[index] = torch.stack([whole.double().mean(), whole.double().var(correction=0)])
                 self._norm_known[index] = True
                 waveform = whole[start:start + size]  # = read_audio_window(...), bit for bit
@@ -101,7 +102,7 @@ class AudioDataset(Dataset):
                     raise AudioError(item.path, f"holds {len(whole)} samples, fewer than the window {start}.."
                                                 f"{start + size} it was scanned for", "Restart the run to rescan it")
             else:
-                waveform = read_audio_window(item.path, self.sample_rate, start, size)
+                waveform = read_item_window(item, self.sample_rate, start, size)
         except AudioError as error:
             self._failures += 1
             logger.warning("%s; left out of its batch (%d read failures so far)", error, self.failures)

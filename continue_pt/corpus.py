@@ -11,7 +11,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from bundles.errors import FileProblem
 from continue_pt.audio import AudioError, audio_info, resampled_length
@@ -41,7 +41,8 @@ class AudioItem:
     ``manifest_entry`` is its 0-based entry number in a manifest (= its line in a ``.km`` label file), else None.
     ``file_frames`` is its length in the file's own frames (at the file's own rate ``file_rate``): what a fairseq
     manifest lists for it (fairseq's ``wav2vec_manifest.py`` writes ``soundfile.info(path).frames``); None when
-    unknown (a manifest scanned without reading headers).
+    unknown (a manifest scanned without reading headers). ``member``: where its bytes are in a tar shard
+    (a :class:`continue_pt.shard_format.ShardMember`; ``path`` then only names it), else None.
     """
 
     path: Path
@@ -50,6 +51,7 @@ class AudioItem:
     manifest_entry: int | None = None
     file_frames: int | None = None
     file_rate: int | None = None
+    member: Any = None
 
 
 @dataclass

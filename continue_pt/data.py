@@ -19,6 +19,8 @@ from bundles.errors import FileProblem
 from continue_pt.batching import AudioDataset, BatchCollater, BucketBatchSampler
 from continue_pt.corpus import AudioItem, ScanResult, not_audio_note, scan_audio
 from continue_pt.labels import FrameLabels, read_label_file
+from continue_pt.shard_format import data_source, is_shard_source
+from continue_pt.shard_read import scan_shards
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ class AudioDataModule(pl.LightningDataModule):
     """Training (and validation) audio for Lightning, with optional fairseq frame labels.
 
     Args:
-        train_source: a directory of audio files or a fairseq manifest (``.tsv``).
+        train_source: a directory of audio files, a fairseq manifest (``.tsv``) or a shard set (a directory with
+            ``shards.json`` or its ``http(s)://`` base URL; see ``shard_format``).
         val_source: the same for validation. When None, ``val_fraction`` of the training files is held out,
             chosen by a hash of each file's name, so the split stays the same when files are added.
         sample_rate: the model's rate; other rates are resampled when read.
@@ -94,8 +97,12 @@ class AudioDataModule(pl.LightningDataModule):
         if val_source is not None and train_labels is not None and val_labels is None:
             raise FileProblem(val_source, "has no frame labels while the training audio has",
                               "Pass val_labels=<the .km written for this manifest>")
-        self.train_source = Path(train_source)
-        self.val_source = Path(val_source) if val_source is not None else None
+        if train_labels is not None and is_shard_source(train_source):
+            raise FileProblem(train_labels, "offline frame labels are not read with a shard set (their lines follow "
+                              "a manifest's order)", "Train from shards with online targets (leave out "
+                              "--labels), or give the audio as a directory or manifest")
+        self.train_source = data_source(train_source)  # URLs of shard sets stay strings
+        self.val_source = data_source(val_source) if val_source is not None else None
         self.sample_rate = sample_rate
         self.normalize = normalize
         self.max_batch_seconds = max_batch_seconds
@@ -145,8 +152,11 @@ class AudioDataModule(pl.LightningDataModule):
         self.train_dataset = AudioDataset(train_items, self.sample_rate, self.normalize, train_labels)
         self.val_dataset = AudioDataset(val_items, self.sample_rate, self.normalize, val_labels)
 
-    def _scan(self, source: Path) -> ScanResult:
-        scan = scan_audio(source, self.sample_rate, self.min_seconds)
+    def _scan(self, source: str | Path) -> ScanResult:
+        if is_shard_source(source):  # tar shards + shards.json, local or remote: the index is the scan
+            scan = scan_shards(source, self.sample_rate, self.min_seconds)
+        else:
+            scan = scan_audio(source, self.sample_rate, self.min_seconds)
         for path, reason in scan.skipped:  # every file, named; text beside the audio only at debug level
             self._log(f"skipped {path}: {reason}",
                       logging.DEBUG if reason.startswith("not audio:") else logging.WARNING)

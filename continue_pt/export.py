@@ -29,6 +29,8 @@ from bundles.writing import write_bundle
 from continue_pt.families import FAMILIES
 from continue_pt.module_base import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from continue_pt.resume_notes import SEGMENTS_KEY
+from continue_pt.sharded_files import is_sharded_checkpoint
+from continue_pt.sharding import read_sharded_checkpoint
 
 STUDENT_PREFIX = "student."
 EXTRA_ROWS_KEY = "extra_label_embeddings"
@@ -38,6 +40,8 @@ _NOT_OURS_HINT = "Pass a .ckpt written by `continue-pt pretrain` (output_dir/che
 def read_training_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     """The checkpoint dict, read with ``weights_only=True``; BundleError if it is not one of ours."""
     path = Path(ckpt_path)
+    if is_sharded_checkpoint(path):  # written by --strategy fsdp: a directory of shards
+        return _checked(path, read_sharded_checkpoint(path))
     if path.is_dir() and (path / "config.json").is_file():
         raise BundleError(path, "is a bundle directory, not a training checkpoint: it is already what export "
                                 "writes (load it with load_bundle)", hint=_NOT_OURS_HINT)
@@ -52,6 +56,10 @@ def read_training_checkpoint(ckpt_path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001  junk bytes make torch's (weights-only) unpickler fail in any way
         raise BundleError(path, f"is not a readable Lightning checkpoint ({_load_failure(exc)})",
                           hint=_NOT_OURS_HINT) from None
+    return _checked(path, checkpoint)
+
+
+def _checked(path: Path, checkpoint: Any) -> dict[str, Any]:
     extra = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(extra, dict) or extra.get("format") != CHECKPOINT_FORMAT or "state_dict" not in checkpoint:
         raise BundleError(path, "is not a continue-pt training checkpoint (it has no continue-pt section)",
@@ -154,7 +162,7 @@ def bundle_of(src: str | Path, scratch_dir: str | Path) -> Iterator[Path]:
     (in ``scratch_dir``, removed afterwards). This is how ``export --to fairseq/hf`` takes checkpoints: the
     converters read bundles only (they do not depend on the training package)."""
     src = Path(src)
-    if not src.is_file():
+    if not src.is_file() and not is_sharded_checkpoint(src):  # a bundle directory (a sharded checkpoint is one too)
         yield src
         return
     scratch_dir = Path(scratch_dir)

@@ -147,10 +147,16 @@ class ContinuedPretrainingBase(pl.LightningModule):
         gradient norm with one host synchronisation (one fused norm over all gradients, no per-tensor ``.item()``)."""
         norm = fused_grad_norm(gradients(self.parameters()))
         local = torch.cat([stats.to(torch.float64).reshape(-1), nonfinite_flag(norm, stats.device)])
-        reduced = self.trainer.strategy.reduce(local, reduce_op="sum")
-        tail = (norm.detach().to(device=reduced.device, dtype=torch.float64).reshape(1) if norm is not None
-                else torch.zeros(1, dtype=torch.float64, device=reduced.device))
-        values = torch.cat([reduced, tail]).tolist()
+        if getattr(self.trainer.strategy, "shards_gradients", False):  # FSDP: the norm is the shards' norms summed
+            squared = norm.detach().to(torch.float64) ** 2 if norm is not None else torch.zeros((), dtype=torch.float64)
+            local = torch.cat([local, squared.to(local.device).reshape(1)])
+            values = self.trainer.strategy.reduce(local, reduce_op="sum").tolist()
+            values[-1] = math.sqrt(values[-1])
+        else:
+            reduced = self.trainer.strategy.reduce(local, reduce_op="sum")
+            tail = (norm.detach().to(device=reduced.device, dtype=torch.float64).reshape(1) if norm is not None
+                    else torch.zeros(1, dtype=torch.float64, device=reduced.device))
+            values = torch.cat([reduced, tail]).tolist()
         return values[:-2], StepHealth(grads_finite=values[-2] == 0, grad_norm=values[-1])
 
     def close_step(self) -> tuple[list[float], StepHealth] | None:

@@ -21,6 +21,7 @@ from bundles.errors import BundleError, FileProblem
 from continue_pt.families import FAMILIES, family_of_option
 from continue_pt.hubert.options import LOSS_NORMS
 from continue_pt.lightning_choices import devices_problem, strategy_problem
+from continue_pt.shard_format import SHARD_OPTIONS, is_url, shard_option_problems
 from continue_pt.option_types import coerce, type_problem
 
 DEFAULT_PEAK_LR = 5e-5
@@ -55,7 +56,8 @@ class PretrainOptions:
     """Options of ``continue-pt pretrain`` (one field per flag)."""
 
     train_data: str
-    """A directory of audio files or a fairseq manifest (.tsv)."""
+    """A directory of audio files, a fairseq manifest (.tsv) or a shard set (a directory or http(s) URL with
+    shards.json, from `continue-pt shards write`)."""
     output_dir: str
     """Gets ``metrics.csv`` (kept across resumes), ``checkpoints/``, the exported ``bundle/``, ``curves.png``."""
     init_from: str | None = None
@@ -85,7 +87,11 @@ class PretrainOptions:
     accelerator: str = "auto"
     strategy: str = "auto"
     """Lightning's strategy name. "auto": DDP on more than one device, with find_unused_parameters=True when layer
-    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice)."""
+    drop or a frozen feature extractor can leave parameters without gradient (continue_pt.trainer_choice).
+    "fsdp": Lightning's FSDP, one unit per transformer layer, sharded checkpoints (continue_pt.sharding)."""
+    activation_checkpointing: bool = False
+    """Recompute each transformer layer's activations in the backward instead of keeping them (less memory, about
+    a third more compute; same loss and gradients), under FSDP, DDP or one device."""
     seed: int = 0
     loss_norm: str = "fairseq"
     unmasked_weight: float | None = None
@@ -179,8 +185,9 @@ class PretrainOptions:
                             else "give init_from (a bundle) or resume (a training checkpoint)")
         for name in _MUST_EXIST:
             value = getattr(self, name)
-            if value is not None and not Path(value).exists():
+            if value is not None and not (name in SHARD_OPTIONS and is_url(value)) and not Path(value).exists():
                 problems.append(f"{name}: {value} does not exist")
+        problems += shard_option_problems(self.train_data, self.val_data, self.labels)
         problems += _range_problems(self)
         problems += _choice_problems(self)
         for family in FAMILIES.values():  # each family's options that exclude or need each other

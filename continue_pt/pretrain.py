@@ -36,6 +36,7 @@ from continue_pt.progress import StepProgressBar
 from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes
 from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger
 from continue_pt.run_output import removed_on_early_failure
+from continue_pt.sharding import checkpoint_layers, replace_directory, sharded_strategy
 from continue_pt.step_guard import TrainingStopped
 from continue_pt.trainer_choice import choose_strategy
 from continue_pt.trainer_config import built_trainer
@@ -74,6 +75,9 @@ def _point_last_at(final: Path) -> None:
     """Make ``checkpoints/last.ckpt`` the final state too (ModelCheckpoint only refreshes it every N steps), so
     ``--resume checkpoints/last.ckpt`` always continues from where the run ended."""
     last = final.with_name("last.ckpt")
+    if final.is_dir():  # a sharded checkpoint (--strategy fsdp)
+        replace_directory(final, last)
+        return
     tmp = final.with_name(".last.ckpt.tmp")
     tmp.unlink(missing_ok=True)
     try:
@@ -143,6 +147,21 @@ def _lifecycle(options: PretrainOptions, out: Path, checkpoint_dir: Path
     return stop, callbacks, csv_logger
 
 
+def _strategy_and_precision(options: PretrainOptions, module: ContinuedPretrainingBase) -> tuple[object, str | None]:
+    """Lightning's strategy and precision flag: ``--strategy fsdp`` is continue-pt's per-layer FSDP, which carries
+    its own precision plugin and checkpoints its layers itself; otherwise the DDP choice of ``choose_strategy``,
+    with each transformer layer wrapped here under ``--activation-checkpointing``."""
+    sharded = sharded_strategy(options.strategy, options.resolved_precision(), options.activation_checkpointing)
+    if sharded is not None:
+        return sharded, None
+    if options.activation_checkpointing:
+        rank_zero_info(f"activation checkpointing: {checkpoint_layers(module)} transformer layers recompute their "
+                       "activations in the backward")
+    return choose_strategy(options.strategy, options.accelerator, options.devices, module,
+                           options.freeze_feature_extractor_steps, num_nodes=options.num_nodes), \
+        options.resolved_precision()
+
+
 def run_pretraining(options: PretrainOptions, callbacks: list[pl.Callback] | None = None) -> RunResult:
     """Validate, train, export ``output_dir/bundle``. ``callbacks`` are added to the Trainer's.
 
@@ -170,12 +189,11 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     checkpointing = ModelCheckpoint(dirpath=checkpoint_dir, filename="step-{step}", save_last=True,
                                     every_n_train_steps=options.checkpoint_every, save_top_k=-1)
     stop, lifecycle, csv_logger = _lifecycle(options, out, checkpoint_dir)
+    strategy, precision = _strategy_and_precision(options, module)
     trainer = built_trainer(
         options.output_dir,
-        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes,
-        strategy=choose_strategy(options.strategy, options.accelerator, options.devices, module,
-                                 options.freeze_feature_extractor_steps, num_nodes=options.num_nodes),
-        precision=options.resolved_precision(), max_steps=options.max_steps,
+        accelerator=options.accelerator, devices=options.devices, num_nodes=options.num_nodes, strategy=strategy,
+        precision=precision, max_steps=options.max_steps,
         accumulate_grad_batches=options.accumulate, gradient_clip_val=options.gradient_clip_val,
         use_distributed_sampler=False, logger=csv_logger, callbacks=[checkpointing, *lifecycle, *(callbacks or [])],
         log_every_n_steps=options.resolved_log_every(), val_check_interval=options.val_check_interval,

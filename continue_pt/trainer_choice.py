@@ -72,16 +72,20 @@ def unused_parameter_reasons(module: nn.Module, freeze_feature_extractor_steps: 
 
 def choose_strategy(strategy: Any, accelerator: str, devices: Any, module: nn.Module,
                     freeze_feature_extractor_steps: int = 0, num_nodes: int = 1) -> Any:
-    """``strategy`` unless it is ``"auto"`` and DDP would hang on parameters without gradient (see the module
-    docstring): then :data:`FIND_UNUSED`. DDP runs on more than one device in all: ``devices`` on each of
-    ``num_nodes`` nodes (Lightning's "auto" is DDP whenever ``num_nodes`` > 1)."""
-    if strategy != "auto" or device_count(accelerator, devices) * num_nodes < 2:
+    """``strategy`` unless it is ``"auto"`` or ``"ddp"`` and DDP would hang on parameters without gradient (see the
+    module docstring): then :data:`FIND_UNUSED`. DDP runs on more than one device in all: ``devices`` on each of
+    ``num_nodes`` nodes (Lightning's "auto" is DDP whenever ``num_nodes`` > 1). An explicit ``"ddp"`` is overridden
+    too, with a warning: it would hang every rank at the first skipped layer, which no user means to ask for."""
+    if strategy not in ("auto", "ddp") or device_count(accelerator, devices) * num_nodes < 2:
         return strategy
     reasons = unused_parameter_reasons(module, freeze_feature_extractor_steps)
     if not reasons:
         return strategy
-    logger.info("DDP with find_unused_parameters=True: %s (pass --strategy ddp if no parameter can go unused)",
-                "; ".join(reasons))
+    if strategy == "ddp":
+        logger.warning("--strategy ddp would hang (%s leaves parameters without gradient in some steps): training "
+                       "with %s instead", "; ".join(reasons), FIND_UNUSED)
+    else:
+        logger.info("DDP with find_unused_parameters=True: %s", "; ".join(reasons))
     return FIND_UNUSED
 
 

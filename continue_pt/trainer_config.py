@@ -23,6 +23,7 @@ from lightning.fabric.plugins.environments import (
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from continue_pt.options import PretrainOptions, PretrainOptionsError
+from continue_pt.sharding import other_fsdp_problem, sharded_precision_problem, sharded_strategy
 
 _REFUSALS = (MisconfigurationException, ValueError, RuntimeError, TypeError)
 _HARDWARE_OPTIONS = ("accelerator", "devices", "strategy", "precision")
@@ -42,19 +43,27 @@ def trainer_problems(options: PretrainOptions) -> list[str]:
     """What the Trainer would refuse in the hardware options, found by building one that runs nothing."""
     args = {"accelerator": options.accelerator, "devices": options.devices, "strategy": options.strategy,
             "precision": options.resolved_precision(), "num_nodes": options.num_nodes}
+    other_fsdp = other_fsdp_problem(options.strategy)
+    if other_fsdp:  # before Lightning, which would refuse it on the CPU for another reason
+        return [other_fsdp]
     quiet = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # its "GPU available: ..." lines belong to the real run
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the real Trainer says it again where it matters
-            trainer = pl.Trainer(**_with_cluster_plugins(args), logger=False, enable_checkpointing=False,
-                                 enable_progress_bar=False, enable_model_summary=False)
+            sharded = sharded_strategy(options.strategy, args["precision"], False)
+            built = {**args, "strategy": sharded, "precision": None} if sharded is not None else args
+            trainer = pl.Trainer(**_with_cluster_plugins(built),
+                                 logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                 enable_model_summary=False)
     except _REFUSALS as exc:
         return [_reworded(exc, args)]
     finally:
         quiet.setLevel(level)
-    return launcher_problems(trainer, options.num_nodes, options.strategy)
+    precision = sharded_precision_problem(options.strategy, args["precision"],
+                                          trainer.strategy.root_device.type == "cuda")
+    return [*([precision] if precision else []), *launcher_problems(trainer, options.num_nodes, options.strategy)]
 
 
 LAUNCHER_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK")

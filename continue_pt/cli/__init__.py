@@ -5,7 +5,8 @@ subclasses) become one clean message and exit status 1 in one place, :meth:`_Cli
 composition root: it imports ``converters`` lazily, so the training library never depends on it.
 
 Here: the group, its error boundary and :func:`main`; the commands live in one module per verb group
-(``convert_cmds``, ``pretrain_cmd``, ``export_cmd``, ``kmeans_cmds``, ``demo_cmd``) and are added to the group below.
+(``convert_cmds``, ``pretrain_cmd``, ``export_cmd``, ``kmeans_cmds``, ``demo_cmd``,
+``shards_cmds``) and are added to the group below.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from continue_pt.cli.demo_cmd import demo
 from continue_pt.cli.export_cmd import export, plot
 from continue_pt.cli.kmeans_cmds import kmeans, labels
 from continue_pt.cli.pretrain_cmd import pretrain
+from continue_pt.cli.shards_cmds import shards
 
 
 class _Cli(click.Group):
@@ -68,7 +70,8 @@ def cli() -> None:
 
 # One module per verb group; each imports its heavy dependencies (torch, Lightning, the converters) only when its
 # command runs, so that `continue-pt --help` and a bad option answer at once.
-for _command in (convert, inspect, verify, download, catalogue, pretrain, export, plot, kmeans, labels, demo):
+for _command in (convert, inspect, verify, download, catalogue, pretrain, export, plot, kmeans, labels, demo,
+                 shards):
     cli.add_command(_command)
 
 

@@ -114,7 +114,9 @@ def inspect(path: Path, as_json: bool) -> None:
     from converters.describe import describe
     from converters.errors import ConversionError
 
-    if path.suffix == ".ckpt" and path.is_file():
+    from continue_pt.sharded_files import is_sharded_checkpoint
+
+    if path.suffix == ".ckpt" and path.is_file() or is_sharded_checkpoint(path):  # a directory under --strategy fsdp
         from continue_pt.checkpoint_facts import describe_training_checkpoint
 
         _print_facts(describe_training_checkpoint(path), as_json)

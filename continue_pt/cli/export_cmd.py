@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from bundles.errors import FileProblem
+from continue_pt.sharded_files import is_sharded_checkpoint
 
 
 @click.command()
@@ -29,7 +30,8 @@ def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> Non
 
         click.echo(f"wrote {export_checkpoint(checkpoint, out_dir, overwrite=overwrite)}")
         return
-    if checkpoint.is_file() and out_dir.exists() and not overwrite:  # before a .ckpt is turned into a bundle
+    if (checkpoint.is_file() or is_sharded_checkpoint(checkpoint)) and out_dir.exists() and not overwrite:
+        # before a .ckpt is turned into a bundle
         raise FileProblem(out_dir, "already exists", hint="Choose another output or pass --overwrite")
     with _as_bundle(checkpoint, out_dir.parent) as bundle_dir:
         if target == "fairseq":
@@ -49,7 +51,7 @@ def export(checkpoint: Path, out_dir: Path, target: str, overwrite: bool) -> Non
 def _as_bundle(src: Path, scratch_dir: Path) -> Any:
     """A bundle directory as it is; a training .ckpt through a temporary bundle. Only the latter imports the training
     code (Lightning: seconds of start-up an export of a bundle does not need)."""
-    if not src.is_file():
+    if not src.is_file() and not is_sharded_checkpoint(src):  # a sharded checkpoint is a directory too
         return contextlib.nullcontext(src)
     from continue_pt.export import bundle_of
 

@@ -31,7 +31,8 @@ _PRETRAIN_FLAGS = [
                  help="YAML file whose keys are this command's options (dashes or underscores); flags override it."),
     click.option("--init-from", help="Bundle to start from: weights only, fresh optimiser. Exclusive with --resume."),
     click.option("--resume", help="Training checkpoint (OUTPUT/checkpoints/last.ckpt) to continue with its full state."),
-    click.option("--train-data", help="Directory of audio files (wav/flac/ogg) or a fairseq manifest (.tsv)."),
+    click.option("--train-data", help="Directory of audio files (wav/flac/ogg), a fairseq manifest (.tsv) or a shard "
+                 "set from `continue-pt shards write` (its directory or http(s) base URL)."),
     click.option("--val-data", help="Held-out audio (default: --val-fraction of --train-data, chosen by file name)."),
     click.option("--val-fraction", type=float,
                  help=_shown("Without --val-data: the share of --train-data files held out for validation.",
@@ -104,7 +105,11 @@ _PRETRAIN_FLAGS = [
                              "skipped: no update).", _default("max_bad_steps"))),
     click.option("--strategy", help="Lightning strategy (default auto: DDP on several devices, with "
                  "find_unused_parameters when layer drop or a frozen extractor leaves parameters unused; "
-                 "e.g. ddp when none can be)."),
+                 "e.g. ddp when none can be; fsdp: sharded over the devices, one unit per transformer layer, "
+                 "sharded checkpoints, for models that do not fit one GPU)."),
+    click.option("--activation-checkpointing", is_flag=True, default=None,
+                 help="Recompute each transformer layer's activations in the backward instead of keeping them: "
+                      "less memory for a third more compute, same loss and gradients (any strategy)."),
 ]
 
 

@@ -91,6 +91,8 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
             raise ValueError(f"the k-means has {new_k} clusters but the label head of {bundle.path} has "
                              f"{num_classes} rows; pass reinit_label_head=True (--reinit-label-head) to train a new "
                              "label head for the new label set")
+        # read once here: under FSDP the parameter is a flat shard between steps, when checkpoints are written
+        self._label_rows = int(self.student.logit_generator.label_embeddings.shape[0])
 
         # objective
         objective = bundle.config.objective or {}
@@ -128,7 +130,7 @@ class HubertContinuedPretraining(ContinuedPretrainingBase):
 
     @property
     def num_classes(self) -> int:
-        return int(self.student.logit_generator.label_embeddings.shape[0])
+        return self._label_rows
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.options.hubert.loss_norm == "per-term" and self.trainer.accumulate_grad_batches > 1 \

@@ -137,7 +137,9 @@ def test_find_unused_is_chosen_exactly_when_parameters_can_go_unused():
     assert choose_strategy("auto", "cpu", "2", _Fake(0.0, 0.0)) == FIND_UNUSED
     assert choose_strategy("auto", "cpu", [0, 1], plain, freeze_feature_extractor_steps=10) == FIND_UNUSED
     assert choose_strategy("auto", "cpu", 1, _Fake(0.5, 0.0)) == "auto"  # one process: no DDP at all
-    assert choose_strategy("ddp", "cpu", 2, _Fake(0.5, 0.0)) == "ddp"  # the user's explicit choice stands
+    assert choose_strategy("ddp", "cpu", 2, plain) == "ddp"  # the user's explicit choice stands where it can run
+    assert choose_strategy("ddp", "cpu", 2, _Fake(0.5, 0.0)) == FIND_UNUSED  # plain DDP would hang every rank
+    assert choose_strategy("ddp_spawn", "cpu", 2, _Fake(0.5, 0.0)) == "ddp_spawn"
     assert unused_parameter_reasons(plain) == []
     assert device_count("cpu", "0,1,2") == 3 and device_count("cpu", "auto") == 1
 
