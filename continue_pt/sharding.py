@@ -45,15 +45,20 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import nn
 from torchaudio.models.wav2vec2.components import EncoderLayer, Transformer
 
+from bundles.data2vec2.model import Block as Data2Vec2Block
 from continue_pt.sharded_files import SHARDED_META_FILE
 
 FSDP_STRATEGY = "fsdp"
 """The ``--strategy`` value that selects :class:`LayerShardedFSDP`."""
 
 
+TRANSFORMER_LAYER_TYPES: tuple[type[nn.Module], ...] = (EncoderLayer, Data2Vec2Block)
+"""The transformer layers of the families' students: torchaudio's (HuBERT, wav2vec 2.0) and data2vec 2.0's."""
+
+
 def trainable_encoder_layer(module: nn.Module) -> bool:
-    """A torchaudio transformer layer with something to train: the student's (the frozen teacher's are not)."""
-    return isinstance(module, EncoderLayer) and any(p.requires_grad for p in module.parameters())
+    """A transformer layer with something to train: the student's (the frozen teacher's are not)."""
+    return isinstance(module, TRANSFORMER_LAYER_TYPES) and any(p.requires_grad for p in module.parameters())
 
 
 def frozen_children(module: nn.Module) -> list[nn.Module]:

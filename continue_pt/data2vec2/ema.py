@@ -39,7 +39,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> bool:
     that takes no gradient is copied. Returns False (and changes nothing) when ``decay >= 1``."""
     if decay >= 1:
         return False
-    students = dict(student.named_parameters())
+    students = {_unwrapped(name): p for name, p in student.named_parameters()}
     teachers = dict(teacher.named_parameters())
     if students.keys() != teachers.keys():
         missing = sorted(set(teachers) ^ set(students))[:5]
@@ -53,3 +53,12 @@ def ema_update(teacher: nn.Module, student: nn.Module, decay: float) -> bool:
             target.mul_(1 - lr)
             target.add_(source, alpha=lr)
     return True
+
+
+_CHECKPOINT_WRAPPER = "_checkpoint_wrapped_module."
+
+
+def _unwrapped(name: str) -> str:
+    """A student parameter's name as the teacher has it: without the segment ``--activation-checkpointing``'s
+    wrapper inserts (torch's ``CheckpointWrapper`` keeps the state-dict names, not the parameter names)."""
+    return name.replace(_CHECKPOINT_WRAPPER, "")

@@ -384,3 +384,35 @@ def test_collapse_warns_once_with_what_to_try(bundle_dir):
     assert len(collapse) == 2
     assert "target_var 0.05 is below the checkpoint's min_target_var 0.1" in collapse[0] and "--lr" in collapse[0]
     assert "pred_var 0.001 is below the checkpoint's min_pred_var 0.01" in collapse[1]
+
+
+# ------------------------------------------------------------------------------------------------ scale options
+
+
+@pytest.mark.slow
+def test_activation_checkpointing_trains_to_the_same_weights(full_run, bundle_dir, audio_dir, tmp_path):
+    """--activation-checkpointing recomputes each student block in the backward (the teacher's are not wrapped):
+    the run's losses and exported weights (teacher included) equal the plain run's."""
+    from bundles.data2vec2.model import Block
+    from continue_pt.sharding import checkpoint_layers
+
+    module = build_module(_options(bundle_dir, audio_dir, tmp_path / "unused"))
+    blocks = sum(isinstance(m, Block) for m in module.student.student.modules())
+    assert checkpoint_layers(module) == blocks > 0  # the student's blocks only, not the teacher's
+    assert not [m for m in module.student.teacher.modules() if type(m).__name__ == "CheckpointWrapper"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PretrainOptionsWarning)
+        run = run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "ac", activation_checkpointing=True))
+    assert [r["train/loss"] for r in logged_rows(run.metrics_csv)] == \
+        [r["train/loss"] for r in logged_rows(full_run.metrics_csv)]
+    a, b = load_bundle(full_run.bundle_dir).state_dict(), load_bundle(run.bundle_dir).state_dict()
+    assert set(a) == set(b)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fsdp_is_refused_for_data2vec2_with_what_to_use_instead(bundle_dir, audio_dir, tmp_path):
+    with pytest.raises(PretrainOptionsError, match="--strategy fsdp is not available for data2vec 2.0") as error:
+        run_pretraining(_options(bundle_dir, audio_dir, tmp_path / "run", strategy="fsdp", devices=2,
+                                 accelerator="cpu"))
+    assert "--activation-checkpointing" in str(error.value) and not (tmp_path / "run").exists()
