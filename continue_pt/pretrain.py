@@ -1,7 +1,8 @@
-"""``run_pretraining``: continue pre-training a HuBERT or wav2vec 2.0 bundle on your audio, then export the result as
-a bundle. The objective follows the bundle's family: HuBERT's masked prediction of k-means targets
-(:class:`~continue_pt.hubert.module.HubertContinuedPretraining`) or wav2vec 2.0's contrastive task
-(:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining`).
+"""``run_pretraining``: continue pre-training a HuBERT, wav2vec 2.0 or data2vec 2.0 bundle on your audio, then export
+the result as a bundle. The objective follows the bundle's family (``continue_pt.families``): HuBERT's masked
+prediction of k-means targets (:class:`~continue_pt.hubert.module.HubertContinuedPretraining`), wav2vec 2.0's
+contrastive task (:class:`~continue_pt.wav2vec2.module.Wav2Vec2ContinuedPretraining`) or data2vec 2.0's regression
+of its EMA teacher's layers (:class:`~continue_pt.data2vec2.module.Data2Vec2ContinuedPretraining`).
 
 ``init_from`` (a bundle: weights only, fresh optimiser) and ``resume`` (a training checkpoint: full state) are
 mutually exclusive, as in litgpt. Every problem with the options is reported at once, before anything starts.

@@ -215,10 +215,11 @@ def _kmeans_as_safetensors(km: Any, source: Path, output_dir: Path) -> Path:
 @_with_pretrain_flags
 @click.pass_context
 def pretrain(ctx: click.Context, config_file: Path | None, **flags: Any) -> None:
-    """Continue pre-training a HuBERT or wav2vec 2.0 bundle on your own audio; export the result as a bundle.
+    """Continue pre-training a HuBERT, wav2vec 2.0 or data2vec 2.0 bundle on your audio; export it as a bundle.
 
-    The objective follows the bundle: HuBERT's masked prediction of k-means targets, or wav2vec 2.0's
-    contrastive task with its own quantizer (the Gumbel temperature continues from the bundle's num_updates).
+    The objective follows the bundle: HuBERT's masked prediction of k-means targets, wav2vec 2.0's
+    contrastive task with its own quantizer (the Gumbel temperature continues from the bundle's num_updates),
+    or data2vec 2.0's regression of its EMA teacher (the teacher's decay schedule continues likewise).
 
     \b
     continue-pt pretrain --init-from hubert_base/ --train-data my_audio/ --output-dir run1/ --max-steps 20000
