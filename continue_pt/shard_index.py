@@ -183,6 +183,8 @@ def _check_output(index_dir: Path, beside: bool) -> None:
     if index_dir.exists() and not index_dir.is_dir():
         raise ShardError(index_dir, "is a file, not a directory", hint)
     existing = next((p for p in (index_dir, *index_dir.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        raise ShardError(index_dir, f"cannot be created: {existing} is a file, not a directory", hint)
     if not os.access(existing, os.W_OK):
         raise ShardError(index_dir, f"is not writable ({existing} is read-only)", hint)
     if target.exists():
