@@ -247,3 +247,12 @@ def _wav_bytes() -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, np.zeros(1600, dtype=np.float32), 16000, format="WAV", subtype="PCM_16")
     return buffer.getvalue()
+
+
+def test_a_key_repeated_in_another_shard_gets_a_unique_name(tmp_path):
+    (tmp_path / "a.tar").write_bytes(_tar_bytes({"000.wav": _wav_bytes(), "001.wav": _wav_bytes()}))
+    (tmp_path / "b.tar").write_bytes(_tar_bytes({"000.wav": _wav_bytes()}))
+    report = index_shards(tmp_path)
+    names = json.loads((tmp_path / INDEX_NAME).read_text())["items"]["name"]
+    assert names == ["000.wav", "001.wav", "b.tar/000.wav"] and report.renamed == 1
+    assert any("repeat an earlier shard's key" in note for note in report.notes())
