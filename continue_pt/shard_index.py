@@ -137,6 +137,7 @@ def find_tars(source: str | Path) -> tuple[Path, list[Path]]:
     return directory, paths
 
 
+_DAMAGED_HINT = "Replace the damaged shard (or leave it out of the directory) and run again"
 _COMPRESSED_HINT = ("Decompress them (gunzip / unxz / unzstd each: the plain .tar are what training reads), or "
                     "write shards from the extracted audio with `continue-pt shards write SRC -o DIR`")
 
@@ -155,7 +156,7 @@ def index_shards(source: str | Path, out_dir: str | Path | None = None,
     problems = [problem for path in tars for problem in _tar_problems(path)]
     if problems:
         raise ShardError(directory, capped(problems), _COMPRESSED_HINT if any("compressed" in p for p in problems)
-                         else "Replace the damaged shards (or leave them out of the directory) and run again")
+                         else _DAMAGED_HINT)
     report = ShardIndexReport(index_dir / INDEX_NAME, shards=len(tars))
     columns: dict[str, list] = {c: [] for c in ITEM_COLUMNS}
     seen: set[str] = set()
@@ -251,8 +252,19 @@ def _samples(tar: tarfile.TarFile, report: ShardIndexReport) -> list[_Sample]:
 
 def _index_tar(path: Path, number: int, columns: dict[str, list], seen: set[str],
                report: ShardIndexReport) -> None:
+    end = path.stat().st_size
     with open(path, "rb") as fh, tarfile.open(fileobj=fh, mode="r:") as tar:
-        for sample in _samples(tar, report):
+        try:
+            samples = _samples(tar, report)
+            fh.seek(tar.offset)
+            tail = fh.read(min(end - tar.offset, tarfile.RECORDSIZE))
+        except (tarfile.TarError, OSError) as error:
+            raise ShardError(path, f"cannot be read to its end as a tar ({error})", _DAMAGED_HINT) from error
+        if len(tail) < 2 * tarfile.BLOCKSIZE or tail.strip(b"\0"):
+            # tarfile ends its walk quietly at a damaged or cut-off header: the rest of the shard would be lost
+            raise ShardError(path, f"cannot be read to its end as a tar: after byte {tar.offset} of {end} there is "
+                                   "no end-of-archive marker (a truncated or damaged shard)", _DAMAGED_HINT)
+        for sample in samples:
             if not sample.audio:
                 continue
             audio = sample.audio[0]

@@ -194,6 +194,7 @@ def _tar_bytes(members: dict[str, bytes]) -> bytes:
     ("not_a_tar", "a.tar is not a tar file"),
     ("no_audio", "hold no readable audio member"),
     ("foreign_index", "exists and is not a continue-pt shard index"),
+    ("truncated", "a.tar: cannot be read to its end as a tar"),
     ("output_under_a_file", "is a file, not a directory"),
     ("url", "is remote"),
     ("bad_base_url", "is not an http(s):// URL"),
@@ -221,6 +222,8 @@ def test_bad_input_is_one_error_line(case, expected, tmp_path):
         (src / "a.tar").write_bytes(b"this is text, not a tar archive" * 40)
     elif case == "no_audio":
         (src / "a.tar").write_bytes(_tar_bytes({"k.txt": b"x", "k.json": b"{}"}))
+    elif case == "truncated":  # cut inside the second member's header
+        (src / "a.tar").write_bytes(good[:1024 + 100])
     elif case == "foreign_index":
         (src / INDEX_NAME).write_text('{"shards": "someone else\'s"}')
     elif case == "output_under_a_file":
