@@ -28,19 +28,24 @@ wds = pytest.importorskip("webdataset")
 
 SHARDS = 3
 PER_SHARD = 3
+AUDIO = ("wav", "flac", "mp3", "opus")
 
 
 def _source_audio(root: Path, number: int) -> Path:
-    """Utterance ``number``: 1.2-2 s, 16 kHz or 48 kHz, wav or flac (16/24-bit), one stereo."""
+    """Utterance ``number``: 1.2-2 s, 16 kHz or 48 kHz, wav or flac (16/24-bit), one mp3, one opus, one stereo."""
     rate = 48000 if number % 3 == 1 else 16000
     wave = demo_audio(1.2 + 0.1 * number, seed=40 + number)[0].numpy()
     if rate != 16000:
         wave = np.repeat(wave, 3)
     if number == 4:
         wave = np.stack([wave, -0.5 * wave], axis=1)
-    ext = "flac" if number % 2 else "wav"
+    ext = {7: "mp3", 8: "opus"}.get(number, "flac" if number % 2 else "wav")
     path = root / f"utt{number:02d}.{ext}"
-    sf.write(path, wave, rate, subtype="PCM_24" if number == 5 else "PCM_16")
+    if ext in ("mp3", "opus"):  # lossy: frames from their headers must still match what decoding gives
+        sf.write(path, wave, rate, format="MP3" if ext == "mp3" else "OGG",
+                 subtype="MPEG_LAYER_III" if ext == "mp3" else "OPUS")
+    else:
+        sf.write(path, wave, rate, subtype="PCM_24" if number == 5 else "PCM_16")
     return path
 
 
@@ -102,6 +107,7 @@ def test_published_shards_are_indexed_and_read_back_as_their_sources(published, 
         assert torch.equal(read_item(item, 16000), read_audio(source, 16000))  # every utterance, decoded
     assert {index["items"]["sample_rate"][i] for i in range(len(expected))} == {16000, 48000}
     assert max(index["items"]["channels"]) == 2
+    assert {name.rsplit(".", 1)[1] for name in index["items"]["name"]} == set(AUDIO)
 
 
 def test_samples_are_grouped_as_webdataset_groups_them(published, tmp_path):
@@ -111,10 +117,10 @@ def test_samples_are_grouped_as_webdataset_groups_them(published, tmp_path):
     index_shards(work)
     index = json.loads((work / INDEX_NAME).read_text())
     urls = sorted(str(p) for p in work.glob("*.tar"))
-    with_audio = [s for s in wds.WebDataset(urls, shardshuffle=False)
-                  if ("wav" in s or "flac" in s) and not s["__key__"].startswith("broken")]
-    assert [f"{s['__key__']}.{'wav' if 'wav' in s else 'flac'}" for s in with_audio] == index["items"]["name"]
-    assert [len(s.get("wav", s.get("flac"))) for s in with_audio] == index["items"]["size"]
+    samples = [s for s in wds.WebDataset(urls, shardshuffle=False) if not s["__key__"].startswith("broken")]
+    audio = [(s["__key__"], next((ext for ext in AUDIO if ext in s), None)) for s in samples]
+    assert [f"{key}.{ext}" for key, ext in audio if ext] == index["items"]["name"]
+    assert [len(s[ext]) for s, (_, ext) in zip(samples, audio) if ext] == index["items"]["size"]
 
 
 def test_our_own_shards_index_to_the_index_shards_write_wrote(audio_dir, tmp_path):
