@@ -265,3 +265,17 @@ def test_a_key_repeated_in_another_shard_gets_a_unique_name(tmp_path):
     names = json.loads((tmp_path / INDEX_NAME).read_text())["items"]["name"]
     assert names == ["000.wav", "001.wav", "b.tar/000.wav"] and report.renamed == 1
     assert any("repeat an earlier shard's key" in note for note in report.notes())
+
+
+def test_a_read_only_shard_directory_asks_for_another_index_directory(tmp_path, monkeypatch):
+    import os
+
+    shards = tmp_path / "read_only"
+    shards.mkdir()
+    (shards / "a.tar").write_bytes(_tar_bytes({"k.wav": _wav_bytes()}))
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == shards else real(path, mode))
+    result = _indexed(shards)  # as root the directory would be writable whatever its mode: access is faked
+    assert result.exit_code == 1 and "is not writable" in result.output and "-o INDEX_DIR" in result.output
+    assert _indexed(shards, tmp_path / "index").exit_code == 0
+    assert len(scan_shards(tmp_path / "index", 16000, min_seconds=0).items) == 1
