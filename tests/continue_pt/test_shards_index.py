@@ -23,6 +23,7 @@ from continue_pt.shard_index import expand_braces, index_shards
 from continue_pt.shard_read import read_item, scan_shards
 from continue_pt.shard_write import write_shards
 from tests.continue_pt.test_shards import served
+from tests.training_helpers import logged_rows
 
 wds = pytest.importorskip("webdataset")
 
@@ -177,6 +178,8 @@ def test_pretrain_runs_from_indexed_published_shards(published, bundle_dir, tmp_
                                       "--min-seconds", "1", "--max-batch-seconds", "4", "--num-workers", "0",
                                       "--val-fraction", "0", "--warmup-steps", "1", "--log-every", "1"])
     assert result.exit_code == 0, result.output
+    rows = logged_rows(out / "metrics.csv")
+    assert len(rows) == 2 and all(np.isfinite(float(r["train/loss"])) for r in rows), result.output
     assert (out / "bundle" / "model.safetensors").is_file()
 
 
