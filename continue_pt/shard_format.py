@@ -69,7 +69,10 @@ def data_source(source: str | Path) -> str | Path:
 
 
 def member_url(base: str | Path, shard: str) -> str:
-    """Where shard file ``shard`` of the set at ``base`` (a directory or a base URL) is."""
+    """Where shard file ``shard`` of the set at ``base`` (a directory or a base URL) is. An index written by
+    ``shards index --base-url`` names its shards by URL: those are where they are."""
+    if is_url(shard):
+        return shard
     if is_url(base):
         return str(base).rstrip("/") + "/" + shard
     return str(Path(base) / shard)

@@ -51,6 +51,8 @@ def load_index(source: str | Path) -> ShardIndex:
 def _check_local_shards(base: Path, index: ShardIndex) -> None:
     problems = []
     for shard in index.shards:
+        if is_url(shard["name"]):  # served elsewhere (`shards index --base-url`): checked as it is read
+            continue
         path = base / shard["name"]
         if not path.is_file():
             problems.append(f"{shard['name']} is missing")

@@ -1,4 +1,5 @@
-"""Sharded corpora: ``shards write`` (a directory or manifest -> tar shards + ``shards.json``)."""
+"""Sharded corpora: ``shards write`` (a directory or manifest -> tar shards + ``shards.json``) and ``shards index``
+(existing WebDataset tar shards -> their ``shards.json``)."""
 
 from __future__ import annotations
 
@@ -42,5 +43,25 @@ def shards_write(source: Path, out_dir: Path, shard_size: str, fmt: str) -> None
             click.echo(f"skipped {path}: {reason}", err=True)
     note = not_audio_note(report.skipped)
     if note:
+        click.echo(f"{source}: {note}", err=True)
+    click.echo(report.summary())
+
+
+@shards.command("index")
+@click.argument("source")
+@click.option("-o", "--output", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="Directory for shards.json when the tars' own is read-only (default: beside the tars). The index "
+                   "then names each shard by its path from there.")
+@click.option("--base-url", default=None,
+              help="Where the tars are served (http(s)://HOST/PATH/): the index names each shard by URL, so "
+                   "training reads them over http wherever shards.json is.")
+def shards_index(source: str, out_dir: Path | None, base_url: str | None) -> None:
+    """Index existing WebDataset tar shards (SOURCE: a directory of .tar files, or a brace pattern such as
+    'train-{000000..000099}.tar') so that `pretrain --train-data` reads them: writes shards.json with each
+    utterance's byte range and length, read from the tar and audio headers (the audio is not copied)."""
+    from continue_pt.shard_index import index_shards
+
+    report = index_shards(source, out_dir, base_url)
+    for note in report.notes():
         click.echo(f"{source}: {note}", err=True)
     click.echo(report.summary())
