@@ -32,12 +32,7 @@ MIN_SHARD_SIZE = 64 * 1024
 
 
 class ShardError(FileProblem):
-    """A shard set (its index, a shard, a remote server) cannot be used or written. URLs keep their ``//``."""
-
-    def __init__(self, where: str | Path, problems: str | list[str], hint: str = ""):
-        super().__init__(where, problems, hint)
-        if is_url(str(where)):  # FileProblem names a Path, which folds http:// into http:/
-            self.args = (str(self).replace(str(Path(str(where))), str(where), 1),)
+    """A shard set (its index, a shard, a remote server) cannot be used or written (URLs are named as given)."""
 
 
 def is_url(source: str | Path) -> bool:
