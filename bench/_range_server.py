@@ -3,42 +3,17 @@
 
 from __future__ import annotations
 
-import http.server
 import multiprocessing
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class RangeHandler(http.server.SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as the shard reader uses it
-    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx sets it: no delayed-ACK stall between header and body
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        wanted = self.headers.get("Range")
-        with open(path, "rb") as fh:
-            if wanted:
-                first, last = (int(x) for x in wanted.split("=")[1].split("-"))
-                fh.seek(first)
-                data, status = fh.read(last + 1 - first), 206
-            else:
-                data, status = fh.read(), 200
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.range_server import range_server  # noqa: E402  (stdlib only)
 
 
 def _serve(directory: str, port_queue) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
-                                             lambda *a, **k: RangeHandler(*a, directory=directory, **k))
-    server.daemon_threads = True
+    server = range_server(directory)
     port_queue.put(server.server_address[1])
     server.serve_forever()
 

@@ -95,11 +95,12 @@ class FeatureProjection(nn.Module):
 
 
 class PositionalConvLayer(nn.Module):
-    """Grouped conv (``SamePad``: an even kernel drops the last frame), non-affine LayerNorm, GELU; on ``[B, C, T]``."""
+    """Grouped conv (``SamePad``: an even kernel drops the last frame), non-affine LayerNorm, GELU; on ``[B, C, T]``
+    (``in_dim`` channels in, ``dim`` out; the positional encoder keeps the width, a decoder block may not)."""
 
-    def __init__(self, dim: int, kernel: int, groups: int):
+    def __init__(self, dim: int, kernel: int, groups: int, in_dim: int | None = None):
         super().__init__()
-        self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
+        self.conv = nn.Conv1d(dim if in_dim is None else in_dim, dim, kernel, padding=kernel // 2, groups=groups)
         self.trim = 1 if kernel % 2 == 0 else 0
 
     def forward(self, x: Tensor) -> Tensor:
@@ -363,18 +364,11 @@ class Data2Vec2Model(nn.Module):
         return x, frame_lengths
 
 
-class DecoderBlock(nn.Module):
-    def __init__(self, in_dim: int, dim: int, kernel: int, groups: int):
-        super().__init__()
-        self.conv = nn.Conv1d(in_dim, dim, kernel, padding=kernel // 2, groups=groups)
-        self.trim = 1 if kernel % 2 == 0 else 0
+class DecoderBlock(PositionalConvLayer):
+    """fairseq's ``Decoder1d`` block: the same conv, non-affine LayerNorm and GELU, from ``in_dim`` channels."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.trim:
-            x = x[:, :, :-self.trim]
-        x = F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2)
-        return F.gelu(x)
+    def __init__(self, in_dim: int, dim: int, kernel: int, groups: int):
+        super().__init__(dim, kernel, groups, in_dim=in_dim)
 
 
 class Decoder1d(nn.Module):

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
 import io
 import json
 import tarfile
-import threading
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from continue_pt.pretrain import run_pretraining
 from continue_pt.shard_format import INDEX_NAME, ShardError, parse_size
 from continue_pt.shard_read import read_item, scan_shards
 from continue_pt.shard_write import write_shards
+from tests.range_server import served
 from tests.training_helpers import StopAt, logged_rows
 
 SHARD_SIZE = 200_000
@@ -197,48 +195,6 @@ def test_damaged_shard_sets_are_named(shard_dir, tmp_path):
     (broken / INDEX_NAME).write_text("{\"format\": \"other\"}")
     with pytest.raises(ShardError, match="not a continue-pt shard index"):
         scan_shards(broken, 16000)
-
-
-class _RangeHandler(http.server.SimpleHTTPRequestHandler):
-    """A static server answering ``Range: bytes=a-b`` with 206 (as nginx or S3 do; http.server does not)."""
-
-    ignore_ranges = False
-    protocol_version = "HTTP/1.1"  # connections stay open between requests, as the reader keeps them
-    disable_nagle_algorithm = True  # TCP_NODELAY, as nginx sets it: no delayed-ACK stall between header and body
-
-    def do_GET(self):  # noqa: N802 (http.server's naming)
-        path = Path(self.translate_path(self.path))
-        if not path.is_file():
-            self.send_error(404)
-            return
-        data = path.read_bytes()
-        wanted = self.headers.get("Range")
-        status = 200
-        if wanted and not self.ignore_ranges:
-            first, last = (int(x) for x in wanted.split("=")[1].split("-"))
-            data, status = data[first:last + 1], 206
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def served(directory: Path, ignore_ranges: bool = False):
-    handler = type("Handler", (_RangeHandler,), {"ignore_ranges": ignore_ranges})
-    server = http.server.ThreadingHTTPServer(
-        ("127.0.0.1", 0), lambda *a, **k: handler(*a, directory=str(directory), **k))
-    server.daemon_threads = True  # closing does not wait for the connections the reader keeps open
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.slow

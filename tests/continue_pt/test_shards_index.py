@@ -22,7 +22,7 @@ from continue_pt.shard_format import INDEX_NAME
 from continue_pt.shard_index import expand_braces, index_shards
 from continue_pt.shard_read import read_item, scan_shards
 from continue_pt.shard_write import write_shards
-from tests.continue_pt.test_shards import served
+from tests.range_server import served
 from tests.training_helpers import logged_rows
 
 wds = pytest.importorskip("webdataset")
