@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 REPO_ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -73,3 +74,14 @@ def assert_ddp_gradients_match(script_text: str, bundle_dir: Path, tmp_path: Pat
     assert set(one) == set(two)
     for name in one:
         torch.testing.assert_close(two[name], one[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+class FixedBatches(pl.LightningDataModule):
+    """Training batches given as they are, one per training step's micro-batch, in order."""
+
+    def __init__(self, batches: list[dict]):
+        super().__init__()
+        self.batches = batches
+
+    def train_dataloader(self):
+        return DataLoader(self.batches, batch_size=None)

@@ -11,7 +11,6 @@ import lightning.pytorch as pl
 import pytest
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 from tests.reference import require
 
@@ -33,7 +32,7 @@ from tests.data2vec2_reference import (  # noqa: E402
     save_data2vec2_checkpoint,
     shrunk,
 )
-from tests.training_helpers import StopAt, assert_ddp_gradients_match, logged_rows  # noqa: E402
+from tests.training_helpers import FixedBatches, StopAt, assert_ddp_gradients_match, logged_rows  # noqa: E402
 
 pytestmark = pytest.mark.fairseq
 
@@ -107,15 +106,6 @@ class _Recording(Data2Vec2ContinuedPretraining):
             self.students.append({k: v.detach().clone() for k, v in self.student.state_dict().items()})
 
 
-class _ListData(pl.LightningDataModule):
-    def __init__(self, batches: list[dict]):
-        super().__init__()
-        self.batches = batches
-
-    def train_dataloader(self):
-        return DataLoader(self.batches, batch_size=None)
-
-
 def _waves() -> tuple[torch.Tensor, torch.Tensor]:
     """4 one-second utterances, normalised as the data pipeline (and fairseq's dataset) does, and their ids."""
     waves = torch.cat([demo_audio(SECONDS, seed=20 + i) for i in range(4)])
@@ -135,7 +125,7 @@ def _trained(bundle_dir: Path, splits: list[list[int]], accumulate: int = 1, ste
     trainer = pl.Trainer(accelerator="cpu", max_steps=steps, accumulate_grad_batches=accumulate, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=None)
-    trainer.fit(module, datamodule=_ListData(_batches(splits)))
+    trainer.fit(module, datamodule=FixedBatches(_batches(splits)))
     return module
 
 
@@ -232,7 +222,8 @@ import torch
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[4])
 from continue_pt.module_options import ModuleOptions
-from tests.continue_pt.test_data2vec2_pretrain import _ListData, _Recording, _batches
+from tests.training_helpers import FixedBatches
+from tests.continue_pt.test_data2vec2_pretrain import _Recording, _batches
 
 bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 pl.seed_everything(0, verbose=False)
@@ -242,7 +233,7 @@ trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devic
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      limit_val_batches=0, use_distributed_sampler=False)
 batches = _batches([[0, 1], [2, 3]])  # one process accumulates both: the same micro-batches (masks follow them)
-trainer.fit(module, datamodule=_ListData(batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1
+trainer.fit(module, datamodule=FixedBatches(batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1
                                          else batches))
 if trainer.is_global_zero:
     torch.save({"grads": module.recorded, "loss": float(trainer.callback_metrics["train/loss"])}, out)

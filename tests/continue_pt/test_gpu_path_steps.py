@@ -87,7 +87,7 @@ def test_a_step_of_only_empty_micro_batches_makes_no_update(bundle_dir, caplog):
 
 def test_wav2vec2_empty_micro_batch_adds_nothing(w2v_bundle_dir):
     from tests.continue_pt.test_wav2vec2_pretrain import _fixed_batches, _fixed_draws, _fixed_module
-    from tests.continue_pt.test_wav2vec2_pretrain import _ListData as _W2vData
+    from tests.training_helpers import FixedBatches
 
     w2v = w2v_bundle_dir
     draws = _fixed_draws(w2v)
@@ -105,7 +105,7 @@ def test_wav2vec2_empty_micro_batch_adds_nothing(w2v_bundle_dir):
         trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(module, datamodule=_W2vData(batches))
+        trainer.fit(module, datamodule=FixedBatches(batches))
         return module.recorded
 
     whole = gradients(_fixed_batches(draws, [[0, 1, 2, 3]]), 1)

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from torch.utils.data import DataLoader
 
 from bundles import load_bundle
 from continue_pt.demo import demo_audio
@@ -27,7 +26,7 @@ from continue_pt.pretrain import PretrainOptions, build_module, run_pretraining
 from continue_pt.wav2vec2.module import CodebookCollapseWarning, Wav2Vec2ContinuedPretraining, codebook_usage
 from continue_pt.wav2vec2.objective import sample_negative_indices
 from tests.reference import require
-from tests.training_helpers import StopAt, assert_ddp_gradients_match, logged_rows, no_dropout
+from tests.training_helpers import FixedBatches, StopAt, assert_ddp_gradients_match, logged_rows, no_dropout
 
 SECONDS = 2.0
 START_UPDATES = 50_000  # optimizer_history num_updates of the shipped checkpoint
@@ -241,15 +240,6 @@ class _FixedDraws(Wav2Vec2ContinuedPretraining):
         self.recorded = {n: p.grad.detach().clone() for n, p in self.named_parameters() if p.grad is not None}
 
 
-class _ListData(pl.LightningDataModule):
-    def __init__(self, batches: list[dict]):
-        super().__init__()
-        self.batches = batches
-
-    def train_dataloader(self):
-        return DataLoader(self.batches, batch_size=None)
-
-
 def _fixed_draws(bundle_dir) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """4 one-second utterances with their masks (equal counts, fairseq's require_same_masks), negatives and
     Gumbel noise, each utterance's own."""
@@ -292,7 +282,7 @@ def test_accumulated_micro_batches_give_the_one_batch_gradient(bundle_dir):
         trainer = pl.Trainer(accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False,
                              enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                              num_sanity_val_steps=0, limit_val_batches=0)
-        trainer.fit(module, datamodule=_ListData(_fixed_batches(draws, splits)))
+        trainer.fit(module, datamodule=FixedBatches(_fixed_batches(draws, splits)))
         return module.recorded
 
     split = gradients([[0, 1], [2, 3]], 2)
@@ -387,7 +377,8 @@ import torch
 torch.set_num_threads(1)
 
 sys.path.insert(0, sys.argv[4])
-from tests.continue_pt.test_wav2vec2_pretrain import _ListData, _fixed_batches, _fixed_draws, _fixed_module
+from tests.training_helpers import FixedBatches
+from tests.continue_pt.test_wav2vec2_pretrain import _fixed_batches, _fixed_draws, _fixed_module
 
 bundle_dir, devices, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 draws = _fixed_draws(bundle_dir)
@@ -398,7 +389,7 @@ trainer = pl.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devic
                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                      num_sanity_val_steps=0, limit_val_batches=0, use_distributed_sampler=False)
 rank_batches = _fixed_batches(draws, splits)
-data = _ListData(rank_batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1 else rank_batches)
+data = FixedBatches(rank_batches[trainer.global_rank:trainer.global_rank + 1] if devices > 1 else rank_batches)
 trainer.fit(module, datamodule=data)
 if trainer.is_global_zero:
     torch.save({"grads": module.recorded, "loss": float(trainer.callback_metrics["train/loss"])}, out)
