@@ -224,6 +224,7 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     if stop.saved is not None:
         if trainer.is_global_zero:
             _point_last_at(stop.saved)
+        trainer.strategy.barrier("last_ckpt_in_place")  # no rank may go on (e.g. resume) while last.ckpt is swapped
         command = _resume_command(options, checkpoint_dir / "last.ckpt") if trainer.is_global_zero else ""
         raise RunInterrupted(stop.signum, stop.step, checkpoint_dir / "last.ckpt", command, trainer.is_global_zero)
     final = checkpoint_dir / "final.ckpt"
@@ -231,6 +232,7 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
     trainer.save_checkpoint(final, weights_only=False)  # allowed: a save flag, not an unsafe load
     if trainer.is_global_zero:
         _point_last_at(final)
+    trainer.strategy.barrier("last_ckpt_in_place")  # a sharded last.ckpt is swapped in by two renames, not one
     if module.stop_reason is not None:  # no bundle: the user resumes from last.ckpt with other settings
         command = (_resume_command(options, checkpoint_dir / "last.ckpt") if trainer.is_global_zero
                    else f"continue-pt pretrain --resume {checkpoint_dir / 'last.ckpt'} ...")
