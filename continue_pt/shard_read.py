@@ -41,7 +41,8 @@ def load_index(source: str | Path) -> ShardIndex:
             raw = Path(where).read_bytes()
         except OSError as error:
             raise ShardError(where, f"cannot be read ({error.strerror or error})",
-                             "Give a directory written by `continue-pt shards write`") from error
+                             "Give a directory written by `continue-pt shards write` or indexed by "
+                             "`continue-pt shards index`") from error
     index = parse_index(where, raw)
     if not is_url(source):
         _check_local_shards(Path(source), index)
