@@ -138,83 +138,43 @@ class ModelCard:
             raise ValueError(f"model card {self.name!r}: " + "; ".join(problems))
 
 
-def _hubert_card(**overrides) -> ModelCard:
-    fields = dict(
-        family="hubert",
-        kind="pretrained",
-        sha256=None,
-        license=_MIT,
-        paper=_HUBERT_PAPER,
-        training_data=_LIBRILIGHT_60K,
-        sample_rate=16000,
-        normalize_waveform=True,
-        targets="layer-9 km500 of the BASE iteration-2 model (lyr9.km500)",
-        targets_published=None,
-        fine_tuned_from=None,
-        notes="",
-    )
-    fields.update(overrides)
-    fields.setdefault("url", f"{_HUBERT_URL}/{fields['file_name']}")
+_SHARED_FIELDS = dict(kind="pretrained", sha256=None, license=_MIT, sample_rate=16000, fine_tuned_from=None)
+"""What every card of the catalogue starts from (a family's defaults and the card's own fields override it)."""
+
+
+def _card(family_defaults: dict, url_base: str, **overrides) -> ModelCard:
+    """A card: the shared fields, then the family's defaults, then the card's own; the URL from ``url_base`` and
+    the file name unless the card gives one."""
+    fields = {**_SHARED_FIELDS, **family_defaults, **overrides}
+    fields.setdefault("url", f"{url_base}/{fields['file_name']}")
     return ModelCard(**fields)
+
+
+def _hubert_card(**overrides) -> ModelCard:
+    return _card(dict(family="hubert", paper=_HUBERT_PAPER, training_data=_LIBRILIGHT_60K, normalize_waveform=True,
+                      targets="layer-9 km500 of the BASE iteration-2 model (lyr9.km500)", targets_published=None,
+                      notes=""), _HUBERT_URL, **overrides)
 
 
 def _wav2vec2_card(**overrides) -> ModelCard:
-    fields = dict(
-        family="wav2vec2",
-        kind="pretrained",
-        sha256=None,
-        license=_MIT,
-        paper=_WAV2VEC2_PAPER,
-        training_data=_LIBRISPEECH_960,
-        sample_rate=16000,
-        normalize_waveform=False,
-        targets=_WAV2VEC2_TARGETS,
-        targets_published=True,
-        fine_tuned_from=None,
-        notes=_OWN_QUANTIZER,
-    )
-    fields.update(overrides)
-    fields.setdefault("url", f"{_WAV2VEC_URL}/{fields['file_name']}")
-    return ModelCard(**fields)
+    return _card(dict(family="wav2vec2", paper=_WAV2VEC2_PAPER, training_data=_LIBRISPEECH_960,
+                      normalize_waveform=False, targets=_WAV2VEC2_TARGETS, targets_published=True,
+                      notes=_OWN_QUANTIZER), _WAV2VEC_URL, **overrides)
 
 
 def _kmeans_card(**overrides) -> ModelCard:
-    fields = dict(
-        family="kmeans",
-        kind="kmeans",
-        sha256=None,
-        license=_MIT,
-        paper=_HUBERT_PAPER,
-        sample_rate=16000,
-        normalize_waveform=False,
-        targets="n/a (a k-means model produces targets)",
-        targets_published=None,
-        fine_tuned_from=None,
-    )
-    fields.update(overrides)
-    fields.setdefault("url", f"{_HUBERT_URL}/{fields['file_name']}")
-    return ModelCard(**fields)
+    return _card(dict(family="kmeans", kind="kmeans", paper=_HUBERT_PAPER, normalize_waveform=False,
+                      targets="n/a (a k-means model produces targets)", targets_published=None),
+                 _HUBERT_URL, **overrides)
+
+
+def _data2vec2_card(**overrides) -> ModelCard:
+    return _card(dict(family="data2vec2", paper=_DATA2VEC2_PAPER, normalize_waveform=True, targets_published=True),
+                 _DATA2VEC2_URL, **overrides)
 
 
 _REMOVED_HEADS = {"hubert": "final_proj, target_glu", "wav2vec2": "quantizer, project_q, final_proj, target_glu",
                   "data2vec2": "the conv decoder and the EMA teacher (_ema)"}
-
-
-def _data2vec2_card(**overrides) -> ModelCard:
-    fields = dict(
-        family="data2vec2",
-        kind="pretrained",
-        sha256=None,
-        license=_MIT,
-        paper=_DATA2VEC2_PAPER,
-        sample_rate=16000,
-        normalize_waveform=True,
-        targets_published=True,
-        fine_tuned_from=None,
-    )
-    fields.update(overrides)
-    fields.setdefault("url", f"{_DATA2VEC2_URL}/{fields['file_name']}")
-    return ModelCard(**fields)
 
 
 def _fine_tuned(parent: ModelCard, *, name: str, file_name: str, fine_tuning_data: str, notes: str = "",

@@ -27,7 +27,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -43,12 +42,11 @@ from torch import Tensor, nn
 import fairseq
 from fairseq import tasks
 
-from tests.fairseq_reference import CONFIG_DIR, _full_config, _plain, skip_weight_init
+from tests.fairseq_reference import CONFIG_DIR, _full_config, _plain, norm_weight_names, redraw, skip_weight_init
 
 DATA2VEC2_CONFIGS: tuple[str, ...] = ("data2vec2_base_libri", "data2vec2_large_vox")
 """Stems of the stored pre-training configurations (see ``tests/fairseq_configs/SOURCE.md``)."""
 
-_INIT_STD = 0.1
 _EXAMPLES_PARENT = str(Path(fairseq.__file__).resolve().parent)
 
 
@@ -152,39 +150,15 @@ class Data2Vec2Reference:
         return self.backbone.modality_encoders["AUDIO"]
 
 
-def _redraw(named: Iterator[tuple[str, Tensor]], norm_weights: set[str], gen: torch.Generator) -> None:
-    """Seeded random values for every floating tensor (``_reinitialise`` of tests/fairseq_reference.py)."""
-    with torch.no_grad():
-        for key, tensor in named:
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
-            if key in norm_weights:
-                value = 1.0 + _INIT_STD * noise
-            elif key.endswith("alibi_scale"):
-                value = 1.0 + _INIT_STD * noise.abs()  # fairseq clamps the scale at 0: keep it positive
-            elif tensor.dim() >= 2:
-                fan_in = tensor.numel() // max(tensor.shape[0], 1)
-                value = min(_INIT_STD, 1.0 / math.sqrt(max(fan_in, 1))) * noise
-            else:
-                value = _INIT_STD * noise
-            tensor.data.copy_(value.to(tensor.dtype))
-
-
-def _norm_weights(module: nn.Module) -> set[str]:
-    return {f"{name}.weight" if name else "weight" for name, mod in module.named_modules()
-            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and getattr(mod, "weight", None) is not None}
-
-
 def reinitialise(model: nn.Module, seed: int) -> None:
     """Redraw the student (and decoder) and, with another stream, the EMA teacher, so teacher != student."""
     gen = torch.Generator().manual_seed(seed)
     tensors = list(model.named_parameters()) + list(model.named_buffers())
-    _redraw(iter(tensors), _norm_weights(model), gen)
+    redraw(tensors, norm_weight_names(model), gen)
     ema = getattr(model, "ema", None)
     if ema is not None:  # fp32_params share storage with the teacher's float32 tensors (EMAModule.build_fp32_params)
         teacher = ema.model
-        _redraw(iter(list(teacher.named_parameters()) + list(teacher.named_buffers())), _norm_weights(teacher), gen)
+        redraw(list(teacher.named_parameters()) + list(teacher.named_buffers()), norm_weight_names(teacher), gen)
 
 
 def build_data2vec2_model(name: str, seed: int = 0, *, stored: Mapping[str, Any] | None = None,

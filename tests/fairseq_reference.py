@@ -34,7 +34,7 @@ import io
 import json
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -345,26 +345,36 @@ def _build_from_config(cfg: DictConfig, task_state: Mapping[str, Any], from_chec
 
 
 def _reinitialise(model: nn.Module, seed: int) -> None:
-    """Give every floating parameter and buffer seeded random values (no zero/default weight is left).
+    """Give every floating parameter and buffer seeded random values (no zero/default weight is left): see
+    :func:`redraw`."""
+    redraw(model.state_dict(keep_vars=True).items(), norm_weight_names(model), torch.Generator().manual_seed(seed))
+
+
+def norm_weight_names(module: nn.Module) -> set[str]:
+    """The names of ``module``'s layer-norm and group-norm weights."""
+    return {f"{name}.weight" if name else "weight" for name, mod in module.named_modules()
+            if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and getattr(mod, "weight", None) is not None}
+
+
+POSITIVE_SUFFIXES = ("weight_g", "alibi_scale")
+"""Tensors that must stay positive: weight-norm gains, data2vec 2.0's ALiBi scales (fairseq clamps them at 0)."""
+
+
+def redraw(named: Iterable[tuple[str, Tensor]], norm_weights: set[str], gen: torch.Generator) -> None:
+    """Seeded values, in ``named``'s order, for every floating tensor of ``named``.
 
     Matrices and kernels get N(0, min(0.1, 1/sqrt(fan_in))) so that activations stay O(1) through the deep stack
     (soft attention rather than saturated one-hot attention); vectors get N(0, 0.1). Layer-norm / group-norm weights
-    are 1 + N(0, 0.1); weight-norm gains ``weight_g`` are 1 + |N(0, 0.1)| (positive).
+    (``norm_weights``) are 1 + N(0, 0.1); :data:`POSITIVE_SUFFIXES` tensors are 1 + |N(0, 0.1)|.
     """
-    gen = torch.Generator().manual_seed(seed)
-    norm_weights = {
-        f"{mod_name}.weight" if mod_name else "weight"
-        for mod_name, mod in model.named_modules()
-        if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)) and getattr(mod, "weight", None) is not None
-    }
     with torch.no_grad():
-        for key, tensor in model.state_dict(keep_vars=True).items():
+        for key, tensor in named:
             if not tensor.is_floating_point():
                 continue
             noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
             if key in norm_weights:
                 value = 1.0 + _INIT_STD * noise
-            elif key.endswith("weight_g"):
+            elif key.endswith(POSITIVE_SUFFIXES):
                 value = 1.0 + _INIT_STD * noise.abs()
             elif tensor.dim() >= 2:
                 fan_in = tensor.numel() // max(tensor.shape[0], 1)

@@ -43,10 +43,7 @@ class Data2Vec2EncoderArgs:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "Data2Vec2EncoderArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown data2vec 2.0 encoder arguments {unknown}")
+        _refuse_unknown(cls, args, "encoder")
         values = dict(args)
         values["extractor_conv_layer_config"] = tuple(tuple(int(v) for v in layer)
                                                       for layer in args["extractor_conv_layer_config"])
@@ -72,8 +69,12 @@ class Data2Vec2DecoderArgs:
 
     @classmethod
     def from_dict(cls, args: dict[str, Any]) -> "Data2Vec2DecoderArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(args) - known)
-        if unknown:
-            raise ValueError(f"unknown data2vec 2.0 decoder arguments {unknown}")
+        _refuse_unknown(cls, args, "decoder")
         return cls(**args)
+
+
+def _refuse_unknown(cls: type, args: dict[str, Any], part: str) -> None:
+    """A bundle's ``part`` arguments may hold only ``cls``'s fields (a newer writer's extra is an error, not ignored)."""
+    unknown = sorted(set(args) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown data2vec 2.0 {part} arguments {unknown}")
