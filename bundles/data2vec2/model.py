@@ -32,7 +32,12 @@ from .config import Data2Vec2DecoderArgs, Data2Vec2EncoderArgs
 
 class ConvLayerBlock(nn.Module):
     """conv -> (layer norm over channels | group norm) -> GELU, the norm computed in float32 as fairseq's
-    ``Fp32LayerNorm`` / ``Fp32GroupNorm`` do."""
+    ``Fp32LayerNorm`` / ``Fp32GroupNorm`` do; on time-major ``[batch, frames, channels]``.
+
+    The conv (no groups, a small kernel) is computed as what it is, one matrix product over the frames' windows
+    (``unfold``): the windows' features stay in the layout the layer norm and the next layer want. fairseq's
+    ``[B, C, T]`` conv with a transpose on each side of the layer norm spent most of the front end's backward on
+    copies and on the conv's backward over transposed gradients (``bench/bench_data2vec2_step.py``)."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, bias: bool, norm: str | None):
         super().__init__()
@@ -46,14 +51,14 @@ class ConvLayerBlock(nn.Module):
             self.layer_norm = nn.GroupNorm(out_channels, out_channels)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.layer_norm is not None:
-            n = self.layer_norm
-            if self.norm_kind == "layer_norm":
-                x = F.layer_norm(x.float().transpose(1, 2), n.normalized_shape, n.weight.float(), n.bias.float(),
-                                 n.eps).transpose(1, 2).type_as(x)
-            else:
-                x = F.group_norm(x.float(), n.num_groups, n.weight.float(), n.bias.float(), n.eps).type_as(x)
+        windows = x.unfold(1, self.kernel_size, self.stride)  # [B, frames, in_channels, kernel]: the weight's order
+        x = F.linear(windows.flatten(2), self.conv.weight.flatten(1), self.conv.bias)
+        n = self.layer_norm
+        if self.norm_kind == "layer_norm":
+            x = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).type_as(x)
+        elif n is not None:  # per channel over time: the one place that needs channels first
+            x = F.group_norm(x.float().transpose(1, 2), n.num_groups, n.weight.float(), n.bias.float(),
+                             n.eps).transpose(1, 2).type_as(x)
         return F.gelu(x)
 
     def output_lengths(self, lengths: Tensor) -> Tensor:
@@ -73,12 +78,12 @@ class FeatureExtractor(nn.Module):
         self.conv_layers = nn.ModuleList(layers)
 
     def forward(self, waveforms: Tensor, lengths: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        x = waveforms.unsqueeze(1)
+        x = waveforms.unsqueeze(-1)
         for layer in self.conv_layers:
             x = layer(x)
             if lengths is not None:
                 lengths = layer.output_lengths(lengths)
-        return x.transpose(1, 2), lengths
+        return x, lengths
 
 
 class FeatureProjection(nn.Module):
@@ -95,8 +100,13 @@ class FeatureProjection(nn.Module):
 
 
 class PositionalConvLayer(nn.Module):
-    """Grouped conv (``SamePad``: an even kernel drops the last frame), non-affine LayerNorm, GELU; on ``[B, C, T]``
-    (``in_dim`` channels in, ``dim`` out; the positional encoder keeps the width, a decoder block may not)."""
+    """Grouped conv (``SamePad``: an even kernel drops the last frame), non-affine LayerNorm, GELU; on time-major
+    ``[B, T, C]`` (``in_dim`` channels in, ``dim`` out; the positional encoder keeps the width, a decoder block may
+    not).
+
+    The conv runs as a 2-d conv over ``[B, C, 1, T]`` in channels-last memory, which is the time-major tensor itself:
+    no transpose on either side of the layer norm (fairseq's ``[B, C, T]`` layout copied the features four times per
+    layer, forward and backward)."""
 
     def __init__(self, dim: int, kernel: int, groups: int, in_dim: int | None = None):
         super().__init__()
@@ -104,11 +114,14 @@ class PositionalConvLayer(nn.Module):
         self.trim = 1 if kernel % 2 == 0 else 0
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
+        conv = self.conv
+        weight = conv.weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+        y = F.conv2d(x.transpose(1, 2).unsqueeze(2), weight, conv.bias, padding=(0, conv.padding[0]),
+                     groups=conv.groups)
+        x = y.squeeze(2).transpose(1, 2)  # [B, T, C]: contiguous when the conv kept channels last
         if self.trim:
-            x = x[:, :, :-self.trim]
-        x = F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2)
-        return F.gelu(x)
+            x = x[:, :-self.trim]
+        return F.gelu(F.layer_norm(x, x.shape[-1:]))
 
 
 class PositionalEncoder(nn.Module):
@@ -117,10 +130,9 @@ class PositionalEncoder(nn.Module):
         self.layers = nn.ModuleList(PositionalConvLayer(dim, kernel, groups) for _ in range(depth))
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.transpose(1, 2)
         for layer in self.layers:
             x = layer(x)
-        return x.transpose(1, 2)
+        return x
 
 
 # --------------------------------------------------------------------------------------------- blocks
@@ -391,14 +403,13 @@ class Decoder1d(nn.Module):
         self.proj = projections[0] if len(projections) == 1 else nn.Sequential(*projections)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x.transpose(1, 2)
         residual = x
         for block in self.blocks:
             x = block(x)
-            if self.residual and residual.size(1) == x.size(1):
+            if self.residual and residual.size(-1) == x.size(-1):
                 x = x + residual
             residual = x
-        return self.proj(x.transpose(1, 2))
+        return self.proj(x)
 
 
 class Data2Vec2PretrainModel(nn.Module):
