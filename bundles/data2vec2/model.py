@@ -171,17 +171,26 @@ class Attention(nn.Module):
 
     def forward(self, x: Tensor, bias: Tensor | None) -> Tensor:
         batch, frames, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, frames, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        heads, width = self.heads, dim // self.heads
+        qkv = self.qkv(x).reshape(batch, frames, 3, heads, width).permute(2, 0, 3, 1, 4)
         dropout = self.attention_dropout if self.training else 0.0
-        if bias is None or q.dtype == torch.float32:
+        # torch's CPU attention kernels take no bias that needs a gradient (the learned ALiBi scales in training):
+        # they fall back to a slower path of the same products, so write them out
+        cpu_learned_bias = bias is not None and bias.requires_grad and torch.is_grad_enabled() and not x.is_cuda
+        if bias is None or (qkv.dtype == torch.float32 and not cpu_learned_bias):
+            q, k, v = qkv.unbind(0)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
         else:
-            # In bf16/fp16 an ALiBi bias of -slope * distance (up to hundreds) would lose its low bits: as fairseq,
-            # add it to the scores in float32 and take the softmax there, then go back to the working dtype.
-            scores = (q * (q.shape[-1] ** -0.5)) @ k.transpose(-2, -1)
-            weights = (scores.float() + bias.float()).softmax(dim=-1).to(q.dtype)
-            x = F.dropout(weights, dropout, training=self.training) @ v
+            # fairseq's explicit products; in bf16/fp16 an ALiBi bias of -slope * distance (up to hundreds) would
+            # lose its low bits, so (as fairseq) it is added and the softmax taken in float32.
+            q, k, v = qkv.contiguous().view(3, batch * heads, frames, width).unbind(0)
+            bias = bias.float().expand(batch, heads, frames, frames).reshape(batch * heads, frames, frames)
+            if q.dtype == torch.float32:  # bias + scale * q k^T as one batched product
+                scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=width ** -0.5)
+            else:
+                scores = ((q * width ** -0.5) @ k.transpose(1, 2)).float() + bias
+            weights = scores.softmax(dim=-1).to(q.dtype)
+            x = (F.dropout(weights, dropout, training=self.training) @ v).view(batch, heads, frames, width)
         return self.proj_dropout(self.proj(x.transpose(1, 2).reshape(batch, frames, dim)))
 
 

@@ -379,6 +379,69 @@ def test_attention_with_alibi_equals_fairseqs_altattention(dtype):
     assert (got[0] - expected[0]).abs().max() <= tolerance and (got[1, :500] - expected[1, :500]).abs().max() <= tolerance
 
 
+def test_attention_with_a_learned_bias_equals_fairseqs_output_and_gradients():
+    """In training the ALiBi bias carries the learned scales' gradient; on CPU our attention then writes the products
+    out (bias and scale inside one ``baddbmm``) instead of torch's fallback: output and every gradient (input,
+    weights, scale) equal fairseq's AltAttention's."""
+    from bundles.data2vec2.model import Attention, alibi_bias
+
+    modules = data2vec2_modules().modules
+    torch.manual_seed(0)
+    theirs = modules.AltAttention(32, num_heads=4, qkv_bias=True)
+    ours = Attention(32, 4, 0.0, 0.0)
+    ours.load_state_dict(theirs.state_dict())
+    frames = 50
+    x = torch.randn(3, frames, 32)
+    padding = torch.zeros(3, frames, dtype=torch.bool)
+    padding[1, 40:] = True
+    base = alibi_bias(4, torch.arange(frames)[None])
+    results = []
+    for module, call in ((theirs, lambda inp, b: theirs(inp, padding, b.expand(3, -1, -1, -1))),
+                         (ours, lambda inp, b: ours(inp, b.expand(3, -1, -1, -1).masked_fill(
+                             padding[:, None, None, :], float("-inf"))))):
+        scale = torch.full((1, 4, 1, 1), 1.3, requires_grad=True)
+        inp = x.clone().requires_grad_()
+        out = call(inp, base * scale)
+        (out[:, :40] * torch.linspace(-1, 1, 32)).sum().backward()
+        results.append((out.detach()[:, :40], inp.grad, scale.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (out_a, x_a, s_a, w_a), (out_b, x_b, s_b, w_b) = results
+    assert (out_a - out_b).abs().max() <= 3e-5
+    assert (x_a - x_b).abs().max() <= 3e-5 and (s_a - s_b).abs().max() <= 1e-4 * s_a.abs().max()
+    assert w_a.keys() == w_b.keys() and all((w_a[n] - w_b[n]).abs().max() <= 3e-5 for n in w_a)
+
+
+@pytest.mark.parametrize("mode", ["layer_norm", "default"])
+def test_conv_front_end_equals_fairseqs_in_both_norm_modes(mode):
+    """Our front end is time-major (each conv a matrix product over unfolded windows): output and every gradient
+    equal fairseq's ConvFeatureExtractionModel's, with layer norms or with the group norm of "default" mode."""
+    from fairseq.models.wav2vec.wav2vec2 import ConvFeatureExtractionModel
+
+    from bundles.data2vec2.config import Data2Vec2EncoderArgs
+    from bundles.data2vec2.model import FeatureExtractor
+
+    layers = [(16, 10, 5), (16, 3, 2), (16, 3, 2), (16, 2, 2)]
+    torch.manual_seed(0)
+    theirs = ConvFeatureExtractionModel(layers, dropout=0.0, mode=mode, conv_bias=False)
+    ours = FeatureExtractor(Data2Vec2EncoderArgs(extractor_conv_layer_config=tuple(layers),
+                                                 extractor_mode="layer_norm" if mode == "layer_norm" else "group_norm"))
+    for p in theirs.parameters():  # norms away from their identity initialisation
+        p.data.add_(torch.randn_like(p) * 0.1)
+    renamed = {re.sub(r"\.2\.(1\.)?(weight|bias)$", r".layer_norm.\2", re.sub(r"\.0\.weight$", ".conv.weight", k)): v
+               for k, v in theirs.state_dict().items()}
+    ours.load_state_dict(renamed)
+    wav = _audio(2, 4000)
+    a, b = wav.clone().requires_grad_(), wav.clone().requires_grad_()
+    expected = theirs(a).transpose(1, 2)
+    got, _ = ours(b, None)
+    assert got.shape == expected.shape and (got - expected).abs().max() <= 1e-5
+    weights = torch.linspace(-1, 1, got.shape[-1])
+    (expected * weights).sum().backward()
+    (got * weights).sum().backward()
+    assert (a.grad - b.grad).abs().max() <= 1e-5 * a.grad.abs().max()
+    grads = {k: v.grad for k, v in zip(renamed, theirs.parameters())}
+    assert all((grads[k] - p.grad).abs().max() <= 1e-4 * grads[k].abs().max() for k, p in ours.named_parameters())
+
+
 def test_four_dimensional_alibi_scales_of_older_files_are_upgraded(converted, tmp_path):
     """Files written before per-layer scales hold alibi_scale as [1, H, 1, 1] (fairseq upgrades them on load)."""
     ref, bundle, _ = converted
