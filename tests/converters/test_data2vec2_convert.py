@@ -207,11 +207,10 @@ def test_bundle_keeps_the_schedule_and_num_updates(converted):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("converted", ["data2vec2_base_libri"], indirect=True)  # one config is enough for the eras
 @pytest.mark.parametrize("era", ["dictconfig", "legacy"])
 def test_other_pickle_eras_give_the_same_bundle(converted, era, tmp_path):
     ref, bundle, _ = converted
-    if ref.name != "data2vec2_base_libri":
-        pytest.skip("one config is enough for the eras")
     src = tmp_path / "ck.pt"
     save_data2vec2_checkpoint(ref, src, era, num_updates=NUM_UPDATES)
     other = load_bundle(convert_checkpoint(src, tmp_path / "b"))
@@ -457,6 +456,7 @@ def test_four_dimensional_alibi_scales_of_older_files_are_upgraded(converted, tm
     assert "upgraded_alibi_scale" in old.config.provenance and "upgraded_alibi_scale" not in bundle.config.provenance
 
 
+@pytest.mark.parametrize("converted", ["data2vec2_base_libri"], indirect=True)  # the card of the file it serves
 def test_convert_by_catalogue_name_from_a_mirror(converted, tmp_path):
     """`continue-pt convert data2vec2_base_libri --mirror URL` fetches base_libri.pt (here: a random-weight stand-in
     served on 127.0.0.1) and converts it."""
@@ -466,8 +466,6 @@ def test_convert_by_catalogue_name_from_a_mirror(converted, tmp_path):
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     ref, _, src = converted
-    if ref.name != "data2vec2_base_libri":
-        pytest.skip("one card is enough")
     served = tmp_path / "served"
     served.mkdir()
     shutil.copy(src, served / "base_libri.pt")
