@@ -17,10 +17,10 @@ from torch.utils.data import DataLoader
 
 from bundles.errors import FileProblem
 from continue_pt.batching import AudioDataset, BatchCollater, BucketBatchSampler
-from continue_pt.corpus import AudioItem, ScanResult, not_audio_note, scan_audio
+from continue_pt.corpus import AudioItem, ScanResult, not_audio_note
 from continue_pt.labels import FrameLabels, read_label_file
 from continue_pt.shard_format import data_source, is_shard_source
-from continue_pt.shard_read import scan_shards
+from continue_pt.shard_read import scan_source
 
 logger = logging.getLogger(__name__)
 
@@ -153,10 +153,7 @@ class AudioDataModule(pl.LightningDataModule):
         self.val_dataset = AudioDataset(val_items, self.sample_rate, self.normalize, val_labels)
 
     def _scan(self, source: str | Path) -> ScanResult:
-        if is_shard_source(source):  # tar shards + shards.json, local or remote: the index is the scan
-            scan = scan_shards(source, self.sample_rate, self.min_seconds)
-        else:
-            scan = scan_audio(source, self.sample_rate, self.min_seconds)
+        scan = scan_source(source, self.sample_rate, self.min_seconds)  # a shard set's index is its scan
         for path, reason in scan.skipped:  # every file, named; text beside the audio only at debug level
             self._log(f"skipped {path}: {reason}",
                       logging.DEBUG if reason.startswith("not audio:") else logging.WARNING)

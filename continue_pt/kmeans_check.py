@@ -18,11 +18,13 @@ import torch
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from bundles.waveform import normalize_waveforms
-from continue_pt.audio import AudioError, read_audio
-from continue_pt.corpus import AUDIO_EXTENSIONS, AudioItem, scan_audio
+from continue_pt.audio import AudioError
+from continue_pt.corpus import AUDIO_EXTENSIONS, AudioItem
 from continue_pt.frames import conv_output_frames
 from continue_pt.hubert.objective import hubert_forward
 from continue_pt.masking import MaskingOptions, channel_mask, time_mask
+from continue_pt.shard_format import data_source
+from continue_pt.shard_read import read_item, scan_source
 from continue_pt.teacher import OnlineTargets
 
 logger = logging.getLogger(__name__)
@@ -130,10 +132,11 @@ class CheckReport:
         return lines
 
 
-def _audio_items(audio: Path, sample_rate: int, min_seconds: float) -> tuple[list[AudioItem], list[tuple[str, str]]]:
-    if audio.is_file() and audio.suffix.lower() in AUDIO_EXTENSIONS:
+def _audio_items(audio: str | Path, sample_rate: int,
+                 min_seconds: float) -> tuple[list[AudioItem], list[tuple[str, str]]]:
+    if isinstance(audio, Path) and audio.is_file() and audio.suffix.lower() in AUDIO_EXTENSIONS:
         return [AudioItem(audio, 0, audio.name)], []
-    scan = scan_audio(audio, sample_rate, min_seconds)
+    scan = scan_source(audio, sample_rate, min_seconds)
     return scan.items, [(str(p), r) for p, r in scan.skipped]
 
 
@@ -188,7 +191,8 @@ def check_kmeans(
         bundle: a HuBERT pre-training bundle (its label head and masking options are used).
         kmeans: the k-means to test; None: the bundle's own (a bundle exported by ``continue-pt pretrain`` keeps
             the k-means of its training targets), else the teacher's.
-        audio: held-out audio: a directory (recursive), a fairseq manifest ``.tsv`` or one audio file. Unusable
+        audio: held-out audio: a directory (recursive), a fairseq manifest ``.tsv``, a shard set (its directory or
+            base URL) or one audio file. Unusable
             files (unreadable, corrupt, shorter than ``min_seconds``) are skipped and listed in the report.
         teacher: the bundle whose layer-L features the k-means labels (default: ``bundle``). For a checkpoint
             trained on targets of an earlier model (HuBERT iteration 2 on iteration 1's), pass that model; for a
@@ -237,7 +241,7 @@ def check_kmeans(
     conv_layers = bundle.config.encoder_args["extractor_conv_layer_config"]
     width = int(bundle.config.encoder_args["encoder_embed_dim"])
 
-    items, skipped = _audio_items(Path(audio), bundle.sample_rate, min_seconds)
+    items, skipped = _audio_items(data_source(audio), bundle.sample_rate, min_seconds)
     rng = np.random.default_rng(seed)
     if max_files is not None and len(items) > max_files:
         keep = sorted(rng.choice(len(items), size=max(int(max_files), 0), replace=False).tolist())
@@ -252,7 +256,7 @@ def check_kmeans(
     num_files = num_chunks = 0
     for item in items:
         try:
-            wav = read_audio(item.path, bundle.sample_rate)
+            wav = read_item(item, bundle.sample_rate)
         except AudioError as error:
             skipped.append((str(item.path), f"unreadable: {error.problems[0]}"))
             continue

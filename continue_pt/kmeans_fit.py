@@ -34,9 +34,11 @@ from torch import Tensor
 
 from bundles.kmeans import KMeansModel, highest_matmul_precision
 from bundles.loading import Bundle
-from continue_pt.audio import AudioError, read_audio
-from continue_pt.corpus import AudioItem, scan_audio
+from continue_pt.audio import AudioError
+from continue_pt.corpus import AudioItem
 from continue_pt.frames import conv_layers_of, conv_stride
+from continue_pt.shard_format import data_source
+from continue_pt.shard_read import read_item, scan_source
 from continue_pt.teacher import Teacher
 
 logger = logging.getLogger(__name__)
@@ -275,7 +277,7 @@ class _CorpusFeatures:
             if item.path in self.failed:
                 continue
             try:
-                wav = read_audio(item.path, self.sample_rate)
+                wav = read_item(item, self.sample_rate)
             except AudioError as error:
                 self.failed[item.path] = f"unreadable: {error.problems[0]}"
                 logger.warning("%s; skipped", error)
@@ -300,17 +302,18 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
                progress: Callable[[str, float, float], None] | None = None) -> FitResult:
     """Fit ``k`` centroids on ``teacher``'s layer ``layer`` (1-based) output over the audio of ``audio``.
 
-    ``audio`` is a directory or a fairseq manifest (see :func:`continue_pt.corpus.scan_audio`); unusable files are
+    ``audio`` is a directory, a fairseq manifest or a shard set (see :func:`continue_pt.shard_read.scan_source`);
+    unusable files are
     skipped and listed in ``files_skipped``. ``max_hours`` bounds the audio used (the first files in scan order);
     ``batch_seconds`` of frames make one mini-batch update (60 s = 3,000 frames at 50 Hz); ``reservoir_size``
     frames (default ``max(20 K, 10,000)``) are sampled for seeding. ``progress(phase, seconds_done,
     seconds_total)`` is called after each file. Save the result with :func:`bundles.kmeans.save_kmeans`.
     """
-    audio = Path(audio)
+    audio = data_source(audio)  # a shard set's URL stays a string
     device = torch.device(device)
     frozen = Teacher.from_bundle(teacher, layer).to(device)
     rate = teacher.sample_rate
-    scan = scan_audio(audio, rate, min_seconds=min_seconds)
+    scan = scan_source(audio, rate, min_seconds=min_seconds)
     if not scan.items:
         raise AudioError(audio, f"holds no usable audio ({scan.summary()})")
     frame_rate = rate / conv_stride(conv_layers_of(frozen.teacher))

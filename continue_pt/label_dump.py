@@ -31,12 +31,13 @@ from pathlib import Path
 
 import torch
 
-from bundles.errors import BundleError
+from bundles.errors import BundleError, FileProblem
 from bundles.kmeans import KMeansModel
 from bundles.loading import Bundle
 from continue_pt.audio import AudioError, read_audio
 from continue_pt.corpus import AudioItem, scan_audio
 from continue_pt.labels import manifest_root, write_label_files
+from continue_pt.shard_format import is_shard_source
 from continue_pt.teacher import OnlineTargets
 
 logger = logging.getLogger(__name__)
@@ -66,6 +67,11 @@ def dump_labels(teacher: Bundle, kmeans: KMeansModel | None, audio: str | Path, 
     Unreadable files are skipped (not listed in the ``.tsv``) and reported in ``files_skipped``.
     ``progress(files_done, files_total)`` is called after each file.
     """
+    if is_shard_source(audio):  # before Path(): a URL would lose its "//"
+        raise FileProblem(audio, "is a shard set: label files follow a manifest's lines (fairseq's {split}.tsv names "
+                          "audio files), which a shard set does not have",
+                          "Train from the shards with online targets (`pretrain --train-data SHARDS --kmeans KM`), "
+                          "or dump labels for the audio as a directory or manifest")
     audio, out_dir = Path(audio), Path(out_dir)
     if kmeans is None:
         if not teacher.has_kmeans:

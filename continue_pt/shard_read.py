@@ -20,9 +20,9 @@ from pathlib import Path
 from torch import Tensor
 
 from continue_pt.audio import AudioError, read_audio, read_audio_window, resampled_length
-from continue_pt.corpus import AudioItem, ScanResult, _length_check, capped
-from continue_pt.shard_format import (INDEX_NAME, ShardError, ShardIndex, ShardMember, is_url, member_url,
-                                      parse_index)
+from continue_pt.corpus import AudioItem, ScanResult, _length_check, capped, scan_audio
+from continue_pt.shard_format import (INDEX_NAME, ShardError, ShardIndex, ShardMember, is_shard_source, is_url,
+                                      member_url, parse_index)
 
 HTTP_TIMEOUT_S = 60.0
 HTTP_TRIES = 4
@@ -87,6 +87,15 @@ def scan_shards(source: str | Path, sample_rate: int, min_seconds: float = 2.0) 
         member = ShardMember(base, shard, int(columns["offset"][i]), int(columns["size"][i]))
         result.items.append(AudioItem(label, num_samples, name, file_frames=frames, file_rate=rate, member=member))
     return result
+
+
+def scan_source(source: str | Path, sample_rate: int, min_seconds: float = 2.0) -> ScanResult:
+    """Any audio source the commands take: a shard set (a directory with ``shards.json``, or its base URL) by
+    :func:`scan_shards`, else a directory or a fairseq manifest by ``corpus.scan_audio``. Read its items with
+    :func:`read_item`."""
+    if is_shard_source(source):
+        return scan_shards(source, sample_rate, min_seconds)
+    return scan_audio(Path(source), sample_rate, min_seconds)
 
 
 def read_item(item: AudioItem, sample_rate: int) -> Tensor:

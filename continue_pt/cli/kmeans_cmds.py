@@ -25,14 +25,15 @@ def kmeans() -> None:
 @click.option("--kmeans-layer", type=click.IntRange(min=1), help="Teacher layer it clusters (1-based); needed for a .bin.")
 @click.option("--teacher", "teacher_dir", type=click.Path(path_type=Path),
               help="Bundle whose features the k-means labels (default: --bundle).")
-@click.option("--audio", required=True, type=click.Path(path_type=Path),
-              help="Held-out audio: a directory, a fairseq .tsv manifest or one file.")
+@click.option("--audio", required=True,
+              help="Held-out audio: a directory, a fairseq .tsv manifest, a shard set (its directory or base URL) "
+                   "or one file.")
 @click.option("--max-files", type=click.IntRange(min=1), help="Use at most N files (seeded subset).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the masks and of the relabelling control (random permutations of the cluster ids).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def kmeans_check(bundle_dir: Path, kmeans_path: Path | None, kmeans_layer: int | None, teacher_dir: Path | None,
-                 audio: Path, max_files: int | None, seed: int, as_json: bool) -> None:
+                 audio: str, max_files: int | None, seed: int, as_json: bool) -> None:
     """Measure whether a k-means gives the targets BUNDLE was trained on: masked-prediction accuracy against
     chance, the marginal baseline and 1000 relabellings (cluster ids randomly permuted), cluster usage, and a
     verdict. Exit status 0 whatever the verdict."""
@@ -73,8 +74,8 @@ def _auto_device(device: str | None) -> str:
 @click.option("--teacher", "teacher_dir", required=True, type=click.Path(path_type=Path),
               help="Bundle whose layer-L features are clustered.")
 @click.option("--layer", required=True, type=click.IntRange(min=1), help="Teacher layer (1-based, fairseq numbering).")
-@click.option("--audio", required=True, type=click.Path(path_type=Path),
-              help="A directory of audio files or a fairseq .tsv manifest.")
+@click.option("--audio", required=True,
+              help="A directory of audio files, a fairseq .tsv manifest or a shard set (its directory or base URL).")
 @click.option("-k", "num_clusters", required=True, type=click.IntRange(min=2), help="Number of clusters.")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="k-means file to write (km.safetensors).")
@@ -83,7 +84,7 @@ def _auto_device(device: str | None) -> str:
 @click.option("--batch-seconds", type=click.FloatRange(min=0, min_open=True), default=60.0, show_default=True,
               help="Audio per mini-batch update (60 s = 3,000 frames at 50 Hz).")
 @click.option("--device", help="Where the teacher and the k-means run (default: cuda if available, else cpu).")
-def kmeans_fit(teacher_dir: Path, layer: int, audio: Path, num_clusters: int, output: Path, max_hours: float | None,
+def kmeans_fit(teacher_dir: Path, layer: int, audio: str, num_clusters: int, output: Path, max_hours: float | None,
                seed: int, batch_seconds: float, device: str | None) -> None:
     """Fit a k-means on a teacher's layer-L features over your audio, streaming (two passes; no feature is
     written to disk), and write it as km.safetensors."""
@@ -123,13 +124,13 @@ def labels() -> None:
               help="Teacher layer (1-based); must agree with the k-means file's; needed for a .bin.")
 @click.option("--kmeans", "kmeans_path", type=click.Path(path_type=Path),
               help="km.safetensors or a fairseq/sklearn .bin; default: the teacher bundle's own k-means.")
-@click.option("--audio", required=True, type=click.Path(path_type=Path),
+@click.option("--audio", required=True,  # a string: a shard set's URL is refused by name, not folded by Path
               help="A directory of audio files or a fairseq .tsv manifest.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Directory for {split}.tsv, {split}.km and dict.km.txt.")
 @click.option("--split", default="train", show_default=True, help="Name of the split (file names).")
 @click.option("--device", help="Where the teacher runs (default: cuda if available, else cpu).")
-def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path | None, audio: Path, output_dir: Path,
+def labels_dump(teacher_dir: Path, layer: int | None, kmeans_path: Path | None, audio: str, output_dir: Path,
                 split: str, device: str | None) -> None:
     """Label every file with the teacher to layer L + nearest centroid and write fairseq's {split}.tsv,
     {split}.km and dict.km.txt (what HubertPretrainingTask reads; also `pretrain --labels`)."""

@@ -236,6 +236,43 @@ def test_offline_labels_are_refused_with_shards(shard_dir, tmp_path, bundle_dir)
         options.validate()
 
 
+# ------------------------------------------------------------------------------------------------ k-means tools
+
+
+@pytest.mark.slow
+def test_kmeans_fit_and_check_read_a_shard_set_like_its_directory(corpus, shard_dir, hubert_bundle):
+    """`kmeans fit` and `kmeans check` take a shard set, local or by URL, and measure what they measure on the
+    directory it was written from: the same centroids, the same report."""
+    from continue_pt.kmeans_check import check_kmeans
+    from continue_pt.kmeans_fit import fit_kmeans
+
+    def fit(source):
+        return fit_kmeans(hubert_bundle, 1, source, 4, seed=3, batch_seconds=2.0, min_seconds=1.0)
+
+    def report(source):
+        data = check_kmeans(hubert_bundle, None, source, seed=1, shuffles=20).to_dict()
+        return {k: v for k, v in data.items() if k != "skipped"}  # the README.txt is not in the shards
+
+    direct, sharded = fit(corpus), fit(shard_dir)
+    assert sharded.frames_seen == direct.frames_seen > 0 and not sharded.files_skipped
+    assert torch.equal(sharded.kmeans.centroids, direct.kmeans.centroids)
+    measured = report(corpus)
+    assert measured["accuracy"] is not None and report(shard_dir) == measured
+    with served(shard_dir.parent) as url:
+        remote = fit(url + shard_dir.name + "/")
+    assert torch.equal(remote.kmeans.centroids, direct.kmeans.centroids)
+
+
+def test_labels_dump_refuses_a_shard_set_in_one_error_line(shard_dir, bundle_dir, tmp_path):
+    for source in (str(shard_dir), "http://127.0.0.1:9/corpus/"):
+        result = CliRunner().invoke(cli, ["labels", "dump", "--teacher", str(bundle_dir), "--audio", source,
+                                          "-o", str(tmp_path / "labels")])
+        assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+        error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+        assert error and f"{source}: is a shard set" in error[0] and "online targets" in result.output
+        assert not (tmp_path / "labels").exists()
+
+
 # ------------------------------------------------------------------------------------------------ training
 
 
