@@ -174,11 +174,11 @@ def _reencoded(path: Path, container: str, subtype: str, dtype: str) -> bytes:
 def report_shards(out_dir: Path, names: list[str], item_shards: list[int]) -> list[dict]:
     """The index's shard list: name, bytes, sha256 and number of utterances of each written shard."""
     counts = Counter(item_shards)
-    return [{"name": name, "bytes": (out_dir / name).stat().st_size, "sha256": _sha256(out_dir / name),
+    return [{"name": name, "bytes": (out_dir / name).stat().st_size, "sha256": file_sha256(out_dir / name),
              "members": counts[i]} for i, name in enumerate(names)]
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

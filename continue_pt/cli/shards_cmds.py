@@ -1,5 +1,5 @@
-"""Sharded corpora: ``shards write`` (a directory or manifest -> tar shards + ``shards.json``) and ``shards index``
-(existing WebDataset tar shards -> their ``shards.json``)."""
+"""Sharded corpora: ``shards write`` (a directory or manifest -> tar shards + ``shards.json``), ``shards index``
+(existing WebDataset tar shards -> their ``shards.json``) and ``shards verify`` (a set against its index)."""
 
 from __future__ import annotations
 
@@ -65,3 +65,16 @@ def shards_index(source: str, out_dir: Path | None, base_url: str | None) -> Non
     for note in report.notes():
         click.echo(f"{source}: {note}", err=True)
     click.echo(report.summary())
+
+
+@shards.command("verify")
+@click.argument("source")
+@click.option("--decode", is_flag=True,
+              help="Also decode every utterance (as training does) and compare its length with the index's.")
+def shards_verify(source: str, decode: bool) -> None:
+    """Check a shard set (SOURCE: its directory or base URL) against its shards.json: every shard there with its
+    size and the sha256 `shards write` recorded; with --decode every utterance too. Every problem is reported
+    together; exit status 1 if there is any."""
+    from continue_pt.shard_verify import verify_shards
+
+    click.echo(verify_shards(source, decode=decode).summary())

@@ -236,6 +236,64 @@ def test_offline_labels_are_refused_with_shards(shard_dir, tmp_path, bundle_dir)
         options.validate()
 
 
+# ------------------------------------------------------------------------------------------------ verifying
+
+
+def _verify(*args: str):
+    result = CliRunner().invoke(cli, ["shards", "verify", *args])
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def test_verify_passes_a_good_set_locally_and_by_url(shard_dir):
+    shards = len(json.loads((shard_dir / INDEX_NAME).read_text())["shards"])
+    result = _verify(str(shard_dir), "--decode")
+    assert result.exit_code == 0, result.output
+    assert f"{shards} shards" in result.output and f"sha256 matches the index for {shards};" in result.output
+    assert "12 utterances decoded to their indexed length" in result.output
+    with served(shard_dir.parent) as url:
+        remote = _verify(url + shard_dir.name + "/")
+    assert remote.exit_code == 0 and f"sha256 matches the index for {shards};" in remote.output, remote.output
+
+
+def test_verify_names_every_changed_shard_and_undecodable_utterance(shard_dir, tmp_path):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(shard_dir, damaged)
+    index = json.loads((damaged / INDEX_NAME).read_text())
+    first, second = index["shards"][0]["name"], index["shards"][1]["name"]
+    items = index["items"]
+    for name in (first, second):  # 64 bytes zeroed inside the shard's first utterance: same size, other bytes
+        i = items["shard"].index(next(n for n, s in enumerate(index["shards"]) if s["name"] == name))
+        with open(damaged / name, "r+b") as fh:
+            fh.seek(items["offset"][i] + items["size"][i] // 2)
+            fh.write(bytes(64))
+    assert _verify(str(damaged)).exit_code == 1
+    output = _verify(str(damaged)).output
+    assert output.startswith(f"Error: {damaged}:") and f"{first}: sha256" in output and f"{second}: sha256" in output
+    assert "Copy the shard set again" in output
+    decoded = _verify(str(damaged), "--decode").output
+    assert f"{first}/{items['name'][0]} does not decode" in decoded  # FLAC loses sync in the zeroed bytes
+    (damaged / first).write_bytes((damaged / first).read_bytes()[:-1000])  # truncated: named before hashing
+    assert f"{first} has " in _verify(str(damaged)).output
+
+
+def test_verify_without_recorded_hashes_checks_sizes_and_decodes(shard_dir, tmp_path):
+    import shutil
+
+    bare = tmp_path / "bare"
+    shutil.copytree(shard_dir, bare)
+    index = json.loads((bare / INDEX_NAME).read_text())
+    for shard in index["shards"]:  # an index written by hand, or by another tool
+        del shard["sha256"]
+    (bare / INDEX_NAME).write_text(json.dumps(index))
+    result = _verify(str(bare), "--decode")
+    assert result.exit_code == 0, result.output
+    assert "sha256 matches the index for 0 (" in result.output and "without a recorded sha256" in result.output
+    assert "12 utterances decoded" in result.output
+
+
 # ------------------------------------------------------------------------------------------------ k-means tools
 
 
