@@ -192,8 +192,8 @@ def check_kmeans(
         kmeans: the k-means to test; None: the bundle's own (a bundle exported by ``continue-pt pretrain`` keeps
             the k-means of its training targets), else the teacher's.
         audio: held-out audio: a directory (recursive), a fairseq manifest ``.tsv``, a shard set (its directory or
-            base URL) or one audio file. Unusable
-            files (unreadable, corrupt, shorter than ``min_seconds``) are skipped and listed in the report.
+            base URL) or one audio file. Unusable files (unreadable, corrupt, shorter than ``min_seconds``) are
+            skipped and listed in the report.
         teacher: the bundle whose layer-L features the k-means labels (default: ``bundle``). For a checkpoint
             trained on targets of an earlier model (HuBERT iteration 2 on iteration 1's), pass that model; for a
             bundle exported by ``continue-pt pretrain`` with online targets, the teacher it trained with (by

@@ -303,8 +303,7 @@ def fit_kmeans(teacher: Bundle, layer: int, audio: str | Path, k: int, *, max_ho
     """Fit ``k`` centroids on ``teacher``'s layer ``layer`` (1-based) output over the audio of ``audio``.
 
     ``audio`` is a directory, a fairseq manifest or a shard set (see :func:`continue_pt.shard_read.scan_source`);
-    unusable files are
-    skipped and listed in ``files_skipped``. ``max_hours`` bounds the audio used (the first files in scan order);
+    unusable files are skipped and listed in ``files_skipped``. ``max_hours`` bounds the audio used (the first files in scan order);
     ``batch_seconds`` of frames make one mini-batch update (60 s = 3,000 frames at 50 Hz); ``reservoir_size``
     frames (default ``max(20 K, 10,000)``) are sampled for seeding. ``progress(phase, seconds_done,
     seconds_total)`` is called after each file. Save the result with :func:`bundles.kmeans.save_kmeans`.

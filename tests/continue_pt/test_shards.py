@@ -269,8 +269,9 @@ def test_verify_names_every_changed_shard_and_undecodable_utterance(shard_dir, t
         with open(damaged / name, "r+b") as fh:
             fh.seek(items["offset"][i] + items["size"][i] // 2)
             fh.write(bytes(64))
-    assert _verify(str(damaged)).exit_code == 1
-    output = _verify(str(damaged)).output
+    result = _verify(str(damaged))
+    output = result.output
+    assert result.exit_code == 1
     assert output.startswith(f"Error: {damaged}:") and f"{first}: sha256" in output and f"{second}: sha256" in output
     assert "Copy the shard set again" in output
     decoded = _verify(str(damaged), "--decode").output
