@@ -184,11 +184,12 @@ class Attention(nn.Module):
             # fairseq's explicit products; in bf16/fp16 an ALiBi bias of -slope * distance (up to hundreds) would
             # lose its low bits, so (as fairseq) it is added and the softmax taken in float32.
             q, k, v = qkv.contiguous().view(3, batch * heads, frames, width).unbind(0)
-            bias = bias.float().expand(batch, heads, frames, frames).reshape(batch * heads, frames, frames)
             if q.dtype == torch.float32:  # bias + scale * q k^T as one batched product
+                bias = bias.expand(batch, heads, frames, frames).reshape(batch * heads, frames, frames)
                 scores = torch.baddbmm(bias, q, k.transpose(1, 2), alpha=width ** -0.5)
-            else:
-                scores = ((q * width ** -0.5) @ k.transpose(1, 2)).float() + bias
+            else:  # the bias broadcast over the rows, not copied for each (a [rows * heads, T, T] float32 tensor)
+                scores = ((q * width ** -0.5) @ k.transpose(1, 2)).view(batch, heads, frames, frames)
+                scores = (scores.float() + bias.float()).view(batch * heads, frames, frames)
             weights = scores.softmax(dim=-1).to(q.dtype)
             x = (F.dropout(weights, dropout, training=self.training) @ v).view(batch, heads, frames, width)
         return self.proj_dropout(self.proj(x.transpose(1, 2).reshape(batch, frames, dim)))
