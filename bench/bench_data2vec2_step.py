@@ -1,7 +1,11 @@
-"""Benchmark: one data2vec 2.0 BASE training step (forward + backward + optimizer + EMA update), fairseq vs ours, on
-CPU, side by side in one process.
+"""Benchmark: one data2vec 2.0 BASE training step (forward + backward + optimizer + EMA update), fairseq vs ours,
+side by side in one process, on the CPU or a CUDA GPU.
 
-    .venv/bin/python bench/bench_data2vec2_step.py [--steps 9] [--keep] [--no-publish]
+    .venv/bin/python bench/bench_data2vec2_step.py [--steps 9] [--device cuda] [--bf16] [--keep] [--no-publish]
+
+``--device cuda`` runs both on the GPU (each timed span ends with ``torch.cuda.synchronize()``); ``--bf16`` runs
+both forwards under ``torch.autocast(bfloat16)``, as ``--precision bf16-mixed`` trains. Each device / precision
+writes its own section of ``bench/RESULTS.md`` (the CPU float32 one is ``bench_data2vec2_step``).
 
 A random-weight fairseq data2vec 2.0 BASE (the stored ``data2vec2_base_libri`` config: 12 blocks, 768 wide, ALiBi,
 clone_batch 8, top-8 instance-normalised targets, conv decoder, dropout 0.1; layer drop set to 0 in both, see
@@ -48,7 +52,7 @@ def _optimizer(params: list[Any]) -> Any:
 
 
 class Steps:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, device: str = "cpu", bf16: bool = False):
         import torch
 
         from bundles.loading import load_bundle
@@ -58,7 +62,7 @@ class Steps:
         from tests.data2vec2_reference import (build_data2vec2_model, load_data2vec2_config, prepare,
                                                save_data2vec2_checkpoint)
 
-        self.torch = torch
+        self.torch, self.device, self.bf16 = torch, torch.device(device), bf16
         t0 = time.perf_counter()
         stored = load_data2vec2_config(NAME)
         # Layer drop off in both: the two draw it from the RNG in different orders, so with it on a round could
@@ -72,15 +76,28 @@ class Steps:
         C.log(f"built, saved and converted BASE in {time.perf_counter() - t0:.1f} s")
         g = torch.Generator().manual_seed(SEED)
         wav = torch.randn(BATCH, int(SECONDS * 16000), generator=g)
-        self.source = prepare(wav, None)[0]
+        self.source = prepare(wav, None)[0].to(self.device)
         self.ids = torch.arange(BATCH)
-        self.fs = ref.model.train()
+        # fairseq's EMA teacher is no submodule: its forward moves it to the input's device on the first call
+        self.fs = ref.model.to(self.device).train()
         self.fs_opt = _optimizer([p for p in self.fs.parameters() if p.requires_grad])
-        self.module = Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle_dir))).train()
+        self.module = Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle_dir))).to(self.device).train()
         self.our_opt = _optimizer(self.module.optimized_parameters())
         self.batch = {"waveforms": self.source, "lengths": torch.full((BATCH,), self.source.shape[1]),
                       "indices": self.ids}
         self.bundle = load_bundle(bundle_dir)
+
+    def _clock(self) -> float:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _precision(self) -> Any:
+        import contextlib
+
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return self.torch.autocast(self.device.type, dtype=self.torch.bfloat16)
 
     def _seed(self, i: int) -> None:
         import numpy as np
@@ -94,16 +111,17 @@ class Steps:
         self.fs_opt.zero_grad(set_to_none=True)
         self._seed(i)
         self.fs.num_updates = UPDATES
-        t0 = time.perf_counter()
-        result = self.fs(source=self.source, padding_mask=None, id=self.ids)
-        loss = sum(v.float().sum() for v in result["losses"].values())
-        t1 = time.perf_counter()
+        t0 = self._clock()
+        with self._precision():
+            result = self.fs(source=self.source, padding_mask=None, id=self.ids)
+            loss = sum(v.float().sum() for v in result["losses"].values())
+        t1 = self._clock()
         loss.backward()
-        t2 = time.perf_counter()
+        t2 = self._clock()
         divide_(gradients(self.fs.parameters()), float(result["sample_size"]))
         self.fs_opt.step()
         self.fs.set_num_updates(UPDATES + 1)
-        t3 = time.perf_counter()
+        t3 = self._clock()
         return {"s": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
 
     def ours(self, i: int) -> dict[str, Any]:
@@ -113,15 +131,16 @@ class Steps:
         self.our_opt.zero_grad(set_to_none=True)
         self._seed(i)
         m = self.module
-        t0 = time.perf_counter()
-        out = m._forward(self.batch)
-        t1 = time.perf_counter()
+        t0 = self._clock()
+        with self._precision():
+            out = m._forward(self.batch)
+        t1 = self._clock()
         out.loss.backward()
-        t2 = time.perf_counter()
+        t2 = self._clock()
         divide_(gradients(m.parameters()), float(out.sample_size))
         self.our_opt.step()
         ema_update(m.student.teacher, m.student.student.encoder, m.decay_after_update(1))
-        t3 = time.perf_counter()
+        t3 = self._clock()
         return {"s": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
 
 
@@ -132,7 +151,13 @@ def run(args: argparse.Namespace, command: str) -> None:
     info = C.machine_info()
     work = C.WORK / "data2vec2_step"
     work.mkdir(parents=True, exist_ok=True)
-    steps = Steps(work)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    section = SECTION + ("" if args.device == "cpu" else "_cuda") + ("_bf16" if args.bf16 else "")
+    precision = "bf16 autocast (as --precision bf16-mixed)" if args.bf16 else "float32"
+    where = (f"CPU, torch threads {NUM_THREADS}" if args.device == "cpu"
+             else f"GPU {torch.cuda.get_device_name(args.device)}")
+    steps = Steps(work, args.device, args.bf16)
     runs, loads = C.interleaved_rounds({"a": steps.fairseq, "b": steps.ours}, args.steps)
     med = {k: {part: statistics.median(r[part] for r in v) for part in ("s", "fwd", "bwd", "opt")}
            for k, v in runs.items()}
@@ -148,9 +173,9 @@ def run(args: argparse.Namespace, command: str) -> None:
     # judged on the same-round pairs: on the shared 2-core machine one loaded round can triple a step's time, and a
     # ratio of medians then measures the load, not the code (a first run showed 0.39x with same-round pairs at 1.04x)
     verdict = "**meets**" if pairs <= TARGET_RATIO else "**misses**"
-    body = [f"## {SECTION}: one data2vec 2.0 BASE training step, fairseq vs ours", "",
-            *C.machine_lines(info, command),
-            f"- Torch threads {NUM_THREADS}; float32; one process. Model: random-weight BASE from the stored "
+    body = [f"## {section}: one data2vec 2.0 BASE training step, fairseq vs ours ({where}, {precision})", "",
+            *C.machine_lines(info, command, None if args.device == "cpu" else torch.cuda.get_device_name(args.device)),
+            f"- {where}; {precision}; one process. Model: random-weight BASE from the stored "
             f"`{NAME}` config (12 blocks, 768-d, clone_batch 8, top-8 targets, dropout 0.1; layer drop 0 in both, "
             "as the two draw it in different orders), built "
             "with fairseq's code, converted to a bundle. Batch: 2 x 4 s seeded noise, normalised, ids 0/1, "
@@ -180,12 +205,14 @@ def run(args: argparse.Namespace, command: str) -> None:
     if args.no_publish:  # (_common.publish_or_print's parameter shadows _common.publish)
         print("\n".join(body))
     else:
-        C.publish(SECTION, body)
+        C.publish(section, body)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=9)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    parser.add_argument("--bf16", action="store_true", help="both forwards under bf16 autocast")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--no-publish", action="store_true")
     args = parser.parse_args()
