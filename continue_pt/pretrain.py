@@ -33,6 +33,7 @@ from continue_pt.interruption import RunInterrupted, StopOnSignal
 from continue_pt.labels import DEFAULT_LABEL_RATE, bundle_label_rate
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.options import PretrainOptions
+from continue_pt.out_of_memory import is_out_of_memory, out_of_memory_error
 from continue_pt.progress import StepProgressBar
 from continue_pt.resume_notes import RunSegments, checkpoint_step, earlier_segments, resume_notes
 from continue_pt.run_log import FirstAndLastStepLogged, ResumableCSVLogger
@@ -220,7 +221,16 @@ def _train_and_export(options: PretrainOptions, callbacks: list[pl.Callback] | N
             warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty.*")
             # resuming into another --output-dir: its checkpoints/ is new on purpose (the earlier metrics are copied)
             warnings.filterwarnings("ignore", message=r"The dirpath has changed from .*")
-        trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=options.resume)
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not is_out_of_memory(error):
+                raise
+            last = checkpoint_dir / "last.ckpt"
+            command = _resume_command(options, last) if last.exists() and trainer.is_global_zero else None
+            raise out_of_memory_error(error, out, trainer.global_step, options.max_batch_seconds, options.accumulate,
+                                      activation_checkpointing=options.activation_checkpointing,
+                                      precision=str(precision), resume_command=command) from error
     if stop.saved is not None:
         if trainer.is_global_zero:
             _point_last_at(stop.saved)
