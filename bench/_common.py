@@ -377,6 +377,18 @@ def run_and_clean_up(run: Callable[[Any, str], None], args: Any, script: str) ->
     log(f"total {time.perf_counter() - started:.0f} s")
 
 
+def script_main(run: Callable[[Any, str], None], script: str, doc: str,
+                add_arguments: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """A benchmark's command line: its own arguments (``add_arguments``), ``--keep`` and ``--no-publish``; then
+    :func:`run_and_clean_up`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("--keep", action="store_true", help="keep bench/_work")
+    parser.add_argument("--no-publish", action="store_true", help="print the section, leave bench/RESULTS.md alone")
+    run_and_clean_up(run, parser.parse_args(), Path(script).name)
+
+
 def remove_work(work: Path, keep: bool) -> None:
     """Delete a benchmark's scratch folder unless ``--keep`` was given."""
     if keep:

@@ -42,28 +42,30 @@ SMOKE_CROPS = (1.0, 2.0)
 GIB = 2**30
 
 
-def build(name: str, work: Path) -> Any:
-    """A random-weight fairseq data2vec 2.0 of the stored config ``name``, saved and converted: its module."""
+def _module(bundle: Path) -> Any:
     from continue_pt.data2vec2.module import Data2Vec2ContinuedPretraining
     from continue_pt.module_options import ModuleOptions
+
+    return Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle))).train()
+
+
+def build(name: str, work: Path) -> Any:
+    """A random-weight fairseq data2vec 2.0 of the stored config ``name``, saved and converted: its module."""
     from converters.convert import convert_checkpoint
     from tests.data2vec2_reference import build_data2vec2_model, save_data2vec2_checkpoint
 
     ref = build_data2vec2_model(name, seed=0)
     save_data2vec2_checkpoint(ref, work / f"{name}.pt", num_updates=1000)
     del ref
-    bundle = convert_checkpoint(work / f"{name}.pt", work / name, overwrite=True)
-    return Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle))).train()
+    return _module(convert_checkpoint(work / f"{name}.pt", work / name, overwrite=True))
 
 
 def smoke_module(work: Path) -> Any:
-    from continue_pt.data2vec2.module import Data2Vec2ContinuedPretraining
+    """The tiny demo data2vec 2.0 checkpoint's module."""
     from continue_pt.demo import DATA2VEC2_CHECKPOINT
-    from continue_pt.module_options import ModuleOptions
     from converters.convert import convert_checkpoint
 
-    bundle = convert_checkpoint(DATA2VEC2_CHECKPOINT, work / "tiny", overwrite=True)
-    return Data2Vec2ContinuedPretraining(ModuleOptions(bundle=str(bundle))).train()
+    return _module(convert_checkpoint(DATA2VEC2_CHECKPOINT, work / "tiny", overwrite=True))
 
 
 def saved_bytes(module: Any, seconds: float) -> int:
@@ -150,12 +152,8 @@ def run(args: argparse.Namespace, command: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="the tiny demo checkpoint, short crops, no publishing")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--no-publish", action="store_true")
-    args = parser.parse_args()
-    C.run_and_clean_up(run, args, Path(__file__).name)
+    C.script_main(run, __file__, __doc__, lambda parser: parser.add_argument(
+        "--smoke", action="store_true", help="the tiny demo checkpoint, short crops, no publishing"))
 
 
 if __name__ == "__main__":

@@ -208,15 +208,14 @@ def run(args: argparse.Namespace, command: str) -> None:
         C.publish(section, body)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=9)
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     parser.add_argument("--bf16", action="store_true", help="both forwards under bf16 autocast")
-    parser.add_argument("--keep", action="store_true")
-    parser.add_argument("--no-publish", action="store_true")
-    args = parser.parse_args()
-    C.run_and_clean_up(run, args, Path(__file__).name)
+
+
+def main() -> None:
+    C.script_main(run, __file__, __doc__, _arguments)
 
 
 if __name__ == "__main__":
