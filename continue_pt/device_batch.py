@@ -9,10 +9,13 @@ are drawn with numpy on the CPU, counted there and uploaded the same way (:func:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from continue_pt.frames import conv_output_frames
 
 HOST_KEYS = frozenset({"lengths", "indices", "starts"})
 """Batch entries that stay on the CPU: bookkeeping, read by the host."""
@@ -44,3 +47,15 @@ def padded(lengths: Tensor | None, num_samples: int) -> bool:
     """Whether any utterance of a ``[batch, num_samples]`` batch is shorter than ``num_samples`` (a host sync
     when ``lengths`` is on a GPU; free on the CPU, where the data loader makes it)."""
     return lengths is not None and bool((lengths < num_samples).any())
+
+
+def frames_and_padding(conv_layers: Sequence[Sequence[int]], waveforms: Tensor, lengths: Tensor | None
+                       ) -> tuple[int, Tensor | None, Tensor | None]:
+    """A ``[batch, samples]`` batch's conv frames, its frame padding mask ``[batch, frames]`` (True = padding;
+    made on the CPU from the CPU ``lengths``) and the lengths on the waveforms' device; both None when nothing is
+    padded."""
+    frames = conv_output_frames(conv_layers, waveforms.shape[1])
+    if not padded(lengths, waveforms.shape[1]):
+        return frames, None, None
+    frame_lengths = torch.tensor([conv_output_frames(conv_layers, int(n)) for n in lengths.tolist()])
+    return frames, torch.arange(frames)[None, :] >= frame_lengths[:, None], to_device(lengths, waveforms.device)

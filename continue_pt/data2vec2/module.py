@@ -26,9 +26,8 @@ from continue_pt.data2vec2.ema import ema_update
 from continue_pt.data2vec2.masking import clone_masks
 from continue_pt.data2vec2.objective import Data2Vec2Objective, RegressionLoss, data2vec2_loss
 from continue_pt.data2vec2.options import run_schedule, unsupported_common_options
-from continue_pt.device_batch import padded, to_device
+from continue_pt.device_batch import frames_and_padding, to_device
 from continue_pt.empty_batch import is_empty, zero_loss
-from continue_pt.frames import conv_output_frames
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase
 from continue_pt.module_options import ModuleOptions
 
@@ -123,15 +122,8 @@ class Data2Vec2ContinuedPretraining(ContinuedPretrainingBase):
                            update=self.mask_updates(), **self.mask_settings)
 
     def _forward(self, batch: dict[str, Any]) -> RegressionLoss:
-        waveforms, lengths = batch["waveforms"], batch.get("lengths")
-        frames = conv_output_frames(self._conv_layers, waveforms.shape[1])
-        frame_padding = None
-        if padded(lengths, waveforms.shape[1]):
-            frame_lengths = torch.tensor([conv_output_frames(self._conv_layers, int(n)) for n in lengths.tolist()])
-            frame_padding = torch.arange(frames)[None, :] >= frame_lengths[:, None]
-            lengths = to_device(lengths, waveforms.device)
-        else:
-            lengths = None
+        waveforms = batch["waveforms"]
+        frames, frame_padding, lengths = frames_and_padding(self._conv_layers, waveforms, batch.get("lengths"))
         mask = to_device(self.draw_mask(batch, frames, frame_padding), waveforms.device)
         return data2vec2_loss(self.student, waveforms, lengths, mask, self.objective)
 

@@ -18,9 +18,8 @@ import torch
 from torch import Tensor
 
 from bundles.loading import load_bundle
-from continue_pt.device_batch import padded, to_device
+from continue_pt.device_batch import frames_and_padding, to_device
 from continue_pt.empty_batch import is_empty, zero_loss
-from continue_pt.frames import conv_output_frames
 from continue_pt.masking import MaskingOptions, time_mask
 from continue_pt.module_base import CHECKPOINT_KEY, ContinuedPretrainingBase, micro_batch_key, seed_of
 from continue_pt.module_options import ModuleOptions
@@ -162,15 +161,8 @@ class Wav2Vec2ContinuedPretraining(ContinuedPretrainingBase):
 
     def _forward(self, batch: dict[str, Any], seeds: tuple[int, ...], feature_grad_mult: float
                  ) -> tuple[Wav2Vec2Outputs, Wav2Vec2LossTerms]:
-        waveforms, lengths = batch["waveforms"], batch.get("lengths")  # lengths on the CPU: reading them is free
-        num_frames = conv_output_frames(self._conv_layers, waveforms.shape[1])
-        frame_padding = None
-        if padded(lengths, waveforms.shape[1]):
-            frame_lengths = torch.tensor([conv_output_frames(self._conv_layers, int(n)) for n in lengths.tolist()])
-            frame_padding = torch.arange(num_frames)[None, :] >= frame_lengths[:, None]
-            lengths = to_device(lengths, waveforms.device)
-        else:
-            lengths = None
+        waveforms = batch["waveforms"]  # lengths on the CPU: reading them is free
+        num_frames, frame_padding, lengths = frames_and_padding(self._conv_layers, waveforms, batch.get("lengths"))
         # drawn on the CPU and given as it is: wav2vec2_forward counts it there and uploads it without blocking
         mask = self.draw_mask((waveforms.shape[0], num_frames), frame_padding, np.random.default_rng(list(seeds)))
         o = self.objective

@@ -12,7 +12,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from bundles import load_bundle
@@ -28,21 +27,13 @@ from continue_pt.wav2vec2.objective import sample_negative_indices
 from tests.reference import require
 from tests.training_helpers import FixedBatches, StopAt, assert_ddp_gradients_match, logged_rows, no_dropout
 
-SECONDS = 2.0
+SECONDS = 2.0  # the length of the audio_dir files (tests/conftest.py: eight of 2 s)
 START_UPDATES = 50_000  # optimizer_history num_updates of the shipped checkpoint
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(w2v_bundle_dir) -> Path:
     return w2v_bundle_dir  # the demo wav2vec 2.0 (tests/conftest.py)
-
-
-@pytest.fixture(scope="module")
-def audio_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("audio")
-    for i in range(8):
-        sf.write(out / f"utt{i}.wav", demo_audio(SECONDS, seed=i)[0].numpy(), 16000)
-    return out
 
 
 def _options(bundle_dir: Path, audio_dir: Path, out: Path, **overrides) -> PretrainOptions:
