@@ -69,7 +69,11 @@ def scan_shards(source: str | Path, sample_rate: int, min_seconds: float = 2.0) 
     """The usable utterances of the shard set at ``source``, as ``corpus.scan_audio`` lists a directory: in the
     index's order (the source's sorted order), lengths at ``sample_rate`` from the index, utterances shorter than
     ``min_seconds`` set aside with their reason."""
-    index = load_index(source)
+    return scan_index(load_index(source), source, sample_rate, min_seconds)
+
+
+def scan_index(index: ShardIndex, source: str | Path, sample_rate: int, min_seconds: float = 2.0) -> ScanResult:
+    """:func:`scan_shards` of an index already loaded from ``source``."""
     base = str(source)
     result = ScanResult([], [], source=Path(base) if not is_url(base) else None)
     columns = index.items

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from continue_pt.audio import AudioError, read_audio
 from continue_pt.corpus import capped
-from continue_pt.shard_format import ShardError, ShardMember, is_url, member_url
-from continue_pt.shard_read import _http_range, load_index, member_bytes
+from continue_pt.shard_format import ShardError, ShardIndex, is_url, member_url
+from continue_pt.shard_read import _http_range, load_index, member_bytes, scan_index
 from continue_pt.shard_write import file_sha256
 
 HASH_CHUNK = 16 * 2**20
@@ -86,21 +86,18 @@ def _sha256(where: str, size: int) -> str:
     return digest.hexdigest()
 
 
-def _decode_all(base: str, index, report: VerifyReport) -> None:
+def _decode_all(base: str, index: ShardIndex, report: VerifyReport) -> None:
     """Each utterance decoded at its own rate (no resampling), mixed to one channel as training reads it: its
-    length must be the index's ``frames``."""
-    columns = index.items
-    for i, name in enumerate(columns["name"]):
-        shard = index.shards[columns["shard"][i]]["name"]
-        label = Path(shard) / name
-        member = ShardMember(base, shard, int(columns["offset"][i]), int(columns["size"][i]))
-        frames, rate = int(columns["frames"][i]), int(columns["sample_rate"][i])
+    length must be the index's ``frames`` (utterances indexed with 0 frames, which training sets aside, are not
+    decoded)."""
+    for item in scan_index(index, base, sample_rate=16000, min_seconds=0).items:  # (16 kHz: num_samples, unused)
+        frames, rate = int(item.file_frames), int(item.file_rate)
         try:
-            wav = read_audio(label, rate, data=member_bytes(member, label))
+            wav = read_audio(item.path, rate, data=member_bytes(item.member, item.path))
         except (AudioError, ShardError) as error:
-            report.problems.append(f"{label} does not decode: {error.problems[0] if error.problems else error}")
+            report.problems.append(f"{item.path} does not decode: {error.problems[0] if error.problems else error}")
             continue
         if len(wav) != frames:
-            report.problems.append(f"{label} decodes to {len(wav)} samples, the index says {frames}")
+            report.problems.append(f"{item.path} decodes to {len(wav)} samples, the index says {frames}")
             continue
         report.decoded += 1
